@@ -1,0 +1,124 @@
+"""Building blocks shared by the target model and the drafter.
+
+Plain functions over arrays and parameter dicts. Shape letters used throughout the package:
+
+  B batch, T query length, S key/value length (context or cache), D hidden size,
+  H query heads, G kv heads, R = H // G (queries per kv head), E head dim, F MLP width,
+  V vocabulary, L layers, N blocks per sequence, K block size.
+
+A decoder layer's parameters (one layer; stacked layers carry a leading L axis):
+
+  attn_norm [D]      q [D, H, E]   k [D, G, E]   v [D, G, E]   o [H, E, D]
+  q_norm [E], k_norm [E]  (Qwen3 only)
+  mlp_norm [D]       gate [D, F]   up [D, F]     down [F, D]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+
+Params = Mapping[str, jax.Array]
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm as in HF Qwen3/Llama: statistics in fp32, result cast back to x's dtype."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * x32.astype(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: Mapping | None = None) -> jax.Array:
+    """Inverse frequencies [E/2] of rotary embeddings, with Llama-3.1 ("llama3") scaling."""
+    inv = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if not scaling:
+        return inv
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "default":
+        return inv
+    if kind != "llama3":
+        raise ValueError(f"rope_scaling.rope_type={kind!r} is not supported (expected 'llama3')")
+    factor = float(scaling["factor"])
+    low = float(scaling["low_freq_factor"])
+    high = float(scaling["high_freq_factor"])
+    old_ctx = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    scaled = jnp.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin of shape positions.shape + [E] (the two halves repeated, HF convention)."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate x [..., T, heads, E] by cos/sin [..., T, E] (rotate-half convention), in fp32."""
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    out = x32 * cos[..., None, :] + rotated * sin[..., None, :]
+    return out.astype(x.dtype)
+
+
+def project_q(x: jax.Array, p: Params, eps: float) -> jax.Array:
+    """[..., T, D] -> queries [..., T, H, E], with the per-head q_norm when the layer has one."""
+    q = jnp.einsum("...td,dhe->...the", x, p["q"])
+    return rms_norm(q, p["q_norm"], eps) if "q_norm" in p else q
+
+
+def project_kv(x: jax.Array, p: Params, eps: float) -> tuple[jax.Array, jax.Array]:
+    """[..., S, D] -> keys and values [..., S, G, E] (keys k_norm-ed when the layer has one)."""
+    k = jnp.einsum("...sd,dge->...sge", x, p["k"])
+    v = jnp.einsum("...sd,dge->...sge", x, p["v"])
+    if "k_norm" in p:
+        k = rms_norm(k, p["k_norm"], eps)
+    return k, v
+
+
+def attention_logits(q: jax.Array, k: jax.Array) -> jax.Array:
+    """Scaled scores of grouped-query attention: q [..., T, H, E], k [..., S, G, E] ->
+    [..., G, R, T, S] in fp32."""
+    *lead, t, h, e = q.shape
+    g = k.shape[-2]
+    q = q.reshape(*lead, t, g, h // g, e)
+    scores = jnp.einsum("...tgre,...sge->...grts", q, k, preferred_element_type=jnp.float32)
+    return scores / math.sqrt(e)
+
+
+def attention_output(probs: jax.Array, v: jax.Array) -> jax.Array:
+    """probs [..., G, R, T, S] x v [..., S, G, E] -> [..., T, H, E] in v's dtype."""
+    out = jnp.einsum("...grts,...sge->...tgre", probs.astype(v.dtype), v)
+    *lead, t, g, r, e = out.shape
+    return out.reshape(*lead, t, g * r, e)
+
+
+def masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax over the last axis where mask is True; rows with nothing visible give zeros."""
+    scores = jnp.where(mask, scores, -jnp.inf)
+    peak = jnp.max(scores, axis=-1, keepdims=True)
+    peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
+    e = jnp.where(mask, jnp.exp(scores - peak), 0.0)
+    denom = jnp.sum(e, axis=-1, keepdims=True)
+    return e / jnp.where(denom > 0, denom, 1.0)
+
+
+def mlp(x: jax.Array, p: Params) -> jax.Array:
+    """SwiGLU feed-forward: down(silu(gate x) * up x)."""
+    gate = jnp.einsum("...d,df->...f", x, p["gate"])
+    up = jnp.einsum("...d,df->...f", x, p["up"])
+    return jnp.einsum("...f,fd->...d", jax.nn.silu(gate) * up, p["down"])
+
+
+def output_projection(attn: jax.Array, p: Params) -> jax.Array:
+    """[..., T, H, E] -> [..., T, D]."""
+    return jnp.einsum("...the,hed->...td", attn, p["o"])

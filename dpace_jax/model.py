@@ -1,0 +1,245 @@
+"""The frozen target: a Qwen3 / Llama-3.1 causal LM as pure functions over a parameter pytree.
+
+Parameters (layers stacked on a leading L axis, run with `lax.scan`):
+
+  embed [V, D]   layers {see dpace_jax.layers, each with a leading L}   final_norm [D]
+  lm_head [D, V] (absent when the embeddings are tied: the head is embed.T)
+
+KV cache: `KVCache(k, v)` with k, v [L, B, S, G, E], S fixed. The cache holds no length: the caller
+says where each sequence's new tokens go (`start` [B]); a query at absolute position p sees cache
+slots 0..p. Rolling back is therefore just writing the next block at an earlier `start`; slots
+past the live length hold stale entries that no query can see until they are overwritten.
+Callers must keep start + T <= S (XLA clamps out-of-range updates).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from dpace_jax import layers
+
+SUPPORTED_ARCHITECTURES = {"Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 1e6
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    qk_norm: bool = True
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None  # hashable form of the HF dict
+    max_position_embeddings: int = 40960
+    arch: str = "qwen3"
+
+    @classmethod
+    def from_hf(cls, hf: dict, source: str = "config.json") -> ModelConfig:
+        """Build from an HF config.json dict; unsupported architectures raise ValueError."""
+        archs = hf.get("architectures") or []
+        arch = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            model_type = hf.get("model_type")
+            arch = {"qwen3": "qwen3", "llama": "llama"}.get(model_type)
+        if arch is None:
+            raise ValueError(
+                f"{source}: unsupported architecture {archs or hf.get('model_type')!r}; "
+                f"supported: {sorted(SUPPORTED_ARCHITECTURES)}"
+            )
+        try:
+            heads = int(hf["num_attention_heads"])
+            hidden = int(hf["hidden_size"])
+            scaling = hf.get("rope_scaling")
+            theta = hf.get("rope_theta")
+            if theta is None and isinstance(hf.get("rope_parameters"), dict):
+                theta = hf["rope_parameters"].get("rope_theta")
+                if scaling is None and hf["rope_parameters"].get("rope_type", "default") != "default":
+                    scaling = hf["rope_parameters"]
+            return cls(
+                vocab_size=int(hf["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(hf["intermediate_size"]),
+                num_layers=int(hf["num_hidden_layers"]),
+                num_heads=heads,
+                num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+                head_dim=int(hf.get("head_dim") or hidden // heads),
+                rope_theta=float(theta if theta is not None else 10000.0),
+                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                qk_norm=arch == "qwen3",
+                rope_scaling=freeze_scaling(scaling),
+                max_position_embeddings=int(hf.get("max_position_embeddings", 40960)),
+                arch=arch,
+            )
+        except KeyError as e:
+            raise ValueError(f"{source}: missing field {e.args[0]!r}") from None
+
+    @property
+    def scaling_dict(self) -> dict | None:
+        return dict(self.rope_scaling) if self.rope_scaling else None
+
+
+def freeze_scaling(scaling: dict | None) -> tuple | None:
+    if not scaling:
+        return None
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return None
+    keys = ("rope_type", "factor", "low_freq_factor", "high_freq_factor",
+            "original_max_position_embeddings")
+    frozen = {"rope_type": kind, **{k: scaling[k] for k in keys[1:] if k in scaling}}
+    return tuple(sorted(frozen.items()))
+
+
+class KVCache(NamedTuple):
+    k: jax.Array  # [L, B, S, G, E]
+    v: jax.Array  # [L, B, S, G, E]
+
+    @classmethod
+    def zeros(cls, cfg: ModelConfig, batch: int, length: int, dtype=jnp.bfloat16) -> KVCache:
+        shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+class Output(NamedTuple):
+    logits: jax.Array | None  # [B, T, V] fp32
+    features: jax.Array | None  # [B, T, len(feature_layers) * D] in the compute dtype
+    cache: KVCache | None
+    hidden: jax.Array  # [B, T, D] after the final norm
+
+
+def write_at(buf: jax.Array, update: jax.Array, start: jax.Array) -> jax.Array:
+    """Per sequence, write update [B, T, ...] into buf [B, S, ...] at rows start[b]..start[b]+T-1."""
+
+    def one(b, u, s):
+        return jax.lax.dynamic_update_slice_in_dim(b, u.astype(b.dtype), s, axis=0)
+
+    return jax.vmap(one)(buf, update, start)
+
+
+def decoder_layer(x, p, cos, sin, cfg: ModelConfig, kv_source):
+    """One pre-norm decoder layer. `kv_source(k, v)` returns (keys, values, mask) to attend to
+    given this layer's new k, v [B, T, G, E]; mask broadcasts to [B, 1, 1, T, S]."""
+    h = layers.rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
+    q = layers.apply_rope(layers.project_q(h, p, cfg.rms_norm_eps), cos, sin)
+    k, v = layers.project_kv(h, p, cfg.rms_norm_eps)
+    k = layers.apply_rope(k, cos, sin)
+    keys, values, mask, new_kv = kv_source(k, v)
+    probs = layers.masked_softmax(layers.attention_logits(q, keys), mask)
+    x = x + layers.output_projection(layers.attention_output(probs, values), p)
+    h = layers.rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
+    return x + layers.mlp(h, p), new_kv
+
+
+def forward(
+    params,
+    cfg: ModelConfig,
+    tokens: jax.Array,
+    *,
+    cache: KVCache | None = None,
+    start: jax.Array | None = None,
+    feature_layers: tuple[int, ...] = (),
+    logits: bool = True,
+) -> Output:
+    """Run the target on tokens [B, T].
+
+    Without a cache: a causal forward at positions 0..T-1. With a cache: sequence b's tokens sit
+    at positions start[b]..start[b]+T-1, are written into the cache there, and attend to cache
+    slots up to their own position. `feature_layers` are decoder-layer ids (0-based; HF
+    hidden_states[j + 1]) whose outputs are concatenated into `features`.
+    """
+    batch, t = tokens.shape
+    if start is None:
+        start = jnp.zeros((batch,), jnp.int32)
+    positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    inv_freq = layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.scaling_dict)
+    cos, sin = layers.rope_cos_sin(positions, inv_freq)
+    x = jnp.take(params["embed"], tokens, axis=0)
+
+    if cache is None:
+        causal = positions[:, :, None] >= positions[:, None, :]  # [B, T, T]
+        mask = causal[:, None, None]
+
+        def step(x, p):
+            def kv_source(k, v):
+                return k, v, mask, None
+
+            x, _ = decoder_layer(x, p, cos, sin, cfg, kv_source)
+            return x, (x if feature_layers else None)
+
+        x, per_layer = jax.lax.scan(step, x, params["layers"])
+        new_cache = None
+    else:
+        slots = jnp.arange(cache.k.shape[2], dtype=jnp.int32)
+        mask = (slots[None, None, :] <= positions[:, :, None])[:, None, None]  # [B,1,1,T,S]
+
+        def step(x, inputs):
+            p, ck, cv = inputs
+
+            def kv_source(k, v):
+                ck2, cv2 = write_at(ck, k, start), write_at(cv, v, start)
+                return ck2, cv2, mask, (ck2, cv2)
+
+            x, (ck2, cv2) = decoder_layer(x, p, cos, sin, cfg, kv_source)
+            return x, (x if feature_layers else None, ck2, cv2)
+
+        x, (per_layer, ks, vs) = jax.lax.scan(step, x, (params["layers"], cache.k, cache.v))
+        new_cache = KVCache(ks, vs)
+
+    features = None
+    if feature_layers:
+        features = jnp.concatenate([per_layer[j] for j in feature_layers], axis=-1)
+    hidden = layers.rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    out_logits = lm_head(params, hidden) if logits else None
+    return Output(out_logits, features, new_cache, hidden)
+
+
+def lm_head_matrix(params) -> jax.Array:
+    """The output projection [D, V] (embed.T when embeddings are tied)."""
+    return params["lm_head"] if "lm_head" in params else params["embed"].T
+
+
+def lm_head(params, hidden: jax.Array) -> jax.Array:
+    """hidden [..., D] -> fp32 logits [..., V]."""
+    w = lm_head_matrix(params)
+    return jnp.einsum("...d,dv->...v", hidden.astype(w.dtype), w,
+                      preferred_element_type=jnp.float32)
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: float = 0.02):
+    """Random parameters with the layout above (tests, benchmarks and the demo target)."""
+    d, h, g, e, f, n = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                        cfg.intermediate_size, cfg.num_layers)
+    keys = iter(jax.random.split(key, 16))
+
+    def normal(shape):
+        return (scale * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
+
+    stacked = {
+        "attn_norm": jnp.ones((n, d), dtype),
+        "q": normal((n, d, h, e)),
+        "k": normal((n, d, g, e)),
+        "v": normal((n, d, g, e)),
+        "o": normal((n, h, e, d)),
+        "mlp_norm": jnp.ones((n, d), dtype),
+        "gate": normal((n, d, f)),
+        "up": normal((n, d, f)),
+        "down": normal((n, f, d)),
+    }
+    if cfg.qk_norm:
+        stacked["q_norm"] = jnp.ones((n, e), dtype)
+        stacked["k_norm"] = jnp.ones((n, e), dtype)
+    params = {"embed": normal((cfg.vocab_size, d)), "layers": stacked,
+              "final_norm": jnp.ones((d,), dtype)}
+    if not cfg.tie_word_embeddings:
+        params["lm_head"] = normal((d, cfg.vocab_size))
+    return params
