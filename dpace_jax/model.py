@@ -46,7 +46,8 @@ class ModelConfig:
     def from_hf(cls, hf: dict, source: str = "config.json") -> ModelConfig:
         """Build from an HF config.json dict; unsupported architectures raise ValueError."""
         archs = hf.get("architectures") or []
-        arch = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        known = [SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES]
+        arch = known[0] if known else None
         if arch is None:
             model_type = hf.get("model_type")
             arch = {"qwen3": "qwen3", "llama": "llama"}.get(model_type)
@@ -62,7 +63,8 @@ class ModelConfig:
             theta = hf.get("rope_theta")
             if theta is None and isinstance(hf.get("rope_parameters"), dict):
                 theta = hf["rope_parameters"].get("rope_theta")
-                if scaling is None and hf["rope_parameters"].get("rope_type", "default") != "default":
+                rope_type = hf["rope_parameters"].get("rope_type", "default")
+                if scaling is None and rope_type != "default":
                     scaling = hf["rope_parameters"]
             return cls(
                 vocab_size=int(hf["vocab_size"]),
@@ -118,7 +120,7 @@ class Output(NamedTuple):
 
 
 def write_at(buf: jax.Array, update: jax.Array, start: jax.Array) -> jax.Array:
-    """Per sequence, write update [B, T, ...] into buf [B, S, ...] at rows start[b]..start[b]+T-1."""
+    """Per sequence b, write update [B, T, ...] into buf [B, S, ...] at rows start[b] + 0..T-1."""
 
     def one(b, u, s):
         return jax.lax.dynamic_update_slice_in_dim(b, u.astype(b.dtype), s, axis=0)
