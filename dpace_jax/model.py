@@ -48,9 +48,8 @@ class ModelConfig:
         archs = hf.get("architectures") or []
         known = [SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES]
         arch = known[0] if known else None
-        if arch is None:
-            model_type = hf.get("model_type")
-            arch = {"qwen3": "qwen3", "llama": "llama"}.get(model_type)
+        if arch is None and not archs:
+            arch = {"qwen3": "qwen3", "llama": "llama"}.get(hf.get("model_type"))
         if arch is None:
             raise ValueError(
                 f"{source}: unsupported architecture {archs or hf.get('model_type')!r}; "
