@@ -1,0 +1,431 @@
+"""Training data: chat conversations -> tokenized samples -> fixed-shape numpy batches.
+
+Public API (`load_conversations`, `write_jsonl` and `normalize_roles` live in `dpace_jax.chat`
+with the template rendering and loss masks, and are re-exported here):
+
+- `load_conversations(paths, *, split="train") -> (convs, stats)`: rows from local `.jsonl` /
+  `.json` / `.parquet` files, directories of them, a list of those, a `datasets.Dataset`, or hub ids
+  (`datasets.load_dataset(id, split=split)`). Rows in either chat shape (ShareGPT
+  `conversations: [{from, value}]` or `messages: [{role, content}]`) become
+  `[{"role": system|user|assistant, "content": str}]`. Unusable rows (wrong schema, empty, no
+  assistant turn, bad JSON) are counted in `stats["skipped"]` by reason and logged; a source whose
+  rows are ALL unusable raises ValueError naming it; a missing path raises FileNotFoundError.
+- `tokenize_conversations(convs, tokenizer, *, max_length=3072, block_size=16, cache_dir=None,
+  cache_key_extra="") -> (TokenizedDataset, stats)`: render with the tokenizer's chat template
+  (thinking disabled), assistant-only loss mask (content + end-of-turn token), truncate to
+  `max_length`, drop samples with fewer than `2 * block_size` loss tokens (counted). With
+  `cache_dir`, the result is stored as .npy files under a directory named by a hash of (the
+  conversations' content, the tokenizer's vocabulary and chat template, max_length, block_size,
+  format version, cache_key_extra), written atomically (temp dir + rename).
+- `TokenizedDataset`: `len(ds)`, `ds[i] -> {"input_ids": int32 [n], "loss_mask": int32 [n]}`,
+  `ds.lengths`; stored flat (`tokens`, `loss_mask`, `offsets` [num_samples + 1]).
+- `Batches(dataset, batch_size, seq_len, seed=0, *, state=None, process_index=0, process_count=1,
+  pad_id=0, num_epochs=None)`: an iterator of `{"input_ids", "loss_mask", "attention_mask"}`
+  int32 [b, seq_len] (right-padded with pad_id, truncated to seq_len) and `"length"` int32 [b],
+  where b = batch_size // process_count. Epoch e visits the samples in the order
+  `np.random.default_rng([seed, e]).permutation(len(dataset))`, `len(dataset) // batch_size`
+  global batches per epoch (the remainder is dropped). Process p gets rows
+  `[p*b, (p+1)*b)` of each global batch. `.state()` is a JSON-able dict; `Batches(...,
+  state=saved)` continues with exactly the batch that would have come next.
+- `write_jsonl(path, rows)`: atomic JSONL writer (a bare message list is written as
+  `{"messages": [...]}`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dpace_jax.chat import (
+    TEMPLATE_KWARGS,
+    BadConversation,
+    load_conversations,
+    normalize_roles,
+    offsets_to_mask,
+    render_with_spans,
+    token_loss_mask,
+    write_jsonl,
+)
+
+__all__ = [
+    "Batches",
+    "TokenizedDataset",
+    "cache_key",
+    "load_conversations",
+    "normalize_roles",
+    "tokenize_conversations",
+    "tokenizer_fingerprint",
+    "write_jsonl",
+]
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+_CHUNK = 256  # conversations tokenized per fast-tokenizer batch call
+
+
+# -------------------------------------------------------------------------------- tokenizing
+
+
+@dataclass(frozen=True)
+class TokenizedDataset:
+    """Samples stored flat: sample i is tokens[offsets[i]:offsets[i+1]] (and its loss_mask)."""
+
+    tokens: np.ndarray  # int32 [total tokens]
+    loss_mask: np.ndarray  # uint8 [total tokens]
+    offsets: np.ndarray  # int64 [num_samples + 1]
+
+    def __post_init__(self):
+        o = self.offsets
+        if (
+            o.ndim != 1
+            or len(o) < 1
+            or o[0] != 0
+            or o[-1] != len(self.tokens)
+            or len(self.tokens) != len(self.loss_mask)
+            or np.any(np.diff(o) < 0)
+        ):
+            raise ValueError("TokenizedDataset: inconsistent tokens/loss_mask/offsets arrays")
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        s, e = self.offsets[i], self.offsets[i + 1]
+        return {
+            "input_ids": np.asarray(self.tokens[s:e], np.int32),
+            "loss_mask": np.asarray(self.loss_mask[s:e], np.int32),
+        }
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+def _hash_conversations(convs) -> str:
+    h = hashlib.sha256()
+    for c in convs:
+        h.update(json.dumps(c, ensure_ascii=False, sort_keys=True).encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of what decides the token ids: vocabulary/merges/added tokens and the chat template."""
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    template = tokenizer.chat_template
+    h.update(json.dumps(template, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def cache_key(convs, tokenizer, *, max_length: int, block_size: int, extra: str = "") -> str:
+    parts = {
+        "format": FORMAT_VERSION,
+        "data": _hash_conversations(convs),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "template_kwargs": TEMPLATE_KWARGS,
+        "max_length": max_length,
+        "block_size": block_size,
+        "extra": extra,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:40]
+
+
+_ARRAYS = ("tokens", "loss_mask", "offsets")
+
+
+def _save_cache(path: Path, ds: TokenizedDataset, stats: dict, key: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
+    try:
+        for name in _ARRAYS:
+            np.save(tmp / f"{name}.npy", getattr(ds, name))
+        # meta.json last: a directory without it never loads as valid.
+        (tmp / "meta.json").write_text(json.dumps({"key": key, "stats": stats}))
+        if path.exists():  # a corrupt or concurrent copy; ours is complete
+            shutil.rmtree(path, ignore_errors=True)
+        try:
+            os.rename(tmp, path)
+        except OSError:  # another process renamed first: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _load_cache(path: Path, key: str) -> tuple[TokenizedDataset, dict] | None:
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        if meta.get("key") != key:
+            return None
+        arrays = {n: np.load(path / f"{n}.npy", mmap_mode="r") for n in _ARRAYS}
+        return TokenizedDataset(**arrays), meta["stats"]
+    except (OSError, ValueError, KeyError) as e:
+        if path.exists():
+            log.warning("ignoring unreadable tokenization cache %s (%s)", path, e)
+        return None
+
+
+def _encode_chunk(convs, tokenizer, max_length: int, min_loss: int):
+    """Render, tokenize, mask, truncate and filter a chunk of conversations."""
+    skipped: Counter = Counter()
+    texts, spans = [], []
+    for conv in convs:
+        try:
+            text, sp = render_with_spans(conv, tokenizer)
+        except BadConversation as e:
+            skipped[e.reason] += 1
+            continue
+        texts.append(text)
+        spans.append(sp)
+    if getattr(tokenizer, "is_fast", False) and texts:
+        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        pairs = [
+            (np.asarray(ids, np.int32), offsets_to_mask(offs, sp))
+            for ids, offs, sp in zip(enc["input_ids"], enc["offset_mapping"], spans, strict=True)
+        ]
+    else:
+        pairs = []
+        for t, sp in zip(texts, spans, strict=True):
+            try:
+                pairs.append(token_loss_mask(t, sp, tokenizer))
+            except BadConversation as e:
+                skipped[e.reason] += 1
+    samples, n_truncated = [], 0
+    for ids, mask in pairs:
+        if len(ids) > max_length:
+            ids, mask = ids[:max_length], mask[:max_length]
+            n_truncated += 1
+        if int(mask.sum()) < min_loss:
+            skipped["too_few_loss_tokens"] += 1
+            continue
+        samples.append((ids, mask))
+    return samples, skipped, n_truncated
+
+
+_WORKER_TOKENIZER = None
+
+
+def _worker_init(tokenizer):
+    global _WORKER_TOKENIZER
+    _WORKER_TOKENIZER = tokenizer
+
+
+def _worker_chunk(convs, max_length, min_loss):
+    return _encode_chunk(convs, _WORKER_TOKENIZER, max_length, min_loss)
+
+
+def _chunk_results(convs, tokenizer, max_length, min_loss, num_workers):
+    chunks = [convs[c : c + _CHUNK] for c in range(0, len(convs), _CHUNK)]
+    if num_workers <= 1 or len(chunks) <= 1:
+        for ch in chunks:
+            yield _encode_chunk(ch, tokenizer, max_length, min_loss)
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn: the parent may have started JAX threads, which fork would copy in a broken state.
+    with ProcessPoolExecutor(
+        num_workers,
+        mp_context=mp.get_context("spawn"),
+        initializer=_worker_init,
+        initargs=(tokenizer,),
+    ) as pool:
+        yield from pool.map(
+            _worker_chunk, chunks, [max_length] * len(chunks), [min_loss] * len(chunks)
+        )
+
+
+def tokenize_conversations(
+    convs: Sequence[Sequence[Mapping]],
+    tokenizer,
+    *,
+    max_length: int = 3072,
+    block_size: int = 16,
+    cache_dir=None,
+    cache_key_extra: str = "",
+    num_workers: int = 1,
+    progress: bool = False,
+) -> tuple[TokenizedDataset, dict]:
+    """Render, mask, truncate and filter conversations (see the module docstring).
+
+    num_workers > 1 renders and tokenizes chunks in that many spawned processes (same result).
+    """
+    if max_length < 2 or block_size < 1:
+        raise ValueError(f"max_length={max_length}, block_size={block_size}: must be >= 2 and >= 1")
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat_template"
+        )
+    convs = list(convs)
+    cache_path = key = None
+    if cache_dir is not None:
+        key = cache_key(
+            convs, tokenizer, max_length=max_length, block_size=block_size, extra=cache_key_extra
+        )
+        cache_path = Path(cache_dir) / f"tokenized-{key}"
+        hit = _load_cache(cache_path, key)
+        if hit is not None:
+            log.info("tokenization cache hit: %s", cache_path)
+            return hit[0], {**hit[1], "cache": "hit"}
+
+    min_loss = 2 * block_size
+    skipped: Counter = Counter()
+    n_truncated = 0
+    samples = []
+    results = _chunk_results(convs, tokenizer, max_length, min_loss, num_workers)
+    if progress:
+        from tqdm import tqdm
+
+        results = tqdm(results, desc="tokenizing", total=-(-len(convs) // _CHUNK), unit="chunk")
+    for chunk_samples, chunk_skipped, chunk_truncated in results:
+        samples += chunk_samples
+        skipped.update(chunk_skipped)
+        n_truncated += chunk_truncated
+    lengths = [len(ids) for ids, _ in samples]
+    stats = {
+        "conversations": len(convs),
+        "samples": len(samples),
+        "truncated": n_truncated,
+        "skipped": dict(skipped),
+        "tokens": int(sum(lengths)),
+        "loss_tokens": int(sum(int(m.sum()) for _, m in samples)),
+        "max_length": max_length,
+        "block_size": block_size,
+    }
+    if not samples:
+        raise ValueError(
+            f"no usable sample among {len(convs)} conversations (skipped: {dict(skipped)}); each "
+            f"needs >= 2*block_size={min_loss} assistant tokens within max_length={max_length}"
+        )
+    if skipped:
+        log.warning("tokenization skipped %s of %d conversations", dict(skipped), len(convs))
+    offsets = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    ds = TokenizedDataset(
+        np.concatenate([ids for ids, _ in samples]),
+        np.concatenate([m for _, m in samples]),
+        offsets,
+    )
+    if cache_path is not None:
+        _save_cache(cache_path, ds, stats, key)
+    return ds, {**stats, "cache": "miss" if cache_path is not None else "off"}
+
+
+# ---------------------------------------------------------------------------------- batching
+
+
+class Batches:
+    """Deterministic, resumable, process-sliced iterator of fixed-shape numpy batches."""
+
+    def __init__(
+        self,
+        dataset: TokenizedDataset,
+        batch_size: int,
+        seq_len: int,
+        seed: int = 0,
+        *,
+        state: Mapping | None = None,
+        process_index: int = 0,
+        process_count: int = 1,
+        pad_id: int = 0,
+        num_epochs: int | None = None,
+    ):
+        if batch_size < 1 or seq_len < 1:
+            raise ValueError(f"batch_size={batch_size}, seq_len={seq_len}: must be >= 1")
+        if process_count < 1 or not 0 <= process_index < process_count:
+            raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+        if batch_size % process_count:
+            raise ValueError(
+                f"batch_size={batch_size} (global) is not divisible by process_count="
+                f"{process_count}"
+            )
+        if len(dataset) < batch_size:
+            raise ValueError(
+                f"dataset has {len(dataset)} samples, fewer than batch_size={batch_size}"
+            )
+        self.dataset, self.batch_size, self.seq_len = dataset, batch_size, seq_len
+        self.seed, self.pad_id, self.num_epochs = int(seed), pad_id, num_epochs
+        self.process_index, self.process_count = process_index, process_count
+        self.local_batch_size = batch_size // process_count
+        self.steps_per_epoch = len(dataset) // batch_size
+        self.epoch, self.index = 0, 0
+        if state is not None:
+            self._restore(state)
+        self._perm_epoch, self._perm = None, None
+
+    def _restore(self, state: Mapping) -> None:
+        n = len(self.dataset)
+        expect = {"seed": self.seed, "batch_size": self.batch_size, "num_samples": n}
+        for k, v in expect.items():
+            if k in state and int(state[k]) != v:
+                raise ValueError(f"data state has {k}={state[k]}, but this run has {k}={v}")
+        try:
+            epoch, index = int(state["epoch"]), int(state["index"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(
+                f"data state {dict(state)!r}: expected integer 'epoch' and 'index'"
+            ) from e
+        if epoch < 0 or not 0 <= index <= self.steps_per_epoch:
+            raise ValueError(f"data state epoch={epoch}, index={index} out of range")
+        self.epoch, self.index = epoch, index
+
+    def state(self) -> dict:
+        """Position of the next batch, JSON-able."""
+        return {
+            "epoch": self.epoch,
+            "index": self.index,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "num_samples": len(self.dataset),
+        }
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The sample order of an epoch (same for every process and every run)."""
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
+
+    def __iter__(self) -> Batches:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self.index >= self.steps_per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+        if self.num_epochs is not None and self.epoch >= self.num_epochs:
+            raise StopIteration
+        if self._perm_epoch != self.epoch:
+            self._perm_epoch, self._perm = self.epoch, self.epoch_order(self.epoch)
+        start = self.index * self.batch_size + self.process_index * self.local_batch_size
+        batch = self._collate(self._perm[start : start + self.local_batch_size])
+        self.index += 1
+        if self.index == self.steps_per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+        return batch
+
+    def _collate(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        b, S = len(idx), self.seq_len
+        ids = np.full((b, S), self.pad_id, np.int32)
+        loss = np.zeros((b, S), np.int32)
+        attn = np.zeros((b, S), np.int32)
+        length = np.zeros((b,), np.int32)
+        for r, i in enumerate(idx):
+            s = self.dataset[int(i)]
+            n = min(len(s["input_ids"]), S)
+            ids[r, :n] = s["input_ids"][:n]
+            loss[r, :n] = s["loss_mask"][:n]
+            attn[r, :n] = 1
+            length[r] = n
+        return {"input_ids": ids, "loss_mask": loss, "attention_mask": attn, "length": length}
