@@ -156,8 +156,11 @@ def _save_cache(path: Path, ds: TokenizedDataset, stats: dict, key: str) -> None
             np.save(tmp / f"{name}.npy", getattr(ds, name))
         # meta.json last: a directory without it never loads as valid.
         (tmp / "meta.json").write_text(json.dumps({"key": key, "stats": stats}))
-        if path.exists():  # a corrupt or concurrent copy; ours is complete
-            shutil.rmtree(path, ignore_errors=True)
+        if path.exists():
+            if _load_cache(path, key) is not None:  # another process finished first
+                shutil.rmtree(tmp, ignore_errors=True)
+                return
+            shutil.rmtree(path, ignore_errors=True)  # a corrupt copy; ours is complete
         try:
             os.rename(tmp, path)
         except OSError:  # another process renamed first: keep theirs
