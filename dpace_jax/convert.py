@@ -1,0 +1,451 @@
+"""Hugging Face checkpoints <-> the target's Flax parameter tree (layout in dpace_jax.model).
+
+A checkpoint is a directory (or an HF hub id resolved through the HF cache) holding config.json and
+either model.safetensors or shards listed in model.safetensors.index.json. The key map (HF PyTorch
+Linear weights are [out, in]; ours are [in, ...]):
+
+  model.embed_tokens.weight [V, D]                  -> embed [V, D]
+  model.layers.{i}.input_layernorm.weight [D]       -> layers.attn_norm [L, D]
+  model.layers.{i}.self_attn.q_proj.weight [H*E, D] -> layers.q [L, D, H, E]
+  model.layers.{i}.self_attn.{k,v}_proj.weight [G*E, D] -> layers.{k,v} [L, D, G, E]
+  model.layers.{i}.self_attn.o_proj.weight [D, H*E] -> layers.o [L, H, E, D]
+  model.layers.{i}.self_attn.{q,k}_norm.weight [E]  -> layers.{q,k}_norm [L, E]  (Qwen3 only)
+  model.layers.{i}.post_attention_layernorm.weight  -> layers.mlp_norm [L, D]
+  model.layers.{i}.mlp.{gate,up}_proj.weight [F, D] -> layers.{gate,up} [L, D, F]
+  model.layers.{i}.mlp.down_proj.weight [D, F]      -> layers.down [L, F, D]
+  model.norm.weight [D]                             -> final_norm [D]
+  lm_head.weight [V, D]                             -> lm_head [D, V]  (absent when tied)
+
+Loading reads tensor by tensor and fills each stacked [L, ...] host array layer by layer, so at
+most one parameter's host copy exists besides what is already on the devices.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy before safetensors is used)
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from dpace_jax.model import ModelConfig
+
+HF_ALLOW_PATTERNS = [
+    "config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.*",
+]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints carry
+_SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+# ----------------------------------------------------------------------------- locating files
+
+
+def _offline() -> bool:
+    truthy = {"1", "ON", "YES", "TRUE"}
+    names = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    if any(os.environ.get(v, "").upper() in truthy for v in names):
+        return True
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def resolve_checkpoint(path_or_id: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
+                       revision: str | None = None) -> Path:
+    """A local checkpoint directory, or an HF hub id fetched through the HF cache (config,
+    safetensors and tokenizer files only; only the cache when HF_HUB_OFFLINE is set)."""
+    local = Path(path_or_id).expanduser()
+    if local.is_dir():
+        return local
+    if local.exists():
+        raise ValueError(f"{local} is a file; expected a checkpoint directory or an HF hub id")
+    name = str(path_or_id)
+    if not _REPO_ID.match(name) or ".." in name or "--" in name:
+        raise FileNotFoundError(f"checkpoint directory {name} does not exist")
+    offline = _offline()
+    from huggingface_hub import snapshot_download
+
+    try:
+        found = snapshot_download(name, allow_patterns=HF_ALLOW_PATTERNS, cache_dir=cache_dir,
+                                  revision=revision, local_files_only=offline)
+    except Exception as e:  # hub errors (not found, offline cache miss, network) share no base
+        where = "the HF cache (HF_HUB_OFFLINE is set)" if offline else "the HF hub or its cache"
+        raise FileNotFoundError(
+            f"{name!r} is neither a local directory nor found in {where}: {type(e).__name__}: {e}"
+        ) from e
+    return Path(found)
+
+
+def load_config(path_or_id: str | os.PathLike) -> ModelConfig:
+    """ModelConfig from the checkpoint's config.json; unsupported variants raise ValueError."""
+    path = resolve_checkpoint(path_or_id) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (every checkpoint needs a config.json)")
+    try:
+        hf = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON: {e}") from None
+    unsupported = {
+        "hidden_act": (hf.get("hidden_act", "silu") not in ("silu", "swish"), "silu"),
+        "attention_bias": (bool(hf.get("attention_bias", False)), False),
+        "mlp_bias": (bool(hf.get("mlp_bias", False)), False),
+        "use_sliding_window": (bool(hf.get("use_sliding_window", False)), False),
+    }
+    for field, (bad, expected) in unsupported.items():
+        if bad:
+            raise ValueError(
+                f"{path}: {field}={hf[field]!r} is not supported (expected {expected!r})")
+    return ModelConfig.from_hf(hf, source=str(path))
+
+
+# ----------------------------------------------------------------------------- the key map
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One Flax parameter and its HF tensor(s). `hf` holds "{i}" for stacked layer params."""
+
+    path: tuple[str, ...]
+    hf: str
+    hf_shape: tuple[int, ...]  # per layer for stacked params
+    to_flax: Callable[[np.ndarray], np.ndarray]
+    to_hf: Callable[[np.ndarray], np.ndarray]
+
+    @property
+    def stacked(self) -> bool:
+        return "{i}" in self.hf
+
+    def hf_keys(self, num_layers: int) -> list[str]:
+        return [self.hf.format(i=i) for i in range(num_layers)] if self.stacked else [self.hf]
+
+
+def key_map(cfg: ModelConfig) -> list[Entry]:
+    """Every parameter of `cfg`'s tree, with its HF key, HF shape and the two layout transforms."""
+    d, h, g, e, f, v = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                        cfg.intermediate_size, cfg.vocab_size)
+
+    def same(x):
+        return x
+
+    def linear(heads: int):  # [heads*E, D] <-> [D, heads, E]
+        return (lambda w: w.T.reshape(d, heads, e), lambda p: p.reshape(d, heads * e).T)
+
+    def dense(x):  # [out, in] <-> [in, out]
+        return x.T
+
+    layer = "model.layers.{i}."
+    entries = [
+        Entry(("embed",), "model.embed_tokens.weight", (v, d), same, same),
+        Entry(("layers", "attn_norm"), layer + "input_layernorm.weight", (d,), same, same),
+        Entry(("layers", "q"), layer + "self_attn.q_proj.weight", (h * e, d), *linear(h)),
+        Entry(("layers", "k"), layer + "self_attn.k_proj.weight", (g * e, d), *linear(g)),
+        Entry(("layers", "v"), layer + "self_attn.v_proj.weight", (g * e, d), *linear(g)),
+        Entry(("layers", "o"), layer + "self_attn.o_proj.weight", (d, h * e),
+              lambda w: w.T.reshape(h, e, d), lambda p: p.reshape(h * e, d).T),
+        Entry(("layers", "mlp_norm"), layer + "post_attention_layernorm.weight", (d,), same, same),
+        Entry(("layers", "gate"), layer + "mlp.gate_proj.weight", (f, d), dense, dense),
+        Entry(("layers", "up"), layer + "mlp.up_proj.weight", (f, d), dense, dense),
+        Entry(("layers", "down"), layer + "mlp.down_proj.weight", (d, f), dense, dense),
+        Entry(("final_norm",), "model.norm.weight", (d,), same, same),
+    ]
+    if cfg.qk_norm:
+        entries += [
+            Entry(("layers", "q_norm"), layer + "self_attn.q_norm.weight", (e,), same, same),
+            Entry(("layers", "k_norm"), layer + "self_attn.k_norm.weight", (e,), same, same),
+        ]
+    if not cfg.tie_word_embeddings:
+        entries.append(Entry(("lm_head",), "lm_head.weight", (v, d), dense, dense))
+    return entries
+
+
+def flax_shape(entry: Entry, cfg: ModelConfig) -> tuple[int, ...]:
+    shape = entry.to_flax(np.empty(entry.hf_shape, np.int8)).shape
+    return (cfg.num_layers, *shape) if entry.stacked else shape
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _index_tensors(ckpt: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """HF key -> (file, shape) from the safetensors headers (no tensor data is read)."""
+    index_path = ckpt / INDEX_NAME
+    if (ckpt / WEIGHTS_NAME).is_file():
+        files, weight_map = [ckpt / WEIGHTS_NAME], None
+    elif index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index_path}: expected JSON with a 'weight_map' ({e})") from None
+        files = [ckpt / name for name in sorted(set(weight_map.values()))]
+        for file in files:
+            if not file.is_file():
+                raise FileNotFoundError(f"shard {file.name} listed in {index_path} is missing")
+    else:
+        others = sorted(p.name for p in ckpt.glob("*.bin"))
+        hint = f" (found {others}: only safetensors is supported)" if others else ""
+        raise FileNotFoundError(f"{ckpt}: neither {WEIGHTS_NAME} nor {INDEX_NAME} found{hint}")
+
+    tensors: dict[str, tuple[Path, tuple[int, ...]]] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="numpy") as fh:
+                for key in fh.keys():
+                    if key in tensors:
+                        raise ValueError(f"tensor {key} is in both {tensors[key][0]} and {file}")
+                    tensors[key] = (file, tuple(fh.get_slice(key).get_shape()))
+        except SafetensorError as e:
+            raise ValueError(f"{file}: corrupt or truncated safetensors file: {e}") from None
+    for key, name in (weight_map or {}).items():
+        if key not in tensors or tensors[key][0].name != name:
+            raise ValueError(f"{index_path} puts {key} in {name}, but that file does not hold it")
+    return tensors
+
+
+def _check_keys(ckpt: Path, cfg: ModelConfig, entries: list[Entry], tensors: dict) -> None:
+    expected = {k: e.hf_shape for e in entries for k in e.hf_keys(cfg.num_layers)}
+    allowed = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    missing = [k for k in expected if k not in tensors]
+    unexpected = sorted(k for k in tensors if k not in expected and k not in allowed
+                        and not k.endswith(_IGNORED_SUFFIXES))
+    wrong = [f"{k}: {list(tensors[k][1])}, expected {list(s)}" for k, s in expected.items()
+             if k in tensors and tensors[k][1] != s]
+    if cfg.tie_word_embeddings and "lm_head.weight" in tensors:
+        shape = tensors["lm_head.weight"][1]
+        if shape != (cfg.vocab_size, cfg.hidden_size):
+            wrong.append(f"lm_head.weight: {list(shape)}, expected "
+                         f"{[cfg.vocab_size, cfg.hidden_size]}")
+    problems = []
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+        if items:
+            shown = "\n    ".join(items[:20]) + ("\n    ..." if len(items) > 20 else "")
+            problems.append(f"  {len(items)} {title} tensor(s):\n    {shown}")
+    if problems:
+        raise ValueError(
+            f"{ckpt}: checkpoint does not match its config ({cfg.arch}, {cfg.num_layers} layers, "
+            f"hidden {cfg.hidden_size}, vocab {cfg.vocab_size}):\n" + "\n".join(problems)
+        )
+
+
+def _sharding_for(shardings: Any, path: tuple[str, ...]):
+    if shardings is None or isinstance(shardings, jax.sharding.Sharding):
+        return shardings
+    if callable(shardings):
+        return shardings(path)
+    node = shardings
+    for part in path:
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            raise ValueError(f"shardings has no entry for parameter {'/'.join(path)}") from None
+    return node
+
+
+def _place(host: np.ndarray, sharding) -> jax.Array:
+    if sharding is None:
+        return jnp.asarray(host)
+    # Each addressable device receives (a view of) only its own slice of the host array.
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def load_target(path_or_id: str | os.PathLike, *, dtype=jnp.bfloat16, shardings=None):
+    """Load an HF Qwen3 / Llama checkpoint -> (params, cfg).
+
+    dtype: the parameters' dtype (None keeps each tensor's stored dtype). shardings: None (the
+    default device), one Sharding for every array, a pytree of shardings matching the param tree,
+    or a callable param path (e.g. ("layers", "q")) -> sharding.
+    """
+    ckpt = resolve_checkpoint(path_or_id)
+    cfg = load_config(ckpt)
+    entries = key_map(cfg)
+    tensors = _index_tensors(ckpt)
+    _check_keys(ckpt, cfg, entries, tensors)
+    target = None if dtype is None else np.dtype(dtype)
+
+    with contextlib.ExitStack() as stack:
+        handles: dict[Path, Any] = {}
+
+        def read(key: str) -> np.ndarray:
+            file = tensors[key][0]
+            try:
+                if file not in handles:
+                    handles[file] = stack.enter_context(safe_open(str(file), framework="numpy"))
+                return handles[file].get_tensor(key)
+            except SafetensorError as e:
+                raise ValueError(f"{file}: cannot read tensor {key}: {e}") from None
+
+        if cfg.tie_word_embeddings and "lm_head.weight" in tensors:
+            if not np.array_equal(read("lm_head.weight"), read("model.embed_tokens.weight")):
+                raise ValueError(f"{ckpt}: tie_word_embeddings is true but lm_head.weight differs "
+                                 "from model.embed_tokens.weight")
+
+        params: dict[str, Any] = {"layers": {}}
+        for entry in entries:
+            keys = entry.hf_keys(cfg.num_layers)
+            if entry.stacked:
+                first = entry.to_flax(read(keys[0]))
+                host = np.empty((len(keys), *first.shape),
+                                first.dtype if target is None else target)
+                host[0] = first.astype(host.dtype, copy=False)
+                del first
+                for i, key in enumerate(keys[1:], start=1):
+                    host[i] = entry.to_flax(read(key)).astype(host.dtype, copy=False)
+            else:
+                host = entry.to_flax(read(keys[0]))
+                host = np.ascontiguousarray(host if target is None else host.astype(target))
+            leaf = _place(host, _sharding_for(shardings, entry.path))
+            del host
+            node = params
+            for part in entry.path[:-1]:
+                node = node[part]
+            node[entry.path[-1]] = leaf
+    return params, cfg
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def hf_config(cfg: ModelConfig, dtype_name: str = "float32") -> dict:
+    """A config.json dict that transformers loads as Qwen3ForCausalLM / LlamaForCausalLM."""
+    arch = {"qwen3": ("Qwen3ForCausalLM", "qwen3"), "llama": ("LlamaForCausalLM", "llama")}
+    if cfg.arch not in arch:
+        raise ValueError(f"cannot export arch {cfg.arch!r}; expected one of {sorted(arch)}")
+    name, model_type = arch[cfg.arch]
+    out = {
+        "architectures": [name], "model_type": model_type,
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim, "hidden_act": "silu", "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta, "rope_scaling": cfg.scaling_dict,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings, "attention_bias": False,
+        "attention_dropout": 0.0, "torch_dtype": dtype_name, "dtype": dtype_name,
+    }
+    if cfg.arch == "qwen3":
+        out.update(use_sliding_window=False, sliding_window=None)
+    else:
+        out.update(mlp_bias=False, pretraining_tp=1)
+    return out
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
+    """Write through a temp file in the same directory, then rename over `path`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def save_target(params, cfg: ModelConfig, out_dir: str | os.PathLike, *, tokenizer=None,
+                dtype=None) -> Path:
+    """Write `params` as an HF checkpoint (config.json + model.safetensors [+ tokenizer files]).
+
+    dtype: the stored dtype (None keeps each array's dtype). Tensors are streamed to disk one
+    layer at a time; tokenizer is a transformers tokenizer or a checkpoint path/hub id to copy
+    it from.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    entries = key_map(cfg)
+    want = {e.path: flax_shape(e, cfg) for e in entries}
+    have = {path: tuple(leaf.shape) for path, leaf in _flatten(params)}
+    problems = [f"{'/'.join(p)}: missing" for p in want if p not in have]
+    problems += [f"{'/'.join(p)}: unexpected" for p in have if p not in want]
+    problems += [f"{'/'.join(p)}: {list(have[p])}, expected {list(s)}"
+                 for p, s in want.items() if p in have and have[p] != s]
+    if problems:
+        raise ValueError("params do not match the config:\n  " + "\n  ".join(problems))
+
+    def leaf_of(path):
+        node = params
+        for part in path:
+            node = node[part]
+        return node
+
+    # (key, dtype, hf shape, thunk producing the tensor) in file order
+    plan = []
+    for e in entries:
+        leaf = leaf_of(e.path)
+        dt = np.dtype(dtype if dtype is not None else leaf.dtype)
+        if dt.name not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"cannot store {'/'.join(e.path)} as {dt.name}; "
+                             f"expected one of {sorted(_SAFETENSORS_DTYPES)}")
+        for i, key in enumerate(e.hf_keys(cfg.num_layers)):
+            part = (lambda leaf=leaf, i=i: leaf[i]) if e.stacked else (lambda leaf=leaf: leaf)
+            plan.append((key, dt, e.hf_shape, lambda e=e, part=part, dt=dt:
+                         e.to_hf(np.asarray(part())).astype(dt)))
+
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for key, dt, shape, _ in plan:
+        size = math.prod(shape) * dt.itemsize
+        header[key] = {"dtype": _SAFETENSORS_DTYPES[dt.name], "shape": list(shape),
+                       "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+
+    def write_weights(fh):
+        fh.write(len(blob).to_bytes(8, "little"))
+        fh.write(blob)
+        for _key, _dt, shape, make in plan:
+            arr = np.ascontiguousarray(make())
+            assert arr.shape == tuple(shape), (arr.shape, shape)
+            fh.write(arr.reshape(-1).view(np.uint8).data)
+
+    names = {np.dtype(dtype if dtype is not None else leaf.dtype).name
+             for _, leaf in _flatten(params)}
+    dtype_name = "bfloat16" if "bfloat16" in names else sorted(names)[0]
+    _atomic_write(out / WEIGHTS_NAME, write_weights)
+    stale_index = out / INDEX_NAME
+    if stale_index.exists():
+        stale_index.unlink()
+    config_text = json.dumps(hf_config(cfg, dtype_name), indent=2) + "\n"
+    _atomic_write(out / "config.json", lambda fh: fh.write(config_text.encode()))
+    if tokenizer is not None:
+        if isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = load_tokenizer(tokenizer)
+        tokenizer.save_pretrained(str(out))
+    return out
+
+
+def _flatten(tree, prefix=()):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, (*prefix, key))
+        else:
+            yield (*prefix, key), value
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def load_tokenizer(path_or_id: str | os.PathLike):
+    """The checkpoint's tokenizer (with its chat template) via transformers.AutoTokenizer."""
+    ckpt = resolve_checkpoint(path_or_id)
+    if not any((ckpt / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{ckpt}: no tokenizer files (expected one of {TOKENIZER_FILES})")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(ckpt))

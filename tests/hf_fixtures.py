@@ -1,0 +1,104 @@
+"""Tiny random Hugging Face targets and tokenizers for tests (torch is the reference here only).
+
+make_tiny_hf_target builds a random transformers Qwen3ForCausalLM / LlamaForCausalLM with weights
+large enough (std 0.08, random non-unit norm weights) that layout mistakes show up in the outputs,
+saves it with save_pretrained (optionally sharded) and returns (path, torch_model).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|MASK|>")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                  "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+
+
+def make_tiny_tokenizer(out_dir: str | Path | None = None):
+    """A byte-level tokenizer (256 byte tokens + SPECIAL_TOKENS = 260 ids) with a chat template,
+    as a transformers PreTrainedTokenizerFast; saved to out_dir when given."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    if out_dir is not None:
+        fast.save_pretrained(str(out_dir))
+    return fast
+
+
+def tiny_hf_config(arch: str = "qwen3", *, tie: bool = False, vocab: int = 272, layers: int = 2,
+                   hidden: int = 64, heads: int = 4, kv_heads: int = 2, head_dim: int = 16,
+                   intermediate: int = 128, rope_theta: float = 10000.0):
+    from transformers import LlamaConfig, Qwen3Config
+
+    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                  num_hidden_layers=layers, num_attention_heads=heads,
+                  num_key_value_heads=kv_heads, head_dim=head_dim, rms_norm_eps=1e-6,
+                  tie_word_embeddings=tie, max_position_embeddings=1024,
+                  attn_implementation="eager")
+    if arch == "qwen3":
+        return Qwen3Config(rope_theta=rope_theta, **common)
+    if arch == "llama":
+        return LlamaConfig(rope_theta=rope_theta, rope_scaling=dict(LLAMA3_SCALING), **common)
+    raise ValueError(f"arch must be 'qwen3' or 'llama', got {arch!r}")
+
+
+def randomize_(model, seed: int, std: float = 0.08) -> None:
+    """Normal(0, std) matrices and Uniform(0.5, 1.5) norm weights, in place."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(0.5 + torch.rand(p.shape, generator=gen))
+            else:
+                p.copy_(std * torch.randn(p.shape, generator=gen))
+
+
+def make_tiny_hf_target(tmp_dir: str | Path, arch: str = "qwen3", *, tie: bool = False,
+                        sharded: bool = False, seed: int = 0, tokenizer: bool = False,
+                        **config_kw):
+    """Build, randomize and save a tiny HF causal LM; returns (path, torch_model in eval mode).
+
+    config_kw go to tiny_hf_config (vocab, layers, hidden, heads, kv_heads, head_dim, ...).
+    Llama gets llama3 rope scaling with original_max_position_embeddings 32 so it changes the
+    frequencies seen at test positions.
+    """
+    from transformers import LlamaForCausalLM, Qwen3ForCausalLM
+
+    cfg = tiny_hf_config(arch, tie=tie, **config_kw)
+    torch.manual_seed(seed)
+    model = (Qwen3ForCausalLM if arch == "qwen3" else LlamaForCausalLM)(cfg).eval()
+    randomize_(model, seed)
+    if tie:
+        model.tie_weights()
+    path = Path(tmp_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(path), max_shard_size="20KB" if sharded else "50GB")
+    if tokenizer:
+        if cfg.vocab_size < 256 + len(SPECIAL_TOKENS):
+            raise ValueError(f"tokenizer needs vocab >= {256 + len(SPECIAL_TOKENS)}")
+        make_tiny_tokenizer(path)
+    return path, model
+
+
+def torch_outputs(model, tokens: np.ndarray):
+    """(logits [B, T, V], hidden_states tuple of [B, T, D]) as float64 NumPy, HF conventions."""
+    with torch.no_grad():
+        out = model(torch.as_tensor(np.asarray(tokens), dtype=torch.long),
+                    output_hidden_states=True)
+    hidden = tuple(h.double().numpy() for h in out.hidden_states)
+    return out.logits.double().numpy(), hidden
