@@ -1,0 +1,364 @@
+"""The DFlash drafter: N Qwen3-style decoder layers over a block of K positions, conditioned on the
+frozen target's hidden features, using the target's embedding and LM head.
+
+Parameters (layer keys as in dpace_jax.layers, stacked on a leading L = drafter depth):
+
+  fc [n*D, D]   hidden_norm [D]   layers {attn_norm, q, k, v, o, q_norm, k_norm, mlp_norm, gate,
+  up, down}   final_norm [D]
+
+Context: target features [B, S, n*D] (the outputs of the target's decoder layers
+`target_layer_ids`, concatenated) -> fc -> hidden_norm = c [B, S, D]. Every drafter layer projects
+the same c to keys/values (k_norm, RoPE at the context positions) and prepends them to the keys and
+values of the block; queries come from the block only.
+
+A block at anchor a holds [token a, MASK, ..., MASK] at absolute positions a..a+K-1. It sees the
+context slots s < a and all K positions of its own block (bidirectional), never another block.
+
+Two modes share the weights:
+  training  `train_forward`: all N blocks of a sequence at once, context = the whole sequence.
+  decoding  `extend_cache` + `draft_logits`: one block per sequence against a cached context
+            (`DrafterCache`, k/v [L, B, S, G, E]; slots at or past the anchor are never seen, so
+            rolling back is just writing the next features at an earlier `start`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from dpace_jax import layers
+from dpace_jax.model import ModelConfig, lm_head, write_at
+
+
+def default_target_layer_ids(num_target_layers: int, num_features: int) -> tuple[int, ...]:
+    """DFlash's feature layers: round(1 + i*(L-4)/(n-1)) for i < n (n=1: L//2)."""
+    if num_features < 1:
+        raise ValueError(f"number of target features must be >= 1, got {num_features}")
+    if num_features == 1:
+        ids = (num_target_layers // 2,)
+    else:
+        span = num_target_layers - 4
+        ids = tuple(int(round(1 + i * span / (num_features - 1))) for i in range(num_features))
+    if any(not 0 <= j < num_target_layers for j in ids):
+        raise ValueError(
+            f"default target_layer_ids {list(ids)} fall outside the target's "
+            f"{num_target_layers} layers; pass target_layer_ids explicitly"
+        )
+    return ids
+
+
+@dataclasses.dataclass(frozen=True)
+class DrafterConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    block_size: int
+    mask_token_id: int
+    target_layer_ids: tuple[int, ...]
+    num_target_layers: int
+    rope_theta: float = 1e6
+    rms_norm_eps: float = 1e-6
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None  # hashable form, as in ModelConfig
+    max_position_embeddings: int = 40960
+
+    def __post_init__(self):
+        object.__setattr__(self, "target_layer_ids", tuple(int(j) for j in self.target_layer_ids))
+        positive = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                    "head_dim", "vocab_size", "num_target_layers")
+        for name in positive:
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"drafter config: {name} must be >= 1, got {getattr(self, name)}")
+        if self.block_size < 2:
+            raise ValueError(f"drafter config: block_size must be >= 2, got {self.block_size}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"drafter config: num_heads={self.num_heads} is not a multiple of "
+                             f"num_kv_heads={self.num_kv_heads}")
+        if not self.target_layer_ids:
+            raise ValueError("drafter config: target_layer_ids is empty")
+        bad = [j for j in self.target_layer_ids if not 0 <= j < self.num_target_layers]
+        if bad:
+            raise ValueError(f"drafter config: target_layer_ids {bad} out of range for "
+                             f"num_target_layers={self.num_target_layers}")
+        if not 0 <= self.mask_token_id < self.vocab_size:
+            raise ValueError(f"drafter config: mask_token_id={self.mask_token_id} is outside the "
+                             f"vocabulary (vocab_size={self.vocab_size})")
+
+    @classmethod
+    def for_target(cls, target_cfg: ModelConfig, *, num_layers: int = 5, block_size: int = 16,
+                   mask_token_id: int, target_layer_ids=None) -> DrafterConfig:
+        """A drafter with the target's widths (as DFlash builds it) and `num_layers` layers; the
+        default feature layers are `default_target_layer_ids(L, num_layers)`."""
+        if target_layer_ids is None:
+            target_layer_ids = default_target_layer_ids(target_cfg.num_layers, num_layers)
+        return cls(
+            hidden_size=target_cfg.hidden_size,
+            intermediate_size=target_cfg.intermediate_size,
+            num_layers=num_layers,
+            num_heads=target_cfg.num_heads,
+            num_kv_heads=target_cfg.num_kv_heads,
+            head_dim=target_cfg.head_dim,
+            vocab_size=target_cfg.vocab_size,
+            block_size=block_size,
+            mask_token_id=mask_token_id,
+            target_layer_ids=tuple(target_layer_ids),
+            num_target_layers=target_cfg.num_layers,
+            rope_theta=target_cfg.rope_theta,
+            rms_norm_eps=target_cfg.rms_norm_eps,
+            rope_scaling=target_cfg.rope_scaling,
+            max_position_embeddings=target_cfg.max_position_embeddings,
+        )
+
+    @property
+    def num_features(self) -> int:
+        return len(self.target_layer_ids)
+
+    @property
+    def feature_size(self) -> int:
+        """F = n * D, the width of the concatenated target features."""
+        return self.num_features * self.hidden_size
+
+    def layer_config(self) -> ModelConfig:
+        """A ModelConfig describing the drafter's layer stack (Qwen3-style, q/k norm)."""
+        return ModelConfig(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            rope_theta=self.rope_theta,
+            rms_norm_eps=self.rms_norm_eps,
+            tie_word_embeddings=False,
+            qk_norm=True,
+            rope_scaling=self.rope_scaling,
+            max_position_embeddings=self.max_position_embeddings,
+            arch="qwen3",
+        )
+
+
+def check_compatible(cfg: DrafterConfig, target_cfg: ModelConfig, source: str = "drafter") -> None:
+    """Raise ValueError naming the field when the drafter cannot run on this target."""
+    def fail(what):
+        raise ValueError(f"{source}: {what} does not match the target")
+
+    if cfg.hidden_size != target_cfg.hidden_size:
+        fail(f"hidden_size={cfg.hidden_size} (target hidden_size={target_cfg.hidden_size})")
+    if cfg.vocab_size != target_cfg.vocab_size:
+        fail(f"vocab_size={cfg.vocab_size} (target vocab_size={target_cfg.vocab_size})")
+    if cfg.num_target_layers != target_cfg.num_layers:
+        fail(f"num_target_layers={cfg.num_target_layers} "
+             f"(target num_hidden_layers={target_cfg.num_layers})")
+    bad = [j for j in cfg.target_layer_ids if not 0 <= j < target_cfg.num_layers]
+    if bad:
+        fail(f"target_layer_ids {bad} (target has {target_cfg.num_layers} layers)")
+    if not 0 <= cfg.mask_token_id < target_cfg.vocab_size:
+        fail(f"mask_token_id={cfg.mask_token_id} (target vocab_size={target_cfg.vocab_size})")
+
+
+def init_drafter_params(cfg: DrafterConfig, key: jax.Array, dtype=jnp.float32,
+                        scale: float = 0.02):
+    """Random parameters: normal(0, scale) matrices, unit norms."""
+    d, h, g, e, f, n = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                        cfg.intermediate_size, cfg.num_layers)
+    keys = iter(jax.random.split(key, 8))
+
+    def normal(shape):
+        return (scale * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
+
+    stacked = {
+        "attn_norm": jnp.ones((n, d), dtype),
+        "q": normal((n, d, h, e)),
+        "k": normal((n, d, g, e)),
+        "v": normal((n, d, g, e)),
+        "o": normal((n, h, e, d)),
+        "q_norm": jnp.ones((n, e), dtype),
+        "k_norm": jnp.ones((n, e), dtype),
+        "mlp_norm": jnp.ones((n, d), dtype),
+        "gate": normal((n, d, f)),
+        "up": normal((n, d, f)),
+        "down": normal((n, f, d)),
+    }
+    return {"fc": normal((cfg.feature_size, d)), "hidden_norm": jnp.ones((d,), dtype),
+            "layers": stacked, "final_norm": jnp.ones((d,), dtype)}
+
+
+def _dtype(params):
+    return params["fc"].dtype
+
+
+def _inv_freq(cfg: DrafterConfig) -> jax.Array:
+    scaling = dict(cfg.rope_scaling) if cfg.rope_scaling else None
+    return layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta, scaling)
+
+
+def project_context(params, cfg: DrafterConfig, features: jax.Array) -> jax.Array:
+    """Target features [B, S, F] -> context hidden c [B, S, D] (fc, then hidden_norm)."""
+    if features.shape[-1] != cfg.feature_size:
+        raise ValueError(f"target features have width {features.shape[-1]}, expected "
+                         f"{cfg.feature_size} = {cfg.num_features} layers x {cfg.hidden_size}")
+    c = jnp.einsum("...f,fd->...d", features.astype(_dtype(params)), params["fc"])
+    return layers.rms_norm(c, params["hidden_norm"], cfg.rms_norm_eps)
+
+
+def _layer_context_kv(p, cfg: DrafterConfig, c, cos, sin):
+    k, v = layers.project_kv(c, p, cfg.rms_norm_eps)
+    return layers.apply_rope(k, cos, sin), v
+
+
+def context_kv(params, cfg: DrafterConfig, c: jax.Array,
+               positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Every layer's keys/values of the context: c [B, S, D] at positions [B, S] ->
+    k, v [L, B, S, G, E] (k_norm and RoPE applied to k)."""
+    cos, sin = layers.rope_cos_sin(positions, _inv_freq(cfg))
+    return jax.vmap(lambda p: _layer_context_kv(p, cfg, c, cos, sin))(params["layers"])
+
+
+def _block_attention(q, kb, vb, ck, cv, anchors):
+    """Attention of block queries to their visible context and to their own block.
+
+    q [B, N, K, H, E], block kb/vb [B, N, K, G, E], context ck/cv [B, S, G, E], anchors [B, N].
+    Context scores [B, G, R, N, K, S] (masked to s < anchor) and in-block scores
+    [B, G, R, N, K, K] share one softmax; the full [N*K, S+N*K] matrix is never built.
+    """
+    b, n, kk, h, e = q.shape
+    s = ck.shape[1]
+    g = ck.shape[2]
+    ctx = layers.attention_logits(q.reshape(b, n * kk, h, e), ck)  # [B, G, R, NK, S]
+    ctx = ctx.reshape(b, g, h // g, n, kk, s)
+    blk = layers.attention_logits(q, kb)  # [B, N, G, R, K, K]
+    blk = jnp.moveaxis(blk, 1, 3)  # [B, G, R, N, K, K]
+    visible = (jnp.arange(s)[None, None, :] < anchors[:, :, None])[:, None, None, :, None, :]
+    ctx = jnp.where(visible, ctx, -jnp.inf)
+    peak = jnp.maximum(jnp.max(ctx, axis=-1, keepdims=True), jnp.max(blk, axis=-1, keepdims=True))
+    peak = jax.lax.stop_gradient(peak)
+    e_ctx = jnp.where(visible, jnp.exp(ctx - peak), 0.0)
+    e_blk = jnp.exp(blk - peak)
+    denom = jnp.sum(e_ctx, axis=-1, keepdims=True) + jnp.sum(e_blk, axis=-1, keepdims=True)
+    p_ctx = (e_ctx / denom).reshape(b, g, h // g, n * kk, s)
+    p_blk = jnp.moveaxis(e_blk / denom, 3, 1)  # [B, N, G, R, K, K]
+    out_ctx = layers.attention_output(p_ctx, cv).reshape(b, n, kk, h, e)
+    return out_ctx + layers.attention_output(p_blk, vb)
+
+
+def _drafter_layer(x, p, cfg: DrafterConfig, cos, sin, ck, cv, anchors):
+    """One drafter layer on block hidden x [B, N, K, D] with this layer's context ck/cv."""
+    h = layers.rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
+    q = layers.apply_rope(layers.project_q(h, p, cfg.rms_norm_eps), cos, sin)
+    kb, vb = layers.project_kv(h, p, cfg.rms_norm_eps)
+    kb = layers.apply_rope(kb, cos, sin)
+    attn = _block_attention(q, kb, vb, ck.astype(x.dtype), cv.astype(x.dtype), anchors)
+    x = x + layers.output_projection(attn, p)
+    h = layers.rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
+    return x + layers.mlp(h, p)
+
+
+def _run_blocks(params, cfg: DrafterConfig, x, anchors, context, remat: bool):
+    """Scan the layers. `context` is ("kv", k, v) with per-layer k/v [L, B, S, G, E], or
+    ("c", c, positions) to project the context inside each layer step."""
+    x = x.astype(_dtype(params))
+    anchors = anchors.astype(jnp.int32)
+    positions = anchors[:, :, None] + jnp.arange(cfg.block_size, dtype=jnp.int32)
+    cos, sin = layers.rope_cos_sin(positions, _inv_freq(cfg))  # [B, N, K, E]
+
+    if context[0] == "kv":
+        _, ctx_k, ctx_v = context
+
+        def step(x, inputs):
+            p, ck, cv = inputs
+            return _drafter_layer(x, p, cfg, cos, sin, ck, cv, anchors), None
+
+        xs = (params["layers"], ctx_k, ctx_v)
+    else:
+        _, c, ctx_pos = context
+        ccos, csin = layers.rope_cos_sin(ctx_pos, _inv_freq(cfg))
+
+        def step(x, p):
+            ck, cv = _layer_context_kv(p, cfg, c, ccos, csin)
+            return _drafter_layer(x, p, cfg, cos, sin, ck, cv, anchors), None
+
+        xs = params["layers"]
+    if remat:
+        step = jax.checkpoint(step)
+    x, _ = jax.lax.scan(step, x, xs)
+    return layers.rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+
+
+def _check_block(x, cfg: DrafterConfig):
+    if x.shape[-2] != cfg.block_size or x.shape[-1] != cfg.hidden_size:
+        raise ValueError(f"block input has shape {x.shape}, expected [B, N, "
+                         f"{cfg.block_size}, {cfg.hidden_size}]")
+
+
+def block_forward(params, cfg: DrafterConfig, x: jax.Array, anchors: jax.Array,
+                  ctx_k: jax.Array, ctx_v: jax.Array) -> jax.Array:
+    """Blocks x [B, N, K, D] at anchors [B, N] against context k/v [L, B, S, G, E] ->
+    hidden [B, N, K, D] after the final norm. Block n of sequence b sees context slots
+    s < anchors[b, n] and its own K positions (at absolute positions anchor + k)."""
+    _check_block(x, cfg)
+    return _run_blocks(params, cfg, x, anchors, ("kv", ctx_k, ctx_v), remat=False)
+
+
+def block_inputs(embed: jax.Array, anchor_tokens: jax.Array, cfg: DrafterConfig) -> jax.Array:
+    """Embeddings [..., K, D] of the blocks [token, MASK, ..., MASK] for anchor_tokens [...]."""
+    first = jnp.take(embed, anchor_tokens, axis=0)[..., None, :]
+    mask = jnp.broadcast_to(embed[cfg.mask_token_id],
+                            (*anchor_tokens.shape, cfg.block_size - 1, embed.shape[-1]))
+    return jnp.concatenate([first, mask], axis=-2)
+
+
+class DrafterCache(NamedTuple):
+    k: jax.Array  # [L, B, S, G, E]
+    v: jax.Array  # [L, B, S, G, E]
+
+    @classmethod
+    def zeros(cls, cfg: DrafterConfig, batch: int, length: int,
+              dtype=jnp.bfloat16) -> DrafterCache:
+        shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+def extend_cache(params, cfg: DrafterConfig, cache: DrafterCache, features: jax.Array,
+                 start: jax.Array) -> DrafterCache:
+    """Write the context k/v of target features [B, T, F] at positions start[b]..start[b]+T-1.
+    Rows past the live length stay stale; draft_logits masks them by s < anchor. Callers keep
+    start + T <= S (XLA clamps out-of-range writes)."""
+    t = features.shape[1]
+    start = start.astype(jnp.int32)
+    positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    k, v = context_kv(params, cfg, project_context(params, cfg, features), positions)
+    write = jax.vmap(write_at, in_axes=(0, 0, None))
+    return DrafterCache(write(cache.k, k, start), write(cache.v, v, start))
+
+
+def draft_logits(params, cfg: DrafterConfig, target_params, cache: DrafterCache,
+                 anchor_tokens: jax.Array, anchors: jax.Array) -> jax.Array:
+    """Decoding: one block [anchor_tokens[b], MASK...] per sequence at positions anchors[b]..
+    anchors[b]+K-1 against the cached context (slots < anchors[b]) -> fp32 logits [B, K, V].
+    Position 0 is the given token; positions 1..K-1 are the draft."""
+    x = block_inputs(target_params["embed"], anchor_tokens[:, None], cfg)
+    hidden = block_forward(params, cfg, x, anchors[:, None], cache.k, cache.v)
+    return lm_head(target_params, hidden[:, 0])
+
+
+def train_forward(params, cfg: DrafterConfig, target_params, features: jax.Array,
+                  tokens: jax.Array, anchors: jax.Array, *, remat: bool = False) -> jax.Array:
+    """Training: target features [B, S, F] and tokens [B, S] of whole sequences, N blocks per
+    sequence at anchors [B, N] (any order; padding anchors give blocks whose output the loss
+    ignores) -> hidden [B, N, K, D] after the final norm. `remat` recomputes each layer in the
+    backward pass instead of storing its activations."""
+    b, s = tokens.shape
+    c = project_context(params, cfg, features)
+    positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    anchors = anchors.astype(jnp.int32)
+    anchor_tokens = jnp.take_along_axis(tokens, anchors, axis=1)
+    x = block_inputs(target_params["embed"], anchor_tokens, cfg)
+    _check_block(x, cfg)
+    return _run_blocks(params, cfg, x, anchors, ("c", c, positions), remat=remat)

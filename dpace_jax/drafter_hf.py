@@ -1,0 +1,285 @@
+"""DFlash drafters in the HF format that DFlash's reference code, SGLang and vLLM load.
+
+A directory with
+  config.json        a Qwen3 config with architectures ["DFlashDraftModel"], num_hidden_layers =
+                     drafter depth, block_size, num_target_layers and
+                     dflash_config {mask_token_id, target_layer_ids}
+  model.safetensors  layers.{i}.self_attn.{q,k,v,o}_proj.weight, layers.{i}.self_attn.{q,k}_norm
+                     .weight, layers.{i}.mlp.{gate,up,down}_proj.weight,
+                     layers.{i}.{input,post_attention}_layernorm.weight, norm.weight, fc.weight,
+                     hidden_norm.weight; PyTorch Linear layout [out, in].
+
+Conversion is transposes and reshapes only, so export -> import is bit-exact in any dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import jax  # noqa: F401  (registers bfloat16 with numpy before safetensors.numpy is used)
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from dpace_jax.drafter import DrafterConfig
+from dpace_jax.model import ModelConfig
+
+ARCHITECTURE = "DFlashDraftModel"
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
+_DTYPE_NAMES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
+                "float16": np.dtype(np.float16)}
+
+
+def _dtype_name(dtype) -> str:
+    dtype = np.dtype(dtype)
+    for name, dt in _DTYPE_NAMES.items():
+        if dt == dtype:
+            return name
+    raise ValueError(f"unsupported parameter dtype {dtype} (expected one of {list(_DTYPE_NAMES)})")
+
+
+def config_to_hf(cfg: DrafterConfig, dtype_name: str = "bfloat16") -> dict:
+    """The config.json dict of a drafter."""
+    return {
+        "architectures": [ARCHITECTURE],
+        "model_type": "qwen3",
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "vocab_size": cfg.vocab_size,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": dict(cfg.rope_scaling) if cfg.rope_scaling else None,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "use_sliding_window": False,
+        "tie_word_embeddings": False,
+        "block_size": cfg.block_size,
+        "num_target_layers": cfg.num_target_layers,
+        "dflash_config": {"mask_token_id": cfg.mask_token_id,
+                          "target_layer_ids": list(cfg.target_layer_ids)},
+        "torch_dtype": dtype_name,
+    }
+
+
+def config_from_hf(hf: dict, source: str = CONFIG_NAME) -> DrafterConfig:
+    """Parse a DFlash config.json dict; wrong architecture or missing fields raise ValueError."""
+    archs = hf.get("architectures") or []
+    if ARCHITECTURE not in archs:
+        raise ValueError(f"{source}: field 'architectures' is {archs!r}, expected "
+                         f"[{ARCHITECTURE!r}] (not a DFlash drafter)")
+    base = ModelConfig.from_hf({**hf, "architectures": ["Qwen3ForCausalLM"]}, source)
+    dflash = hf.get("dflash_config")
+    if not isinstance(dflash, dict):
+        raise ValueError(f"{source}: missing field 'dflash_config' "
+                         "({mask_token_id, target_layer_ids})")
+    for name in ("mask_token_id", "target_layer_ids"):
+        if dflash.get(name) is None:
+            raise ValueError(f"{source}: missing field 'dflash_config.{name}'")
+    for name in ("block_size", "num_target_layers"):
+        if hf.get(name) is None:
+            raise ValueError(f"{source}: missing field {name!r}")
+    try:
+        return DrafterConfig(
+            hidden_size=base.hidden_size,
+            intermediate_size=base.intermediate_size,
+            num_layers=base.num_layers,
+            num_heads=base.num_heads,
+            num_kv_heads=base.num_kv_heads,
+            head_dim=base.head_dim,
+            vocab_size=base.vocab_size,
+            block_size=int(hf["block_size"]),
+            mask_token_id=int(dflash["mask_token_id"]),
+            target_layer_ids=tuple(int(j) for j in dflash["target_layer_ids"]),
+            num_target_layers=int(hf["num_target_layers"]),
+            rope_theta=base.rope_theta,
+            rms_norm_eps=base.rms_norm_eps,
+            rope_scaling=base.rope_scaling,
+            max_position_embeddings=base.max_position_embeddings,
+        )
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+def _expected_shapes(cfg: DrafterConfig) -> dict[str, tuple[int, ...]]:
+    d, h, g, e, f = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                     cfg.intermediate_size)
+    shapes = {"fc.weight": (d, cfg.feature_size), "hidden_norm.weight": (d,), "norm.weight": (d,)}
+    for i in range(cfg.num_layers):
+        pre = f"layers.{i}."
+        shapes.update({
+            pre + "self_attn.q_proj.weight": (h * e, d),
+            pre + "self_attn.k_proj.weight": (g * e, d),
+            pre + "self_attn.v_proj.weight": (g * e, d),
+            pre + "self_attn.o_proj.weight": (d, h * e),
+            pre + "self_attn.q_norm.weight": (e,),
+            pre + "self_attn.k_norm.weight": (e,),
+            pre + "mlp.gate_proj.weight": (f, d),
+            pre + "mlp.up_proj.weight": (f, d),
+            pre + "mlp.down_proj.weight": (d, f),
+            pre + "input_layernorm.weight": (d,),
+            pre + "post_attention_layernorm.weight": (d,),
+        })
+    return shapes
+
+
+def params_to_hf(params, cfg: DrafterConfig, dtype=None) -> dict[str, np.ndarray]:
+    """Drafter parameters -> {HF key: [out, in] numpy array}."""
+    def np_(x):
+        x = np.asarray(x)
+        return x.astype(dtype) if dtype is not None else x
+
+    d, h, g, e = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    lp = {k: np_(v) for k, v in params["layers"].items()}
+    out = {"fc.weight": np_(params["fc"]).T, "hidden_norm.weight": np_(params["hidden_norm"]),
+           "norm.weight": np_(params["final_norm"])}
+    for i in range(cfg.num_layers):
+        pre = f"layers.{i}."
+        out.update({
+            pre + "self_attn.q_proj.weight": lp["q"][i].reshape(d, h * e).T,
+            pre + "self_attn.k_proj.weight": lp["k"][i].reshape(d, g * e).T,
+            pre + "self_attn.v_proj.weight": lp["v"][i].reshape(d, g * e).T,
+            pre + "self_attn.o_proj.weight": lp["o"][i].reshape(h * e, d).T,
+            pre + "self_attn.q_norm.weight": lp["q_norm"][i],
+            pre + "self_attn.k_norm.weight": lp["k_norm"][i],
+            pre + "mlp.gate_proj.weight": lp["gate"][i].T,
+            pre + "mlp.up_proj.weight": lp["up"][i].T,
+            pre + "mlp.down_proj.weight": lp["down"][i].T,
+            pre + "input_layernorm.weight": lp["attn_norm"][i],
+            pre + "post_attention_layernorm.weight": lp["mlp_norm"][i],
+        })
+    expected = _expected_shapes(cfg)
+    for key, arr in out.items():
+        if arr.shape != expected[key]:
+            raise ValueError(f"parameter for {key} has shape {arr.shape}, expected "
+                             f"{expected[key]} for this drafter config")
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def params_from_hf(tensors: dict[str, np.ndarray], cfg: DrafterConfig, source: str = WEIGHTS_NAME):
+    """{HF key: array} (optionally "model."-prefixed) -> drafter parameters; strict about keys
+    and shapes."""
+    tensors = {k.removeprefix("model."): v for k, v in tensors.items()}
+    expected = _expected_shapes(cfg)
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise ValueError(f"{source}: missing key(s) {missing[:8]}"
+                         f"{' ...' if len(missing) > 8 else ''}")
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        raise ValueError(f"{source}: unexpected key(s) {unexpected[:8]}"
+                         f"{' ...' if len(unexpected) > 8 else ''}")
+    for key, shape in expected.items():
+        if tuple(tensors[key].shape) != shape:
+            raise ValueError(f"{source}: key {key} has shape {tuple(tensors[key].shape)}, "
+                             f"expected {shape}")
+
+    d, h, g, e = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+    def stack(name, fn):
+        return jnp.asarray(np.stack([fn(tensors[f"layers.{i}.{name}"])
+                                     for i in range(cfg.num_layers)]))
+
+    layers = {
+        "attn_norm": stack("input_layernorm.weight", lambda w: w),
+        "q": stack("self_attn.q_proj.weight", lambda w: w.T.reshape(d, h, e)),
+        "k": stack("self_attn.k_proj.weight", lambda w: w.T.reshape(d, g, e)),
+        "v": stack("self_attn.v_proj.weight", lambda w: w.T.reshape(d, g, e)),
+        "o": stack("self_attn.o_proj.weight", lambda w: w.T.reshape(h, e, d)),
+        "q_norm": stack("self_attn.q_norm.weight", lambda w: w),
+        "k_norm": stack("self_attn.k_norm.weight", lambda w: w),
+        "mlp_norm": stack("post_attention_layernorm.weight", lambda w: w),
+        "gate": stack("mlp.gate_proj.weight", lambda w: w.T),
+        "up": stack("mlp.up_proj.weight", lambda w: w.T),
+        "down": stack("mlp.down_proj.weight", lambda w: w.T),
+    }
+    return {"fc": jnp.asarray(tensors["fc.weight"].T), "hidden_norm":
+            jnp.asarray(tensors["hidden_norm.weight"]), "layers": layers,
+            "final_norm": jnp.asarray(tensors["norm.weight"])}
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def export_drafter(params, cfg: DrafterConfig, out_dir, *, dtype=None) -> Path:
+    """Write config.json + model.safetensors to out_dir (created if needed); `dtype` casts the
+    weights (e.g. jnp.bfloat16), default: keep the params' dtype. Each file is written to a
+    temporary name and renamed, so a crash never leaves a partial file."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    np_dtype = np.dtype(dtype) if dtype is not None else None
+    tensors = params_to_hf(params, cfg, np_dtype)
+    name = _dtype_name(np_dtype if np_dtype is not None else tensors["fc.weight"].dtype)
+    _atomic_write(out / WEIGHTS_NAME,
+                  lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+
+    def write_config(p):
+        with open(p, "w") as f:
+            json.dump(config_to_hf(cfg, name), f, indent=2)
+            f.write("\n")
+
+    _atomic_write(out / CONFIG_NAME, write_config)
+    return out
+
+
+def load_config(path) -> DrafterConfig:
+    path = Path(path)
+    cfg_path = path / CONFIG_NAME if path.is_dir() else path
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} at {cfg_path}")
+    try:
+        hf = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path}: invalid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{cfg_path}: expected a JSON object")
+    return config_from_hf(hf, str(cfg_path))
+
+
+def _load_tensors(path: Path) -> tuple[dict[str, np.ndarray], str]:
+    single = path / WEIGHTS_NAME
+    if single.is_file():
+        return load_file(str(single)), str(single)
+    index = path / INDEX_NAME
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: missing field 'weight_map'")
+        tensors = {}
+        for shard in sorted(set(weight_map.values())):
+            if not (path / shard).is_file():
+                raise FileNotFoundError(f"{index}: shard {shard} not found in {path}")
+            tensors.update(load_file(str(path / shard)))
+        return tensors, str(index)
+    raise FileNotFoundError(f"no {WEIGHTS_NAME} (or {INDEX_NAME}) in {path}")
+
+
+def import_drafter(path) -> tuple[dict, DrafterConfig]:
+    """Read a DFlash HF directory -> (params, cfg). Weights keep the file's dtype."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"drafter directory {path} does not exist")
+    cfg = load_config(path)
+    tensors, source = _load_tensors(path)
+    return params_from_hf(tensors, cfg, source), cfg

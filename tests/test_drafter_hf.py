@@ -1,0 +1,252 @@
+"""DFlash HF export/import, checked against an independent PyTorch re-implementation of the drafter
+(written here from REFERENCE.md 1, with an explicit [N*K, S+N*K] mask) loaded from the export."""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.numpy import load_file, save_file
+
+from dpace_jax import model
+from dpace_jax.drafter import DrafterConfig, init_drafter_params, train_forward
+from dpace_jax.drafter_hf import export_drafter, import_drafter
+
+TARGET = model.ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=6,
+                           num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0)
+CFG = DrafterConfig.for_target(TARGET, num_layers=2, block_size=4, mask_token_id=96)
+S = 24
+NORMS = ("attn_norm", "mlp_norm", "q_norm", "k_norm", "hidden_norm", "final_norm")
+
+
+def random_like(init, cfg, seed, scale):
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        noise = rng.standard_normal(leaf.shape).astype(np.float32)
+        return jnp.asarray(1 + 0.2 * noise if path[-1].key in NORMS else scale * noise)
+
+    shapes = jax.eval_shape(lambda k: init(cfg, k), jax.random.PRNGKey(0))
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return random_like(init_drafter_params, CFG, 1, 0.15)
+
+
+def expected_keys(n_layers, d=64, h=4, g=2, e=16, f=128, n_feat=2):
+    keys = {"fc.weight": (d, n_feat * d), "hidden_norm.weight": (d,), "norm.weight": (d,)}
+    for i in range(n_layers):
+        keys |= {
+            f"layers.{i}.self_attn.q_proj.weight": (h * e, d),
+            f"layers.{i}.self_attn.k_proj.weight": (g * e, d),
+            f"layers.{i}.self_attn.v_proj.weight": (g * e, d),
+            f"layers.{i}.self_attn.o_proj.weight": (d, h * e),
+            f"layers.{i}.self_attn.q_norm.weight": (e,),
+            f"layers.{i}.self_attn.k_norm.weight": (e,),
+            f"layers.{i}.mlp.gate_proj.weight": (f, d),
+            f"layers.{i}.mlp.up_proj.weight": (f, d),
+            f"layers.{i}.mlp.down_proj.weight": (d, f),
+            f"layers.{i}.input_layernorm.weight": (d,),
+            f"layers.{i}.post_attention_layernorm.weight": (d,),
+        }
+    return keys
+
+
+def test_export_keys_shapes_and_config(params, tmp_path):
+    export_drafter(params, CFG, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    assert {k: v.shape for k, v in tensors.items()} == expected_keys(2)
+    # [out, in] layout: q_proj.weight[h*E + e, d] == q[d, h, e]
+    np.testing.assert_array_equal(tensors["layers.1.self_attn.q_proj.weight"][2 * 16 + 5, 7],
+                                  params["layers"]["q"][1, 7, 2, 5])
+    np.testing.assert_array_equal(tensors["fc.weight"][3, 100], params["fc"][100, 3])
+    hf = json.loads((tmp_path / "config.json").read_text())
+    assert hf["architectures"] == ["DFlashDraftModel"] and hf["model_type"] == "qwen3"
+    assert hf["dflash_config"] == {"mask_token_id": 96, "target_layer_ids": [1, 3]}
+    assert (hf["num_hidden_layers"], hf["block_size"], hf["num_target_layers"]) == (2, 4, 6)
+    assert (hf["hidden_size"], hf["intermediate_size"], hf["head_dim"]) == (64, 128, 16)
+    assert (hf["num_attention_heads"], hf["num_key_value_heads"], hf["vocab_size"]) == (4, 2, 97)
+    assert hf["tie_word_embeddings"] is False and hf["torch_dtype"] == "float32"
+    assert hf["rope_theta"] == 10000.0 and hf["rope_scaling"] is None
+
+
+def assert_bit_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        np.testing.assert_array_equal(np.asarray(x).view(np.uint8), np.asarray(y).view(np.uint8))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_round_trip_bit_exact(params, tmp_path, dtype):
+    p = jax.tree.map(lambda x: x.astype(dtype), params)
+    export_drafter(p, CFG, tmp_path)
+    back, cfg = import_drafter(tmp_path)
+    assert cfg == CFG
+    assert_bit_equal(back, p)
+    # exporting fp32 master weights as bf16
+    export_drafter(params, CFG, tmp_path / "cast", dtype=dtype)
+    back, _ = import_drafter(tmp_path / "cast")
+    assert_bit_equal(back, p)
+    hf = json.loads((tmp_path / "cast" / "config.json").read_text())
+    assert hf["torch_dtype"] == np.dtype(dtype).name
+
+
+def test_llama_style_target_rope_scaling(tmp_path):
+    scaling = model.freeze_scaling({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0,
+                                    "original_max_position_embeddings": 8192})
+    target = model.ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_layers=8,
+                               num_heads=4, num_kv_heads=1, head_dim=8, qk_norm=False,
+                               rope_scaling=scaling, arch="llama")
+    cfg = DrafterConfig.for_target(target, num_layers=1, block_size=3, mask_token_id=7)
+    assert cfg.target_layer_ids == (4,)
+    p = random_like(init_drafter_params, cfg, 5, 0.1)
+    export_drafter(p, cfg, tmp_path)
+    back, cfg2 = import_drafter(tmp_path)
+    assert cfg2 == cfg and cfg2.rope_scaling == scaling
+    assert_bit_equal(back, p)
+
+
+def test_prefixed_and_sharded_checkpoints(params, tmp_path):
+    export_drafter(params, CFG, tmp_path / "ref")
+    tensors = load_file(str(tmp_path / "ref" / "model.safetensors"))
+    config = (tmp_path / "ref" / "config.json").read_text()
+    pre = tmp_path / "prefixed"
+    pre.mkdir()
+    (pre / "config.json").write_text(config)
+    save_file({"model." + k: v for k, v in tensors.items()}, str(pre / "model.safetensors"))
+    assert_bit_equal(import_drafter(pre)[0], params)
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    (sharded / "config.json").write_text(config)
+    names = sorted(tensors)
+    shards = {"a.safetensors": names[::2], "b.safetensors": names[1::2]}
+    weight_map = {}
+    for shard, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, str(sharded / shard))
+        weight_map |= {k: shard for k in keys}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert_bit_equal(import_drafter(sharded)[0], params)
+
+
+def rewrite(src, dst, *, tensors=None, config=None):
+    dst.mkdir()
+    t = load_file(str(src / "model.safetensors"))
+    c = json.loads((src / "config.json").read_text())
+    save_file(tensors(t) if tensors else t, str(dst / "model.safetensors"))
+    (dst / "config.json").write_text(json.dumps(config(c) if config else c))
+    return dst
+
+
+def test_import_errors(params, tmp_path):
+    src = export_drafter(params, CFG, tmp_path / "ok")
+    key = "layers.1.mlp.up_proj.weight"
+
+    def drop(t):
+        return {k: v for k, v in t.items() if k != key}
+
+    cases = [
+        (dict(tensors=drop), f"missing key.*{key}"),
+        (dict(tensors=lambda t: {**t, "lm_head.weight": t["fc.weight"]}),
+         "unexpected key.*lm_head.weight"),
+        (dict(tensors=lambda t: {**t, key: t[key][:, :32].copy()}), f"{key} has shape"),
+        (dict(config=lambda c: {**c, "architectures": ["Qwen3ForCausalLM"]}), "architectures"),
+        (dict(config=lambda c: {k: v for k, v in c.items() if k != "dflash_config"}),
+         "dflash_config"),
+        (dict(config=lambda c: {**c, "dflash_config": {"mask_token_id": 3}}),
+         "dflash_config.target_layer_ids"),
+        (dict(config=lambda c: {k: v for k, v in c.items() if k != "block_size"}), "block_size"),
+        (dict(config=lambda c: {k: v for k, v in c.items() if k != "hidden_size"}),
+         "hidden_size"),
+        (dict(config=lambda c: {**c, "num_target_layers": 3}), "target_layer_ids"),
+    ]
+    for i, (change, match) in enumerate(cases):
+        with pytest.raises(ValueError, match=match):
+            import_drafter(rewrite(src, tmp_path / f"bad{i}", **change))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        import_drafter(tmp_path / "nowhere")
+    (tmp_path / "ok" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        import_drafter(tmp_path / "ok")
+
+
+# ---- independent PyTorch reference --------------------------------------------------------------
+
+def torch_drafter(sd, hf, features, block_embeds, anchors):
+    """One sequence: features [S, F], block embeddings [N, K, D], anchors [N] -> hidden [N, K, D].
+    All blocks' queries against keys [ctx; all blocks] with an explicit mask."""
+    eps, theta = hf["rms_norm_eps"], hf["rope_theta"]
+    h_, g_, e_ = hf["num_attention_heads"], hf["num_key_value_heads"], hf["head_dim"]
+    n, k, d = block_embeds.shape
+    s = features.shape[0]
+
+    def rms(x, w):
+        x = x.float()
+        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+    def rope(x, pos):  # x [T, heads, E]
+        inv = 1.0 / theta ** (torch.arange(0, e_, 2, dtype=torch.float32) / e_)
+        ang = pos[:, None].float() * inv
+        emb = torch.cat([ang, ang], -1)
+        cos, sin = emb.cos()[:, None], emb.sin()[:, None]
+        rotated = torch.cat([-x[..., e_ // 2:], x[..., : e_ // 2]], -1)
+        return x * cos + rotated * sin
+
+    c = rms(F.linear(features, sd["fc.weight"]), sd["hidden_norm.weight"])
+    x = block_embeds.reshape(n * k, d)
+    block_of = torch.arange(n).repeat_interleave(k)
+    pos_block = (anchors[:, None] + torch.arange(k)).reshape(-1)
+    pos_all = torch.cat([torch.arange(s), pos_block])
+    mask = torch.cat([torch.arange(s)[None, :] < anchors[block_of][:, None],
+                      block_of[:, None] == block_of[None, :]], dim=1)  # [NK, S+NK]
+    for i in range(hf["num_hidden_layers"]):
+        def w(name, i=i):
+            return sd[f"layers.{i}.{name}.weight"]
+
+        h = rms(x, w("input_layernorm"))
+        q = rope(rms(F.linear(h, w("self_attn.q_proj")).view(n * k, h_, e_),
+                     w("self_attn.q_norm")), pos_block)
+        kv_in = torch.cat([c, h])
+        keys = rope(rms(F.linear(kv_in, w("self_attn.k_proj")).view(-1, g_, e_),
+                        w("self_attn.k_norm")), pos_all)
+        vals = F.linear(kv_in, w("self_attn.v_proj")).view(-1, g_, e_)
+        keys = keys.repeat_interleave(h_ // g_, dim=1)
+        vals = vals.repeat_interleave(h_ // g_, dim=1)
+        scores = torch.einsum("the,she->hts", q, keys) / math.sqrt(e_)
+        probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+        attn = torch.einsum("hts,she->the", probs, vals).reshape(n * k, h_ * e_)
+        x = x + F.linear(attn, w("self_attn.o_proj"))
+        h = rms(x, w("post_attention_layernorm"))
+        x = x + F.linear(F.silu(F.linear(h, w("mlp.gate_proj"))) * F.linear(h, w("mlp.up_proj")),
+                         w("mlp.down_proj"))
+    return rms(x, sd["norm.weight"]).view(n, k, d)
+
+
+def test_matches_torch_reference(params, tmp_path):
+    from safetensors.torch import load_file as torch_load
+
+    export_drafter(params, CFG, tmp_path)
+    sd = torch_load(str(tmp_path / "model.safetensors"))
+    hf = json.loads((tmp_path / "config.json").read_text())
+    rng = np.random.default_rng(4)
+    embed = rng.standard_normal((97, 64)).astype(np.float32)
+    features = rng.standard_normal((2, S, 128)).astype(np.float32)
+    tokens = rng.integers(0, 96, (2, S))
+    anchors = np.array([[0, 3, 7, 20], [5, 11, 12, 0]])
+    ours = train_forward(params, CFG, {"embed": jnp.asarray(embed)}, jnp.asarray(features),
+                         jnp.asarray(tokens), jnp.asarray(anchors))
+    mask_id = hf["dflash_config"]["mask_token_id"]
+    for b in range(2):
+        ids = np.full((4, 4), mask_id)
+        ids[:, 0] = tokens[b, anchors[b]]
+        ref = torch_drafter(sd, hf, torch.from_numpy(features[b]), torch.from_numpy(embed[ids]),
+                            torch.from_numpy(anchors[b]))
+        np.testing.assert_allclose(np.asarray(ours[b]), ref.numpy(), atol=3e-5, rtol=1e-4)
