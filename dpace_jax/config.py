@@ -1,0 +1,68 @@
+"""The run configuration: one ml_collections ConfigDict shared by train.py and evaluate.py.
+
+Config files in configs/ expose `get_config()` that start from `default_config()` and change what
+they need; the command line overrides any field with `--config.section.field=value`. Unknown
+fields are rejected (a typo never silently does nothing).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.workdir = ""  # run directory: checkpoints, metrics.jsonl, hf/ export, caches
+    c.seed = 0
+    c.distributed = False  # call jax.distributed.initialize() (multi-process launch)
+
+    c.target = ml_collections.ConfigDict()
+    c.target.path = ""  # local HF checkpoint dir or hub id; "" -> tiny random target in workdir
+    c.target.dtype = "bfloat16"
+    c.target.random_size = "tiny"  # size of the random target built when path is ""
+
+    c.drafter = ml_collections.ConfigDict()
+    c.drafter.num_layers = 5
+    c.drafter.block_size = 16
+    c.drafter.mask_token_id = -1  # -1: the tokenizer's <|MASK|>, else len(tokenizer)
+    c.drafter.target_layer_ids = ()  # () -> round(1 + i * (L - 4) / (n - 1))
+    c.drafter.init_from = ""  # a DFlash HF directory to start from (fine-tuning)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.paths = ()  # JSONL / JSON / Parquet files or dirs, or hub ids
+    c.data.split = "train"
+    c.data.demo = False  # no paths: write function-completion chats from the stdlib corpus
+    c.data.demo_samples = 512
+    c.data.max_length = 3072
+    c.data.cache_dir = ""  # "" -> WORKDIR/cache
+
+    c.train = ml_collections.ConfigDict()
+    c.train.loss = "dpace"  # dflash | dpace | dpace-cumulative-confidence-only | ...
+    c.train.alpha = 0.5
+    c.train.gamma = 7.0
+    c.train.batch_size = 16
+    c.train.num_anchors = 512
+    c.train.epochs = 6
+    c.train.max_steps = -1  # > 0: stop after this many steps (and size the schedule for them)
+    c.train.lr = 6e-4
+    c.train.warmup_ratio = 0.04
+    c.train.grad_clip = 1.0
+    c.train.compute_dtype = "bfloat16"
+    c.train.loss_chunk_size = 2048
+    c.train.log_every = 10
+    c.train.save_every = 1000
+    c.train.keep_checkpoints = 3
+    c.train.progress = True
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.shape = (1, -1, 1)  # (data, fsdp, tensor); -1: all remaining devices
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.benchmarks = ("humaneval",)
+    c.eval.num_samples = 8
+    c.eval.max_new_tokens = 256
+    c.eval.temperature = 0.0
+    c.eval.rule = "dflash"  # dflash | speculative
+    c.eval.batch_size = 1
+    c.eval.drafter = ""  # "" -> WORKDIR (latest checkpoint, else WORKDIR/hf)
+    return c

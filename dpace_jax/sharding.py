@@ -1,0 +1,115 @@
+"""Device mesh and the one table that maps logical parameter axes to mesh axes.
+
+The mesh has three named axes: `data` (pure data parallelism), `fsdp` (data parallelism whose
+replicas also split the parameters and optimizer state) and `tensor` (heads / MLP width / vocab).
+Batches are split over ("data", "fsdp"). A parameter dimension is sharded over its mesh axis only
+when its size divides evenly; otherwise it stays replicated, so any config runs on any mesh.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Logical axis -> mesh axis. `None`: replicated.
+LOGICAL_RULES: dict[str, str | None] = {
+    "layers": None,
+    "embed": "fsdp",  # the hidden size D
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "vocab": "tensor",
+    "features": "tensor",  # the drafter's fc input (n * D)
+}
+
+# Parameter name (last path element) -> logical axes, without the stacked `layers` axis.
+PARAM_AXES: dict[str, tuple[str | None, ...]] = {
+    "embed": ("vocab", "embed"),
+    "lm_head": ("embed", "vocab"),
+    "final_norm": (None,),
+    "hidden_norm": (None,),
+    "fc": ("features", "embed"),
+    "attn_norm": (None,),
+    "mlp_norm": (None,),
+    "q": ("embed", "heads", "head_dim"),
+    "k": ("embed", "kv_heads", "head_dim"),
+    "v": ("embed", "kv_heads", "head_dim"),
+    "o": ("heads", "head_dim", "embed"),
+    "q_norm": (None,),
+    "k_norm": (None,),
+    "gate": ("embed", "mlp"),
+    "up": ("embed", "mlp"),
+    "down": ("mlp", "embed"),
+}
+
+
+def make_mesh(shape: Sequence[int] | None = None, devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh. `shape` may use -1 once for "all remaining devices";
+    the default puts every device on `fsdp`."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = list(shape) if shape is not None else [1, -1, 1]
+    if len(shape) != 3:
+        raise ValueError(f"mesh shape must have 3 entries (data, fsdp, tensor), got {shape}")
+    if shape.count(-1) > 1:
+        raise ValueError(f"mesh shape may contain -1 at most once, got {shape}")
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if len(devices) % known:
+            raise ValueError(f"mesh shape {shape} does not divide {len(devices)} devices")
+        shape[shape.index(-1)] = len(devices) // known
+    if math.prod(shape) != len(devices):
+        raise ValueError(
+            f"mesh shape {tuple(shape)} needs {math.prod(shape)} devices, found {len(devices)}"
+        )
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def _spec_for(name: str, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+    axes = PARAM_AXES.get(name)
+    if axes is None:
+        raise ValueError(f"no sharding rule for parameter {name!r} (add it to PARAM_AXES)")
+    if len(shape) == len(axes) + 1:
+        axes = ("layers", *axes)
+    if len(shape) != len(axes):
+        raise ValueError(f"parameter {name!r} has shape {shape}, expected rank {len(axes)}")
+    spec = []
+    for dim, logical in zip(shape, axes, strict=True):
+        mesh_axis = LOGICAL_RULES.get(logical) if logical else None
+        usable = mesh_axis is not None and mesh_axis not in spec
+        spec.append(mesh_axis if usable and dim % mesh.shape[mesh_axis] == 0 else None)
+    return PartitionSpec(*spec)
+
+
+def param_shardings(params, mesh: Mesh):
+    """NamedShardings for a target or drafter parameter tree (or an optimizer state holding
+    such trees: leaves are matched by their last dict key)."""
+
+    def one(path, leaf):
+        shape = tuple(getattr(leaf, "shape", ()))
+        names = [p.key for p in path if isinstance(p, jax.tree_util.DictKey)]
+        if not shape or not names or names[-1] not in PARAM_AXES:
+            return NamedSharding(mesh, PartitionSpec())
+        return NamedSharding(mesh, _spec_for(names[-1], shape, mesh))
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over data and fsdp."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def num_batch_shards(mesh: Mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]

@@ -1,0 +1,167 @@
+"""The jitted D-PACE / DFlash train step over a (data, fsdp, tensor) mesh.
+
+One step: frozen target forward (features at `target_layer_ids`, no gradient) -> anchors sampled
+from the step's PRNG key -> drafter forward over all packed blocks -> loss from the final hidden
+states and the target's LM head, computed in chunks -> AdamW (fp32 master weights, compute in
+`compute_dtype`) with global-norm clipping and a warmup-cosine schedule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from dpace_jax import anchors as anchor_lib
+from dpace_jax import chunked_loss
+from dpace_jax import drafter as drafter_lib
+from dpace_jax import loss as loss_lib
+from dpace_jax import model as model_lib
+from dpace_jax import sharding as shard_lib
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # int32 scalar
+    params: Any  # drafter params, fp32 master copy
+    opt_state: Any
+    rng: jax.Array  # uint32[2] base key; step keys are fold_in(rng, step)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    loss: str = "dpace"
+    alpha: float = 0.5
+    gamma: float | None = 7.0
+    num_anchors: int = 512
+    lr: float = 6e-4
+    warmup_ratio: float = 0.04
+    total_steps: int = 1000
+    grad_clip: float = 1.0
+    compute_dtype: Any = jnp.bfloat16
+    loss_chunk_size: int = 2048
+
+    def __post_init__(self):
+        if self.loss not in loss_lib.LOSS_NAMES:
+            raise ValueError(f"train.loss={self.loss!r}; expected one of {loss_lib.LOSS_NAMES}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"train.alpha={self.alpha} must lie in [0, 1]")
+        if self.total_steps < 1:
+            raise ValueError(f"total steps must be >= 1, got {self.total_steps}")
+
+
+def learning_rate_schedule(cfg: StepConfig) -> optax.Schedule:
+    warmup = max(1, round(cfg.warmup_ratio * cfg.total_steps))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.lr, warmup_steps=warmup,
+        decay_steps=max(cfg.total_steps, warmup + 1), end_value=0.0,
+    )
+
+
+def make_optimizer(cfg: StepConfig) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip),
+        optax.adamw(learning_rate_schedule(cfg), b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0),
+    )
+
+
+def init_state(params, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
+        rng=jax.random.PRNGKey(seed),
+    )
+
+
+def loss_fn(
+    drafter_params,
+    target_params,
+    batch: dict[str, jax.Array],
+    key: jax.Array,
+    *,
+    target_cfg: model_lib.ModelConfig,
+    drafter_cfg: drafter_lib.DrafterConfig,
+    cfg: StepConfig,
+):
+    """Loss and aux metrics of one batch {input_ids [B, S], loss_mask [B, S]}."""
+    tokens, loss_mask = batch["input_ids"], batch["loss_mask"]
+    target_out = model_lib.forward(
+        target_params, target_cfg, tokens,
+        feature_layers=drafter_cfg.target_layer_ids, logits=False,
+    )
+    features = jax.lax.stop_gradient(target_out.features).astype(cfg.compute_dtype)
+    anchors, keep = anchor_lib.sample_anchors(
+        key, loss_mask, cfg.num_anchors, drafter_cfg.block_size
+    )
+    compute_params = jax.tree.map(lambda x: x.astype(cfg.compute_dtype), drafter_params)
+    hidden = drafter_lib.train_forward(
+        compute_params, drafter_cfg, target_params, features, tokens, anchors
+    )
+    targets, mask = anchor_lib.block_labels(
+        tokens, loss_mask, anchors, keep, drafter_cfg.block_size
+    )
+    head = jax.lax.stop_gradient(model_lib.lm_head_matrix(target_params))
+    loss, aux = chunked_loss.objective_from_hidden(
+        cfg.loss, hidden, head.astype(cfg.compute_dtype), targets, mask,
+        alpha=cfg.alpha, gamma=cfg.gamma, chunk_size=cfg.loss_chunk_size,
+    )
+    aux = dict(aux)
+    aux["num_blocks"] = jnp.sum(keep)
+    return loss, aux
+
+
+def _global_norm(tree) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def make_train_step(
+    target_cfg: model_lib.ModelConfig,
+    drafter_cfg: drafter_lib.DrafterConfig,
+    cfg: StepConfig,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    state_shardings,
+    target_shardings,
+):
+    """A jitted `step(state, target_params, batch) -> (state, metrics)`; the state is donated."""
+    schedule = learning_rate_schedule(cfg)
+    grad_fn = jax.value_and_grad(
+        lambda p, t, b, k: loss_fn(p, t, b, k, target_cfg=target_cfg,
+                                   drafter_cfg=drafter_cfg, cfg=cfg),
+        has_aux=True,
+    )
+
+    def step(state: TrainState, target_params, batch):
+        key = jax.random.fold_in(state.rng, state.step)
+        (loss, aux), grads = grad_fn(state.params, target_params, batch, key)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "grad_norm": _global_norm(grads),
+                   "lr": schedule(state.step), **aux}
+        new_state = TrainState(state.step + 1, params, opt_state, state.rng)
+        return new_state, metrics
+
+    batch_sharding = shard_lib.batch_sharding(mesh)
+    return jax.jit(
+        step,
+        in_shardings=(state_shardings, target_shardings,
+                      {"input_ids": batch_sharding, "loss_mask": batch_sharding}),
+        out_shardings=(state_shardings, shard_lib.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+
+def state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
+    """Drafter params and both Adam moments sharded fsdp-style; step and rng replicated."""
+    rep = shard_lib.replicated(mesh)
+    return TrainState(
+        step=rep,
+        params=shard_lib.param_shardings(state.params, mesh),
+        opt_state=shard_lib.param_shardings(state.opt_state, mesh),
+        rng=rep,
+    )
