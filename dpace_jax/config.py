@@ -19,7 +19,6 @@ def default_config() -> ml_collections.ConfigDict:
     c.target = ml_collections.ConfigDict()
     c.target.path = ""  # local HF checkpoint dir or hub id; "" -> tiny random target in workdir
     c.target.dtype = "bfloat16"
-    c.target.random_size = "tiny"  # size of the random target built when path is ""
 
     c.drafter = ml_collections.ConfigDict()
     c.drafter.num_layers = 5
@@ -44,6 +43,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.num_anchors = 512
     c.train.epochs = 6
     c.train.max_steps = -1  # > 0: stop after this many steps (and size the schedule for them)
+    c.train.stop_at = -1  # > 0: save and exit after this step, as if preempted (resumable)
     c.train.lr = 6e-4
     c.train.warmup_ratio = 0.04
     c.train.grad_clip = 1.0

@@ -1,0 +1,270 @@
+"""The training run behind train.py: set-up from a config, the loop, logging and checkpoints.
+
+`run(config)` builds (or loads) the target, the tokenizer, the data and the drafter, places them on
+the mesh, restores the latest checkpoint of the work directory if any, trains, and writes
+`WORKDIR/metrics.jsonl`, checkpoints under `WORKDIR/checkpoints` and the final drafter in the DFlash
+HF format under `WORKDIR/hf`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from dpace_jax import checkpoint as ckpt_lib
+from dpace_jax import convert, drafter_hf
+from dpace_jax import data as data_lib
+from dpace_jax import drafter as drafter_lib
+from dpace_jax import model as model_lib
+from dpace_jax import sharding as shard_lib
+from dpace_jax import train_step as step_lib
+
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
+
+
+def parse_dtype(name: str, field: str):
+    if name not in DTYPES:
+        raise ValueError(f"{field}={name!r}; expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def maybe_initialize_distributed(config) -> None:
+    if config.distributed or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize()
+
+
+def resolve_target(config, workdir: Path) -> Path:
+    """The target checkpoint directory; with no `target.path`, a tiny random Qwen3 target is
+    built (once) at WORKDIR/target."""
+    if config.target.path:
+        return convert.resolve_checkpoint(config.target.path)
+    from dpace_jax.demo import target as demo_target
+
+    return demo_target.build_random_target(workdir / "target", seed=config.seed)
+
+
+def mask_token_id(config, tokenizer, target_cfg: model_lib.ModelConfig) -> int:
+    """The drafter's mask token: the configured id, else the tokenizer's `<|MASK|>`, else the
+    first id past the tokenizer (Qwen3: 151669, inside the padded vocabulary)."""
+    if config.drafter.mask_token_id >= 0:
+        mask_id = int(config.drafter.mask_token_id)
+    else:
+        mask_id = tokenizer.convert_tokens_to_ids("<|MASK|>")
+        if mask_id is None or mask_id == tokenizer.unk_token_id:
+            mask_id = len(tokenizer)
+    if not 0 <= mask_id < target_cfg.vocab_size:
+        raise ValueError(
+            f"drafter.mask_token_id={mask_id} is outside the target vocabulary "
+            f"({target_cfg.vocab_size}); set --config.drafter.mask_token_id"
+        )
+    return mask_id
+
+
+def build_drafter_config(config, target_cfg, tokenizer) -> drafter_lib.DrafterConfig:
+    if config.drafter.init_from:
+        _, dcfg = drafter_hf.import_drafter(config.drafter.init_from)
+    else:
+        ids = tuple(int(i) for i in config.drafter.target_layer_ids) or None
+        dcfg = drafter_lib.DrafterConfig.for_target(
+            target_cfg,
+            num_layers=config.drafter.num_layers,
+            block_size=config.drafter.block_size,
+            mask_token_id=mask_token_id(config, tokenizer, target_cfg),
+            target_layer_ids=ids,
+        )
+    drafter_lib.check_compatible(dcfg, target_cfg, source="drafter config")
+    return dcfg
+
+
+def load_training_data(config, workdir: Path, tokenizer, block_size: int):
+    paths = list(config.data.paths)
+    if not paths:
+        if not config.data.demo:
+            raise ValueError("data.paths is empty; name training files or set data.demo=True")
+        from dpace_jax.demo import data as demo_data
+
+        paths = [demo_data.write_demo_conversations(
+            workdir / "data" / "demo.jsonl", num_samples=config.data.demo_samples,
+            seed=config.seed)]
+    conversations, load_stats = data_lib.load_conversations(paths, split=config.data.split)
+    cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else workdir / "cache"
+    dataset, tok_stats = data_lib.tokenize_conversations(
+        conversations, tokenizer, max_length=config.data.max_length,
+        block_size=block_size, cache_dir=cache_dir,
+    )
+    return dataset, {**load_stats, **tok_stats}
+
+
+def total_steps(config, num_samples: int) -> int:
+    if config.train.max_steps > 0:
+        return int(config.train.max_steps)
+    per_epoch = num_samples // config.train.batch_size
+    if per_epoch < 1:
+        raise ValueError(
+            f"{num_samples} training samples make no batch of train.batch_size="
+            f"{config.train.batch_size}"
+        )
+    return per_epoch * int(config.train.epochs)
+
+
+def run_fingerprint(config, dcfg) -> dict:
+    """Settings a resumed run must share with the run that wrote the checkpoint."""
+    return {
+        "loss": config.train.loss, "alpha": float(config.train.alpha),
+        "gamma": float(config.train.gamma), "batch_size": int(config.train.batch_size),
+        "seed": int(config.seed), "block_size": dcfg.block_size,
+        "num_layers": dcfg.num_layers, "target_layer_ids": list(dcfg.target_layer_ids),
+    }
+
+
+def _to_host(metrics: dict) -> dict:
+    out = {}
+    for name, value in jax.device_get(metrics).items():
+        arr = np.asarray(value)
+        out[name] = arr.tolist() if arr.ndim else float(arr)
+    return out
+
+
+class MetricsWriter:
+    """Appends JSON lines; on resume, drops lines past the restored step first."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        kept = []
+        if path.exists():
+            for line in path.read_text().splitlines():
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step:
+                    kept.append(line)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(k + "\n" for k in kept))
+        os.replace(tmp, path)
+
+    def write(self, row: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def run(config) -> dict:
+    """Train per `config`; returns a summary (final metrics, paths)."""
+    if not config.workdir:
+        raise ValueError("--config.workdir is required (the run directory)")
+    maybe_initialize_distributed(config)
+    workdir = Path(config.workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    is_main = jax.process_index() == 0
+
+    target_dir = resolve_target(config, workdir)
+    tokenizer = convert.load_tokenizer(target_dir)
+    target_cfg = convert.load_config(target_dir)
+    dcfg = build_drafter_config(config, target_cfg, tokenizer)
+    dataset, data_stats = load_training_data(config, workdir, tokenizer, dcfg.block_size)
+    steps = total_steps(config, len(dataset))
+
+    step_cfg = step_lib.StepConfig(
+        loss=config.train.loss, alpha=float(config.train.alpha),
+        gamma=float(config.train.gamma) if config.train.gamma else None,
+        num_anchors=int(config.train.num_anchors), lr=float(config.train.lr),
+        warmup_ratio=float(config.train.warmup_ratio), total_steps=steps,
+        grad_clip=float(config.train.grad_clip),
+        compute_dtype=parse_dtype(config.train.compute_dtype, "train.compute_dtype"),
+        loss_chunk_size=int(config.train.loss_chunk_size),
+    )
+    mesh = shard_lib.make_mesh(tuple(config.mesh.shape))
+    if config.train.batch_size % shard_lib.num_batch_shards(mesh):
+        raise ValueError(
+            f"train.batch_size={config.train.batch_size} must be divisible by the "
+            f"data*fsdp mesh size {shard_lib.num_batch_shards(mesh)}"
+        )
+
+    target_dtype = parse_dtype(config.target.dtype, "target.dtype")
+    abstract_target = jax.eval_shape(
+        lambda: model_lib.init_params(target_cfg, jax.random.PRNGKey(0), target_dtype))
+    target_shardings = shard_lib.param_shardings(abstract_target, mesh)
+    target_params, _ = convert.load_target(target_dir, dtype=target_dtype,
+                                           shardings=target_shardings)
+
+    optimizer = step_lib.make_optimizer(step_cfg)
+    if config.drafter.init_from:
+        init_params, _ = drafter_hf.import_drafter(config.drafter.init_from)
+    else:
+        init_params = drafter_lib.init_drafter_params(dcfg, jax.random.PRNGKey(config.seed))
+    abstract_state = jax.eval_shape(
+        lambda p: step_lib.init_state(p, optimizer, config.seed), init_params)
+    state_shardings = step_lib.state_shardings(abstract_state, mesh)
+    state = jax.jit(lambda p: step_lib.init_state(p, optimizer, config.seed),
+                    out_shardings=state_shardings)(init_params)
+    del init_params
+
+    checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints",
+                                         keep=int(config.train.keep_checkpoints))
+    fingerprint = run_fingerprint(config, dcfg)
+    data_state = None
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        state, meta = checkpointer.restore(
+            latest, ckpt_lib.abstract_like(state, state_shardings))
+        if meta.get("fingerprint") != fingerprint:
+            raise ValueError(
+                f"{checkpointer.directory}: checkpoint step {latest} was written with "
+                f"{meta.get('fingerprint')}, this run has {fingerprint}; use a new workdir"
+            )
+        data_state = meta["data"]
+    start_step = int(jax.device_get(state.step))
+
+    batches = data_lib.Batches(
+        dataset, batch_size=int(config.train.batch_size), seq_len=int(config.data.max_length),
+        seed=int(config.seed), state=data_state,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+    )
+    batch_sharding = shard_lib.batch_sharding(mesh)
+    train_step = step_lib.make_train_step(target_cfg, dcfg, step_cfg, optimizer, mesh,
+                                          state_shardings, target_shardings)
+    metrics_writer = MetricsWriter(workdir / "metrics.jsonl", start_step) if is_main else None
+    if is_main:
+        (workdir / "run_config.json").write_text(json.dumps(
+            {"config": config.to_dict(), "drafter": drafter_hf.config_to_hf(dcfg),
+             "total_steps": steps, "data": data_stats}, indent=2, default=str))
+
+    last = {}
+    tokens_seen = 0
+    t_last = time.perf_counter()
+    bar = tqdm(total=steps, initial=start_step, desc="train",
+                       disable=not (is_main and config.train.progress))
+    end = steps if config.train.stop_at <= 0 else min(steps, int(config.train.stop_at))
+    for step in range(start_step, end):
+        local = next(batches)
+        batch = {
+            name: jax.make_array_from_process_local_data(batch_sharding, local[name])
+            for name in ("input_ids", "loss_mask")
+        }
+        state, metrics = train_step(state, target_params, batch)
+        tokens_seen += int(local["input_ids"].size) * jax.process_count()
+        done = step + 1
+        if done % config.train.log_every == 0 or done == end:
+            last = _to_host(metrics)
+            now = time.perf_counter()
+            last.update(step=done, tokens_per_s=tokens_seen / max(now - t_last, 1e-9))
+            tokens_seen, t_last = 0, now
+            if metrics_writer:
+                metrics_writer.write(last)
+            bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.3f}",
+                            lr=f"{last['lr']:.2e}", tok_s=f"{last['tokens_per_s']:.0f}")
+        bar.update(1)
+        if done % config.train.save_every == 0 or done == end:
+            checkpointer.save(done, state, {"data": batches.state(), "fingerprint": fingerprint})
+    bar.close()
+    checkpointer.close()
+
+    hf_dir = None
+    if is_main and int(jax.device_get(state.step)) == steps:
+        hf_dir = drafter_hf.export_drafter(jax.device_get(state.params), dcfg, workdir / "hf")
+    return {"final_metrics": last, "hf_dir": hf_dir and str(hf_dir),
+            "target_dir": str(target_dir),
+            "steps": steps, "data": data_stats}

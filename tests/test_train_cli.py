@@ -1,0 +1,78 @@
+"""train.py end to end on the tiny config: the contract run, resume after exit, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _train(workdir, *overrides, check=True):
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs/tiny.py"),
+           f"--config.workdir={workdir}", "--config.train.progress=False", *overrides]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    if check:
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def contract_run(tmp_path_factory):
+    """The outside contract: `train.py --config configs/tiny.py --config.workdir=DIR`."""
+    workdir = tmp_path_factory.mktemp("tiny")
+    out = _train(workdir, "--config.train.max_steps=4", "--config.train.log_every=1",
+                 "--config.train.save_every=2")
+    return workdir, out
+
+
+def _metrics(workdir):
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        r.pop("tokens_per_s")
+    return rows
+
+
+def test_contract_run_builds_target_and_exports(contract_run):
+    workdir, out = contract_run
+    assert "drafter (DFlash HF format)" in out.stdout
+    assert (workdir / "target" / "config.json").exists()
+    assert (workdir / "target" / "tokenizer.json").exists()
+    hf = json.loads((workdir / "hf" / "config.json").read_text())
+    assert hf["architectures"] == ["DFlashDraftModel"] and hf["block_size"] == 8
+    assert [r["step"] for r in _metrics(workdir)] == [1, 2, 3, 4]
+    row = _metrics(workdir)[-1]
+    assert len(row["weight_per_position"]) == 8 and len(row["q_per_position"]) == 8
+
+
+def test_resume_after_exit_is_identical(contract_run, tmp_path):
+    straight, _ = contract_run
+    shared = ["--config.train.max_steps=4", "--config.train.log_every=1",
+              "--config.train.save_every=2",
+              f"--config.target.path={straight / 'target'}",
+              f"--config.data.paths=('{straight / 'data' / 'demo.jsonl'}',)"]
+    first = _train(tmp_path, *shared, "--config.train.stop_at=2")
+    assert "resume" in first.stdout and not (tmp_path / "hf").exists()
+    _train(tmp_path, *shared)
+    assert _metrics(tmp_path) == _metrics(straight)
+    a = load_file(str(straight / "hf" / "model.safetensors"))
+    b = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    # The run directory now holds a dpace checkpoint: another loss must not resume from it.
+    out = _train(tmp_path, *shared, "--config.train.loss=dflash", check=False)
+    assert out.returncode != 0 and "use a new workdir" in out.stderr
+
+
+def test_config_typo_and_missing_data_are_clear_errors(tmp_path):
+    out = _train(tmp_path, "--config.train.lrr=1", check=False)
+    assert out.returncode != 0 and "lrr" in out.stderr and 'Did you mean "lr"' in out.stderr
+    out = _train(tmp_path, f"--config.data.paths=('{tmp_path / 'nope.jsonl'}',)", check=False)
+    assert out.returncode != 0 and "nope.jsonl" in out.stderr

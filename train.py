@@ -1,0 +1,35 @@
+"""Train a DFlash drafter with D-PACE (or DFlash's decayed CE) against a frozen target.
+
+    python train.py --config configs/qwen3_4b.py --config.workdir=runs/qwen3_4b
+    python train.py --config configs/tiny.py --config.workdir=/tmp/tiny --config.train.loss=dflash
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Python config file exposing get_config().", lock_config=True
+)
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from dpace_jax import trainer
+
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+
+    summary = trainer.run(_CONFIG.value)
+    final = summary["final_metrics"]
+    if final:
+        print(f"step {final['step']}: loss {final['loss']:.4f}  accuracy {final['accuracy']:.3f}")
+    if summary["hf_dir"]:
+        print(f"drafter (DFlash HF format): {summary['hf_dir']}")
+    else:
+        print("stopped before the last step; run the same command again to resume")
+
+
+if __name__ == "__main__":
+    app.run(main)
