@@ -14,8 +14,10 @@ Sequences advance by their own acc and stop at a stop token (kept) or max_new_to
 is plain autoregressive decoding with the same loop (the speedup baseline).
 
 Caches hold P + max_new_tokens + K slots, so no write is ever clamped. The compiled function
-depends only on shapes (B, P), the configs and the static decoding options: prompts of different
-lengths padded to the same P share one compilation.
+depends only on the shapes (B, P, number of stop ids), the configs and the static options
+(max_new_tokens, temperature, rule, top_k, top_p): prompts of different lengths padded to the same
+P (see pad_prompts) share one compilation. Prefill runs inside the same call; time a call with
+max_new_tokens=1 to separate it.
 """
 
 from __future__ import annotations
