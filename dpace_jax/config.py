@@ -32,6 +32,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.split = "train"
     c.data.demo = False  # no paths: write function-completion chats from the stdlib corpus
     c.data.demo_samples = 512
+    c.data.regenerate = False  # replace assistant turns by the target's own answers first
+    c.data.regenerate_max_new_tokens = 1024
+    c.data.regenerate_batch_size = 16
     c.data.max_length = 3072
     c.data.cache_dir = ""  # "" -> WORKDIR/cache
 

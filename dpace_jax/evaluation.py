@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpace_jax import benchmarks as bench_lib
-from dpace_jax import convert, decode, drafter_hf
+from dpace_jax import convert, decode, drafter_hf, targets
 from dpace_jax import drafter as drafter_lib
 from dpace_jax.chat import TEMPLATE_KWARGS
 from dpace_jax.model import ModelConfig
@@ -309,20 +309,6 @@ def summarize(runs: dict, block_size: int, check_lossless: bool) -> dict:
     }
 
 
-def resolve_target_dir(config) -> Path:
-    if config.target.path:
-        return convert.resolve_checkpoint(config.target.path)
-    if not config.workdir:
-        raise ValueError("set --config.target.path or --config.workdir (a run whose target is "
-                         "WORKDIR/target)")
-    path = Path(config.workdir).expanduser() / "target"
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path} does not exist: config.target.path is empty, so the "
-                                "target is the run's WORKDIR/target (train first, or set "
-                                "--config.target.path)")
-    return path
-
-
 def evaluate(config, *, benchmarks: Sequence[str] | None = None, output: str | None = None,
              progress: bool = True) -> dict:
     """Run the benchmarks of `config.eval` (or `benchmarks`); write `output` (JSON) if given."""
@@ -337,7 +323,7 @@ def evaluate(config, *, benchmarks: Sequence[str] | None = None, output: str | N
     if not drafter_path:
         raise ValueError("no drafter: set --config.eval.drafter (a DFlash HF directory or a run "
                          "directory) or --config.workdir")
-    target_dir = resolve_target_dir(config)
+    target_dir = targets.resolve(config, build=False)
     tokenizer = convert.load_tokenizer(target_dir)
     target_cfg = convert.load_config(target_dir)
     loaded = load_drafter(drafter_path)
