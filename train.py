@@ -21,7 +21,10 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
 
-    summary = trainer.run(_CONFIG.value)
+    try:
+        summary = trainer.run(_CONFIG.value)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
     final = summary["final_metrics"]
     if final:
         print(f"step {final['step']}: loss {final['loss']:.4f}  accuracy {final['accuracy']:.3f}")

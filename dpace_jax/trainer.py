@@ -105,7 +105,7 @@ def load_training_data(config, workdir: Path, target_dir: Path, tokenizer, block
         conversations, tokenizer, max_length=config.data.max_length,
         block_size=block_size, cache_dir=cache_dir,
     )
-    return dataset, {**load_stats, **tok_stats}
+    return dataset, {"load": load_stats, "tokenize": tok_stats}
 
 
 def total_steps(config, num_samples: int) -> int:
