@@ -1,0 +1,65 @@
+"""Run set-up checks: drafter/target mismatches and mask-token choice fail with clear errors."""
+
+import jax
+import pytest
+from hf_fixtures import make_tiny_tokenizer
+
+from dpace_jax import drafter as drafter_lib
+from dpace_jax import drafter_hf, trainer
+from dpace_jax import model as model_lib
+from dpace_jax.config import default_config
+
+TARGET = model_lib.ModelConfig(vocab_size=272, hidden_size=64, intermediate_size=128,
+                               num_layers=6, num_heads=4, num_kv_heads=2, head_dim=16)
+
+
+def _config(**drafter):
+    c = default_config()
+    c.drafter.num_layers = 2
+    c.drafter.block_size = 4
+    for k, v in drafter.items():
+        setattr(c.drafter, k, v)
+    return c
+
+
+def test_default_drafter_follows_the_target():
+    dcfg = trainer.build_drafter_config(_config(), TARGET, make_tiny_tokenizer())
+    assert dcfg.hidden_size == 64 and dcfg.num_target_layers == 6
+    assert dcfg.target_layer_ids == (1, 3)  # round(1 + i * (6 - 4) / 1)
+    assert dcfg.mask_token_id == make_tiny_tokenizer().convert_tokens_to_ids("<|MASK|>")
+
+
+def test_layer_ids_beyond_the_target_are_refused():
+    with pytest.raises(ValueError, match="target_layer_ids"):
+        trainer.build_drafter_config(_config(target_layer_ids=(1, 6)), TARGET,
+                                     make_tiny_tokenizer())
+
+
+def test_mask_token_outside_vocab_is_refused():
+    with pytest.raises(ValueError, match="mask_token_id=300"):
+        trainer.build_drafter_config(_config(mask_token_id=300), TARGET, make_tiny_tokenizer())
+
+
+@pytest.mark.parametrize("field,value", [("hidden_size", 32), ("num_layers", 8)])
+def test_init_from_a_drafter_for_another_target_is_refused(tmp_path, field, value):
+    import dataclasses
+
+    other = dataclasses.replace(TARGET, **{field: value},
+                                **({"head_dim": 8} if field == "hidden_size" else {}))
+    dcfg = drafter_lib.DrafterConfig.for_target(other, num_layers=1, block_size=4,
+                                                mask_token_id=259, target_layer_ids=(1,))
+    drafter_hf.export_drafter(drafter_lib.init_drafter_params(dcfg, jax.random.PRNGKey(0)),
+                              dcfg, tmp_path)
+    expect = "hidden_size" if field == "hidden_size" else "num_target_layers"
+    with pytest.raises(ValueError, match=expect):
+        trainer.build_drafter_config(_config(init_from=str(tmp_path)), TARGET,
+                                     make_tiny_tokenizer())
+
+
+def test_too_few_samples_for_one_batch():
+    c = _config()
+    c.train.batch_size = 8
+    with pytest.raises(ValueError, match="batch_size=8"):
+        trainer.total_steps(c, 5)
+    c.train.epochs = 2
+    assert trainer.total_steps(c, 20) == 4
