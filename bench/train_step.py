@@ -26,9 +26,6 @@ the rematerialized LM-head chunks (and of the drafter layers with --remat).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
-import functools
 import sys
 import time
 from pathlib import Path
@@ -149,34 +146,15 @@ def mean_anchor_position(loss_mask: np.ndarray, block_size: int) -> float:
     return float(np.mean([np.flatnonzero(row).mean() for row in eligible]))
 
 
-@contextlib.contextmanager
-def _drafter_remat(enabled: bool):
-    """Rematerialize the drafter layers while a step is traced. StepConfig has no remat field
-    (train_step.loss_fn calls drafter.train_forward without it), so the function it calls is
-    wrapped for the duration of the trace; with a StepConfig.remat field this is unused."""
-    if not enabled:
-        yield
-        return
-    original = drafter_lib.train_forward
-    drafter_lib.train_forward = functools.partial(original, remat=True)
-    try:
-        yield
-    finally:
-        drafter_lib.train_forward = original
-
-
 def _step_config(args, loss: str) -> step_lib.StepConfig:
-    kwargs = dict(loss=loss, num_anchors=args.num_anchors, total_steps=100_000,
-                  compute_dtype=jnp.bfloat16, loss_chunk_size=args.loss_chunk_size)
-    has_remat = any(f.name == "remat" for f in dataclasses.fields(step_lib.StepConfig))
-    if has_remat:
-        kwargs["remat"] = args.remat
-    return step_lib.StepConfig(**kwargs), not has_remat and args.remat
+    return step_lib.StepConfig(loss=loss, num_anchors=args.num_anchors, total_steps=100_000,
+                               compute_dtype=jnp.bfloat16, loss_chunk_size=args.loss_chunk_size,
+                               remat=args.remat)
 
 
 def bench_loss(args, loss, tcfg, dcfg, target, t_shard, drafter_params, batch, mesh) -> dict:
     """Compile and time the train step of one loss."""
-    cfg, patch_remat = _step_config(args, loss)
+    cfg = _step_config(args, loss)
     optimizer = step_lib.make_optimizer(cfg)
     # A fresh copy: the state is donated to the step.
     state = step_lib.init_state(jax.tree.map(jnp.copy, drafter_params), optimizer, args.seed)
@@ -184,8 +162,7 @@ def bench_loss(args, loss, tcfg, dcfg, target, t_shard, drafter_params, batch, m
     state = common.block(jax.device_put(state, s_shard))
     step = step_lib.make_train_step(tcfg, dcfg, cfg, optimizer, mesh, s_shard, t_shard)
     t0 = time.perf_counter()
-    with _drafter_remat(patch_remat):
-        compiled = step.lower(state, target, batch).compile()
+    compiled = step.lower(state, target, batch).compile()
     compile_s = time.perf_counter() - t0
 
     for _ in range(args.warmup):

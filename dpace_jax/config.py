@@ -52,6 +52,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.grad_clip = 1.0
     c.train.compute_dtype = "bfloat16"
     c.train.loss_chunk_size = 2048
+    c.train.remat = False  # recompute drafter layers in the backward pass (saves memory)
     c.train.log_every = 10
     c.train.save_every = 1000
     c.train.keep_checkpoints = 3

@@ -43,6 +43,7 @@ class StepConfig:
     grad_clip: float = 1.0
     compute_dtype: Any = jnp.bfloat16
     loss_chunk_size: int = 2048
+    remat: bool = False  # recompute drafter layers in the backward pass (less memory)
 
     def __post_init__(self):
         if self.loss not in loss_lib.LOSS_NAMES:
@@ -100,7 +101,7 @@ def loss_fn(
     )
     compute_params = jax.tree.map(lambda x: x.astype(cfg.compute_dtype), drafter_params)
     hidden = drafter_lib.train_forward(
-        compute_params, drafter_cfg, target_params, features, tokens, anchors
+        compute_params, drafter_cfg, target_params, features, tokens, anchors, remat=cfg.remat
     )
     targets, mask = anchor_lib.block_labels(
         tokens, loss_mask, anchors, keep, drafter_cfg.block_size

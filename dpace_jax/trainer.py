@@ -181,7 +181,7 @@ def run(config) -> dict:
         warmup_ratio=float(config.train.warmup_ratio), total_steps=steps,
         grad_clip=float(config.train.grad_clip),
         compute_dtype=parse_dtype(config.train.compute_dtype, "train.compute_dtype"),
-        loss_chunk_size=int(config.train.loss_chunk_size),
+        loss_chunk_size=int(config.train.loss_chunk_size), remat=bool(config.train.remat),
     )
     mesh = shard_lib.make_mesh(tuple(config.mesh.shape))
     if config.train.batch_size % shard_lib.num_batch_shards(mesh):
