@@ -40,4 +40,5 @@ def resolve(config, *, build: bool = True) -> Path:
     if size not in demo_target.DEMO_SIZES:
         raise ValueError(f"target.path={path!r}: unknown demo size {size!r}; expected one of "
                          f"{sorted(demo_target.DEMO_SIZES)}")
-    return demo_target.build_demo_target(out, size=size, seed=int(config.seed))
+    return demo_target.build_demo_target(out, size=size, seed=int(config.seed),
+                                         progress=bool(config.train.progress))

@@ -1,0 +1,180 @@
+"""D-PACE vs DFlash on the embedded demo: same target, data, seed and step budget per loss.
+
+    python bench/compare_losses.py --size cpu --workdir runs/compare --out docs/compare_cpu
+    python bench/compare_losses.py --size gpu --workdir runs/compare_gpu --out docs/compare_gpu
+
+Trains one drafter per objective (dflash with gamma, dpace with alpha, and the two D-PACE
+ablations), evaluates each on held-out HumanEval prompts at temperature 0 and 1 (DFlash's
+match-the-target-sample rule), and writes to OUT: `results.md` (tau, acceptance histogram, final
+per-position training accuracy), `results.json`, `weights.png` (mean D-PACE weight per block
+position over training: the paper's weight-dynamics figure) and `histograms.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+LOSSES = ("dflash", "dpace", "dpace-cumulative-confidence-only", "dpace-continuation-value-only")
+
+
+def read_metrics(workdir: Path) -> list[dict]:
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def train_and_evaluate(base_config, loss: str, workdir: Path, target: Path, data: Path,
+                       temperatures, progress: bool) -> dict:
+    from dpace_jax import evaluation, trainer
+
+    config = base_config.copy_and_resolve_references()
+    config.workdir = str(workdir)
+    config.target.path = str(target)
+    config.data.paths = (str(data),)
+    config.data.regenerate = False
+    config.data.demo = False
+    config.train.loss = loss
+    config.train.progress = progress
+    summary = trainer.run(config)
+    evals = {}
+    for t in temperatures:
+        config.eval.temperature = float(t)
+        report = evaluation.evaluate(config, progress=progress,
+                                     output=str(workdir / f"eval_T{t:g}.json"))
+        evals[f"{t:g}"] = report["benchmarks"]["humaneval"]
+    return {"train": summary["final_metrics"], "metrics": read_metrics(workdir), "eval": evals}
+
+
+def markdown(results: dict, config, command: str, device: str, seconds: float) -> str:
+    k = config.drafter.block_size
+    temps = list(next(iter(results.values()))["eval"])
+    lines = [
+        "# D-PACE vs DFlash on the embedded demo target",
+        "",
+        f"Command: `{command}`  ",
+        f"Device: {device}; date {time.strftime('%Y-%m-%d')}; wall time {seconds / 60:.1f} min.  ",
+        f"Target `{config.target.path}`, drafter {config.drafter.num_layers} layers, block {k}, "
+        f"{config.train.max_steps} steps of batch {config.train.batch_size} "
+        f"({config.train.num_anchors} anchors), lr {config.train.lr}, seed {config.seed}; "
+        f"dflash gamma {config.train.gamma}, dpace alpha {config.train.alpha}.  ",
+        f"Evaluation: {config.eval.num_samples} held-out HumanEval prompts, up to "
+        f"{config.eval.max_new_tokens} new tokens, temperatures {', '.join(temps)} "
+        "(T>0: DFlash's match-the-target-sample rule).",
+        "",
+        "| loss | " + " | ".join(f"tau T={t}" for t in temps)
+        + f" | acceptance lengths T={temps[0]} (1..{k}) | train acc per position 1..{k - 1} |",
+        "|---|" + "---|" * len(temps) + "---|---|",
+    ]
+    for loss, r in results.items():
+        taus = " | ".join(f"{r['eval'][t]['tau']:.3f}" for t in temps)
+        hist = " ".join(str(n) for n in r["eval"][temps[0]]["histogram"][1:])
+        acc = r["train"].get("accuracy_per_position", [])[1:]
+        lines.append(f"| {loss} | {taus} | {hist} | {' '.join(f'{a:.2f}' for a in acc)} |")
+    base = results.get("dflash")
+    if base and "dpace" in results:
+        lines.append("")
+        for t in temps:
+            gain = results["dpace"]["eval"][t]["tau"] / base["eval"][t]["tau"] - 1
+            lines.append(f"D-PACE vs DFlash at T={t}: {100 * gain:+.1f}% tau.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, out: Path, block_size: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, loss in zip(axes, ("dpace", "dpace-cumulative-confidence-only"), strict=True):
+        rows = results.get(loss, {}).get("metrics", [])
+        steps = [r["step"] for r in rows]
+        for k in range(1, block_size):
+            ax.plot(steps, [r["weight_per_position"][k] for r in rows], label=f"k={k}")
+        ax.set_title(f"{loss}: mean weight per block position")
+        ax.set_xlabel("step")
+        ax.set_ylabel("mean weight")
+    axes[0].legend(ncol=2, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "weights.png", dpi=110)
+    plt.close(fig)
+
+    temps = list(next(iter(results.values()))["eval"])
+    fig, axes = plt.subplots(1, len(temps), figsize=(6 * len(temps), 4.5), squeeze=False)
+    width = 0.8 / len(results)
+    for ax, t in zip(axes[0], temps, strict=True):
+        for i, (loss, r) in enumerate(results.items()):
+            hist = r["eval"][t]["histogram"][1:]
+            total = max(sum(hist), 1)
+            xs = [j + 1 + (i - len(results) / 2) * width for j in range(len(hist))]
+            ax.bar(xs, [h / total for h in hist], width=width, label=loss)
+        ax.set_title(f"acceptance length per verify step, T={t}")
+        ax.set_xlabel("accepted tokens + 1")
+        ax.set_ylabel("fraction of steps")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "histograms.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--size", default="cpu", choices=("cpu", "gpu"))
+    p.add_argument("--workdir", default="runs/compare")
+    p.add_argument("--out", default="docs/compare_cpu")
+    p.add_argument("--losses", default=",".join(LOSSES))
+    p.add_argument("--steps", type=int, default=0, help="training steps (0: the demo config's)")
+    p.add_argument("--eval-samples", type=int, default=0, help="HumanEval prompts (0: config's)")
+    p.add_argument("--temperatures", default="0,1")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    command = "python bench/compare_losses.py " + " ".join(shlex.quote(a) for a in
+                                                            (argv or sys.argv[1:]))
+
+    import jax
+    from absl import logging
+
+    from dpace_jax import convert, targets, trainer
+    from dpace_jax.demo.config import get_config
+
+    logging.set_verbosity(logging.WARNING)
+    base = get_config(args.size)
+    if args.steps:
+        base.train.max_steps = args.steps
+    if args.eval_samples:
+        base.eval.num_samples = args.eval_samples
+    workdir, out = Path(args.workdir).absolute(), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+
+    # Shared stages: the target and the regenerated data, built once.
+    shared = base.copy_and_resolve_references()
+    shared.workdir = str(workdir)
+    target = targets.resolve(shared)
+    tokenizer = convert.load_tokenizer(target)
+    trainer.load_training_data(shared, workdir, target, tokenizer, base.drafter.block_size)
+    data = workdir / "data" / "regenerated.jsonl"
+
+    temperatures = [float(t) for t in args.temperatures.split(",")]
+    results = {}
+    for loss in args.losses.split(","):
+        results[loss] = train_and_evaluate(base, loss, workdir / loss, target, data,
+                                           temperatures, not args.no_progress)
+    seconds = time.perf_counter() - t0
+    device = f"{jax.devices()[0].platform}:{getattr(jax.devices()[0], 'device_kind', '')}"
+    report = markdown(results, base, command, device, seconds)
+    (out / "results.md").write_text(report)
+    (out / "results.json").write_text(json.dumps(
+        {loss: {"train": r["train"], "eval": {t: {k: v for k, v in e.items() if k != "samples"}
+                                               for t, e in r["eval"].items()}}
+         for loss, r in results.items()}, indent=1))
+    plot(results, out, base.drafter.block_size)
+    print(report)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""The embedded demo run: the small stdlib-trained target, regenerated data, a D-PACE drafter.
+
+Sized to finish (target build, data regeneration, training, HumanEval evaluation) in about ten
+minutes on a 2-core CPU. `configs/demo.py` exposes it to train.py / evaluate.py; `size="gpu"` is
+the larger target for a GPU.
+"""
+
+from dpace_jax.config import default_config
+
+
+def get_config(size: str = "cpu"):
+    c = default_config()
+    c.workdir = "runs/demo"
+    c.target.path = f"demo:{size}"
+    c.target.dtype = "float32" if size == "cpu" else "bfloat16"
+
+    c.drafter.num_layers = 2 if size == "cpu" else 3
+    c.drafter.block_size = 8
+    # The demo targets are shallow (4 / 8 layers): take a middle and the last layer.
+    c.drafter.target_layer_ids = (1, 3) if size == "cpu" else (1, 4, 7)
+
+    c.data.demo = True
+    c.data.demo_samples = 384 if size == "cpu" else 4096
+    c.data.regenerate = True
+    c.data.regenerate_max_new_tokens = 128 if size == "cpu" else 256
+    c.data.regenerate_batch_size = 32 if size == "cpu" else 128
+    c.data.max_length = 384 if size == "cpu" else 768
+
+    c.train.loss = "dpace"
+    c.train.alpha = 0.5
+    c.train.gamma = 4.0  # DFlash's decay for block 8 (when train.loss=dflash)
+    c.train.batch_size = 8 if size == "cpu" else 32
+    c.train.num_anchors = 32 if size == "cpu" else 64
+    c.train.epochs = 6
+    c.train.max_steps = 300 if size == "cpu" else 3000
+    c.train.lr = 2e-3 if size == "cpu" else 1e-3
+    c.train.compute_dtype = "float32" if size == "cpu" else "bfloat16"
+    c.train.loss_chunk_size = 1024
+    c.train.log_every = 10
+    c.train.save_every = 100
+
+    c.eval.benchmarks = ("humaneval",)
+    c.eval.num_samples = 16 if size == "cpu" else 164
+    c.eval.max_new_tokens = 128 if size == "cpu" else 256
+    c.eval.batch_size = 8
+    c.eval.temperature = 0.0
+    return c
