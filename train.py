@@ -28,10 +28,10 @@ def main(argv):
     final = summary["final_metrics"]
     if final:
         print(f"step {final['step']}: loss {final['loss']:.4f}  accuracy {final['accuracy']:.3f}")
-    if summary["hf_dir"]:
-        print(f"drafter (DFlash HF format): {summary['hf_dir']}")
-    else:
+    if not summary["finished"]:
         print("stopped before the last step; run the same command again to resume")
+    elif summary["hf_dir"]:
+        print(f"drafter (DFlash HF format): {summary['hf_dir']}")
 
 
 if __name__ == "__main__":

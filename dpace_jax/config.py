@@ -14,7 +14,13 @@ def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.workdir = ""  # run directory: checkpoints, metrics.jsonl, hf/ export, caches
     c.seed = 0
-    c.distributed = False  # call jax.distributed.initialize() (multi-process launch)
+    # Multi-process launch: jax.distributed.initialize() runs when `distributed` is True or a
+    # coordinator address is known (here or in JAX_COORDINATOR_ADDRESS); the three fields below
+    # are passed on when set, else JAX detects them (SLURM, Cloud TPU, ...).
+    c.distributed = False
+    c.coordinator_address = ""
+    c.num_processes = -1
+    c.process_id = -1
 
     c.target = ml_collections.ConfigDict()
     c.target.path = ""  # local HF checkpoint dir or hub id; "" -> tiny random target in workdir

@@ -36,8 +36,24 @@ def parse_dtype(name: str, field: str):
 
 
 def maybe_initialize_distributed(config) -> None:
-    if config.distributed or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize()
+    """jax.distributed.initialize() for multi-process launches (see config.distributed)."""
+    if not (config.distributed or config.coordinator_address
+            or os.environ.get("JAX_COORDINATOR_ADDRESS")):
+        return
+    kwargs = {}
+    if config.coordinator_address:
+        kwargs["coordinator_address"] = config.coordinator_address
+    if config.num_processes > 0:
+        kwargs["num_processes"] = int(config.num_processes)
+    if config.process_id >= 0:
+        kwargs["process_id"] = int(config.process_id)
+    jax.distributed.initialize(**kwargs)
+
+
+def gather_to_host(tree, mesh):
+    """A host copy of a (possibly multi-process sharded) pytree, on every process."""
+    replicated = jax.jit(lambda t: t, out_shardings=shard_lib.replicated(mesh))(tree)
+    return jax.tree.map(np.asarray, replicated)
 
 
 def mask_token_id(config, tokenizer, target_cfg: model_lib.ModelConfig) -> int:
@@ -270,8 +286,11 @@ def run(config) -> dict:
     checkpointer.close()
 
     hf_dir = None
-    if is_main and int(jax.device_get(state.step)) == steps:
-        hf_dir = drafter_hf.export_drafter(jax.device_get(state.params), dcfg, workdir / "hf")
-    return {"final_metrics": last, "hf_dir": hf_dir and str(hf_dir),
+    finished = int(jax.device_get(state.step)) == steps
+    if finished:
+        params = gather_to_host(state.params, mesh)  # a collective: every process takes part
+        if is_main:
+            hf_dir = drafter_hf.export_drafter(params, dcfg, workdir / "hf")
+    return {"final_metrics": last, "hf_dir": hf_dir and str(hf_dir), "finished": finished,
             "target_dir": str(target_dir),
             "steps": steps, "data": data_stats}
