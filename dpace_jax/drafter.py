@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from dpace_jax import layers
-from dpace_jax.model import ModelConfig, lm_head, write_at
+from dpace_jax.model import ModelConfig, init_layers, lm_head, write_at
 
 
 def default_target_layer_ids(num_target_layers: int, num_features: int) -> tuple[int, ...]:
@@ -166,28 +166,12 @@ def check_compatible(cfg: DrafterConfig, target_cfg: ModelConfig, source: str = 
 def init_drafter_params(cfg: DrafterConfig, key: jax.Array, dtype=jnp.float32,
                         scale: float = 0.02):
     """Random parameters: normal(0, scale) matrices, unit norms."""
-    d, h, g, e, f, n = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                        cfg.intermediate_size, cfg.num_layers)
-    keys = iter(jax.random.split(key, 8))
-
-    def normal(shape):
-        return (scale * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
-
-    stacked = {
-        "attn_norm": jnp.ones((n, d), dtype),
-        "q": normal((n, d, h, e)),
-        "k": normal((n, d, g, e)),
-        "v": normal((n, d, g, e)),
-        "o": normal((n, h, e, d)),
-        "q_norm": jnp.ones((n, e), dtype),
-        "k_norm": jnp.ones((n, e), dtype),
-        "mlp_norm": jnp.ones((n, d), dtype),
-        "gate": normal((n, d, f)),
-        "up": normal((n, d, f)),
-        "down": normal((n, f, d)),
-    }
-    return {"fc": normal((cfg.feature_size, d)), "hidden_norm": jnp.ones((d,), dtype),
-            "layers": stacked, "final_norm": jnp.ones((d,), dtype)}
+    k_layers, k_fc = jax.random.split(key)
+    d = cfg.hidden_size
+    fc = (scale * jax.random.normal(k_fc, (cfg.feature_size, d), jnp.float32)).astype(dtype)
+    return {"fc": fc, "hidden_norm": jnp.ones((d,), dtype),
+            "layers": init_layers(cfg.layer_config(), k_layers, dtype, scale),
+            "final_norm": jnp.ones((d,), dtype)}
 
 
 def _dtype(params):

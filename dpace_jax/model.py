@@ -216,11 +216,11 @@ def lm_head(params, hidden: jax.Array) -> jax.Array:
                       preferred_element_type=jnp.float32)
 
 
-def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: float = 0.02):
-    """Random parameters with the layout above (tests, benchmarks and the demo target)."""
+def init_layers(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: float = 0.02):
+    """Random stacked decoder-layer parameters [L, ...]: normal(0, scale) matrices, unit norms."""
     d, h, g, e, f, n = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                         cfg.intermediate_size, cfg.num_layers)
-    keys = iter(jax.random.split(key, 16))
+    keys = iter(jax.random.split(key, 7))
 
     def normal(shape):
         return (scale * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
@@ -239,8 +239,18 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: floa
     if cfg.qk_norm:
         stacked["q_norm"] = jnp.ones((n, e), dtype)
         stacked["k_norm"] = jnp.ones((n, e), dtype)
-    params = {"embed": normal((cfg.vocab_size, d)), "layers": stacked,
-              "final_norm": jnp.ones((d,), dtype)}
+    return stacked
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: float = 0.02):
+    """Random parameters with the layout above (tests, benchmarks and the demo target)."""
+    k_layers, k_embed, k_head = jax.random.split(key, 3)
+    d = cfg.hidden_size
+    params = {
+        "embed": (scale * jax.random.normal(k_embed, (cfg.vocab_size, d))).astype(dtype),
+        "layers": init_layers(cfg, k_layers, dtype, scale),
+        "final_norm": jnp.ones((d,), dtype),
+    }
     if not cfg.tie_word_embeddings:
-        params["lm_head"] = normal((d, cfg.vocab_size))
+        params["lm_head"] = (scale * jax.random.normal(k_head, (d, cfg.vocab_size))).astype(dtype)
     return params
