@@ -7,7 +7,17 @@ fields are rejected (a typo never silently does nothing).
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import ml_collections
+
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
+
+
+def parse_dtype(name: str, field: str):
+    """A dtype named by a config field or flag; unknown names raise ValueError naming it."""
+    if name not in DTYPES:
+        raise ValueError(f"{field}={name!r}; expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
 
 
 def default_config() -> ml_collections.ConfigDict:

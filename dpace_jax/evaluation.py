@@ -31,11 +31,11 @@ from dpace_jax import benchmarks as bench_lib
 from dpace_jax import convert, decode, drafter_hf, targets
 from dpace_jax import drafter as drafter_lib
 from dpace_jax.chat import TEMPLATE_KWARGS
+from dpace_jax.config import parse_dtype
 from dpace_jax.model import ModelConfig
 
 BUCKET = 64
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
-DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 
 
 # ----------------------------------------------------------------------------- tokens
@@ -64,12 +64,6 @@ def answer_text(tokenizer, output_ids: Sequence[int], stop_ids: Sequence[int]) -
     if ids and ids[-1] in set(stop_ids):
         ids = ids[:-1]
     return tokenizer.decode(ids, skip_special_tokens=True)
-
-
-def parse_dtype(name: str, field: str = "target.dtype"):
-    if name not in DTYPES:
-        raise ValueError(f"{field}={name!r}; expected one of {sorted(DTYPES)}")
-    return DTYPES[name]
 
 
 # ----------------------------------------------------------------------------- drafters
@@ -328,7 +322,7 @@ def evaluate(config, *, benchmarks: Sequence[str] | None = None, output: str | N
     target_cfg = convert.load_config(target_dir)
     loaded = load_drafter(drafter_path)
     check_drafter(loaded, target_cfg, tokenizer, max_new_tokens=int(ev.max_new_tokens))
-    dtype = parse_dtype(config.target.dtype)
+    dtype = parse_dtype(config.target.dtype, "target.dtype")
     target_params, _ = convert.load_target(target_dir, dtype=dtype)
     drafters = {"spec": as_decoder(loaded, target_cfg, dtype), "ar": decode.autoregressive()}
     gen = Generator(target_params, target_cfg, stop_token_ids(tokenizer),

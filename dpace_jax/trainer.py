@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -25,14 +24,7 @@ from dpace_jax import drafter as drafter_lib
 from dpace_jax import model as model_lib
 from dpace_jax import sharding as shard_lib
 from dpace_jax import train_step as step_lib
-
-DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
-
-
-def parse_dtype(name: str, field: str):
-    if name not in DTYPES:
-        raise ValueError(f"{field}={name!r}; expected one of {sorted(DTYPES)}")
-    return DTYPES[name]
+from dpace_jax.config import parse_dtype
 
 
 def maybe_initialize_distributed(config) -> None:
