@@ -93,15 +93,23 @@ def resolve_checkpoint(path_or_id: str | os.PathLike, *, cache_dir: str | os.Pat
     return Path(found)
 
 
-def load_config(path_or_id: str | os.PathLike) -> ModelConfig:
-    """ModelConfig from the checkpoint's config.json; unsupported variants raise ValueError."""
-    path = resolve_checkpoint(path_or_id) / "config.json"
+def read_config_json(path: Path) -> dict:
+    """A checkpoint's config.json as a dict; missing or malformed files raise, naming the file."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (every checkpoint needs a config.json)")
     try:
         hf = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON: {e}") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return hf
+
+
+def load_config(path_or_id: str | os.PathLike) -> ModelConfig:
+    """ModelConfig from the checkpoint's config.json; unsupported variants raise ValueError."""
+    path = resolve_checkpoint(path_or_id) / "config.json"
+    hf = read_config_json(path)
     unsupported = {
         "hidden_act": (hf.get("hidden_act", "silu") not in ("silu", "swish"), "silu"),
         "attention_bias": (bool(hf.get("attention_bias", False)), False),

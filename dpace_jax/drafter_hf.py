@@ -25,6 +25,7 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from dpace_jax.convert import read_config_json
 from dpace_jax.drafter import DrafterConfig
 from dpace_jax.model import ModelConfig
 
@@ -246,15 +247,7 @@ def export_drafter(params, cfg: DrafterConfig, out_dir, *, dtype=None) -> Path:
 def load_config(path) -> DrafterConfig:
     path = Path(path)
     cfg_path = path / CONFIG_NAME if path.is_dir() else path
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"no {CONFIG_NAME} at {cfg_path}")
-    try:
-        hf = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path}: invalid JSON ({e})") from None
-    if not isinstance(hf, dict):
-        raise ValueError(f"{cfg_path}: expected a JSON object")
-    return config_from_hf(hf, str(cfg_path))
+    return config_from_hf(read_config_json(cfg_path), str(cfg_path))
 
 
 def _load_tensors(path: Path) -> tuple[dict[str, np.ndarray], str]:
