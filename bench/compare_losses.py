@@ -154,6 +154,7 @@ def main(argv=None) -> None:
     # Shared stages: the target and the regenerated data, built once.
     shared = base.copy_and_resolve_references()
     shared.workdir = str(workdir)
+    shared.train.progress = not args.no_progress
     target = targets.resolve(shared)
     tokenizer = convert.load_tokenizer(target)
     trainer.load_training_data(shared, workdir, target, tokenizer, base.drafter.block_size)
