@@ -128,9 +128,11 @@ def total_steps(config, num_samples: int) -> int:
     return per_epoch * int(config.train.epochs)
 
 
-def run_fingerprint(config, dcfg) -> dict:
-    """Settings a resumed run must share with the run that wrote the checkpoint."""
+def run_fingerprint(config, dcfg, steps: int) -> dict:
+    """Settings a resumed run must share with the run that wrote the checkpoint (the schedule
+    depends on the total number of steps)."""
     return {
+        "total_steps": int(steps), "lr": float(config.train.lr),
         "loss": config.train.loss, "alpha": float(config.train.alpha),
         "gamma": float(config.train.gamma), "batch_size": int(config.train.batch_size),
         "seed": int(config.seed), "block_size": dcfg.block_size,
@@ -219,7 +221,7 @@ def run(config) -> dict:
 
     checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints",
                                          keep=int(config.train.keep_checkpoints))
-    fingerprint = run_fingerprint(config, dcfg)
+    fingerprint = run_fingerprint(config, dcfg, steps)
     data_state = None
     latest = checkpointer.latest_step()
     if latest is not None:
@@ -251,7 +253,7 @@ def run(config) -> dict:
     tokens_seen = 0
     t_last = time.perf_counter()
     bar = tqdm(total=steps, initial=start_step, desc="train",
-                       disable=not (is_main and config.train.progress))
+               disable=not (is_main and config.train.progress))
     end = steps if config.train.stop_at <= 0 else min(steps, int(config.train.stop_at))
     for step in range(start_step, end):
         local = next(batches)

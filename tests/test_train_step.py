@@ -56,6 +56,8 @@ def test_only_drafter_params_change_and_step_counts():
     assert int(state.step) == 1 and float(metrics["lr"]) == 0.0  # warmup starts at 0
     state, metrics = step(state, target, next(data))
     assert int(state.step) == 2 and float(metrics["lr"]) > 0
+    state, metrics = step(state, target, next(data))
+    assert step._cache_size() == 1  # compiled once: no recompilation after the first step
     assert float(metrics["grad_norm"]) > 0
     changed = jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)),
                            params_before, state.params)
