@@ -53,6 +53,8 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=20, help="timed steps per loss (median)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     p.add_argument("--remat", action="store_true", help="recompute drafter layers in backward")
+    p.add_argument("--attention-chunk", type=int, default=0,
+                   help="drafter attention over this many blocks at a time (0: all at once)")
     p.add_argument("--loss-chunk-size", type=int, default=2048, help="rows per LM-head chunk")
     p.add_argument("--losses", default=",".join(LOSSES), help="comma-separated loss names")
     p.add_argument("--seq-len", type=int, help="override the shape's sequence length")
@@ -149,7 +151,7 @@ def mean_anchor_position(loss_mask: np.ndarray, block_size: int) -> float:
 def _step_config(args, loss: str) -> step_lib.StepConfig:
     return step_lib.StepConfig(loss=loss, num_anchors=args.num_anchors, total_steps=100_000,
                                compute_dtype=jnp.bfloat16, loss_chunk_size=args.loss_chunk_size,
-                               remat=args.remat)
+                               remat=args.remat, attention_chunk=args.attention_chunk)
 
 
 def bench_loss(args, loss, tcfg, dcfg, target, t_shard, drafter_params, batch, mesh) -> dict:
@@ -239,6 +241,7 @@ def main(argv=None) -> dict:
         "config": {"shape": args.shape, "seq_len": args.seq_len, "num_anchors": args.num_anchors,
                    "block_size": args.block_size, "batch": args.batch,
                    "drafter_layers": args.drafter_layers, "remat": args.remat,
+                   "attention_chunk": args.attention_chunk,
                    "loss_chunk_size": args.loss_chunk_size, "steps": args.steps,
                    "warmup": args.warmup, "target_dtype": "bfloat16",
                    "drafter_dtype": "float32 master, bfloat16 compute",

@@ -69,6 +69,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.compute_dtype = "bfloat16"
     c.train.loss_chunk_size = 2048
     c.train.remat = False  # recompute drafter layers in the backward pass (saves memory)
+    c.train.attention_chunk = 0  # > 0: drafter attends this many blocks at a time (saves memory)
     c.train.log_every = 10
     c.train.save_every = 1000
     c.train.keep_checkpoints = 3

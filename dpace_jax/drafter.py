@@ -205,7 +205,7 @@ def context_kv(params, cfg: DrafterConfig, c: jax.Array,
     return jax.vmap(lambda p: _layer_context_kv(p, cfg, c, cos, sin))(params["layers"])
 
 
-def _block_attention(q, kb, vb, ck, cv, anchors):
+def _dense_block_attention(q, kb, vb, ck, cv, anchors):
     """Attention of block queries to their visible context and to their own block.
 
     q [B, N, K, H, E], block kb/vb [B, N, K, G, E], context ck/cv [B, S, G, E], anchors [B, N].
@@ -232,19 +232,43 @@ def _block_attention(q, kb, vb, ck, cv, anchors):
     return out_ctx + layers.attention_output(p_blk, vb)
 
 
-def _drafter_layer(x, p, cfg: DrafterConfig, cos, sin, ck, cv, anchors):
+def _block_attention(q, kb, vb, ck, cv, anchors, chunk: int = 0):
+    """`_dense_block_attention`, or with `chunk` > 0 the same over groups of `chunk` blocks in
+    turn (`lax.map`), each group rematerialized in the backward pass: the context scores held
+    at once shrink from [B, H, N*K, S] to [B, H, chunk*K, S]. Blocks never see each other, so
+    the groups are independent; N is padded to a multiple of `chunk` with blocks that see nothing
+    of the context and are dropped again."""
+    n = q.shape[1]
+    if chunk <= 0 or chunk >= n:
+        return _dense_block_attention(q, kb, vb, ck, cv, anchors)
+    groups = -(-n // chunk)
+    pad = groups * chunk - n
+
+    def split(t):  # [B, N, ...] -> [groups, B, chunk, ...]
+        t = jnp.pad(t, [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2))
+        return jnp.moveaxis(t.reshape(t.shape[0], groups, chunk, *t.shape[2:]), 1, 0)
+
+    def group(args):
+        return _dense_block_attention(*args[:3], ck, cv, args[3])
+
+    out = jax.lax.map(jax.checkpoint(group), (split(q), split(kb), split(vb), split(anchors)))
+    out = jnp.moveaxis(out, 0, 1)  # [B, groups, chunk, K, H, E]
+    return out.reshape(out.shape[0], groups * chunk, *out.shape[3:])[:, :n]
+
+
+def _drafter_layer(x, p, cfg: DrafterConfig, cos, sin, ck, cv, anchors, chunk: int = 0):
     """One drafter layer on block hidden x [B, N, K, D] with this layer's context ck/cv."""
     h = layers.rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
     q = layers.apply_rope(layers.project_q(h, p, cfg.rms_norm_eps), cos, sin)
     kb, vb = layers.project_kv(h, p, cfg.rms_norm_eps)
     kb = layers.apply_rope(kb, cos, sin)
-    attn = _block_attention(q, kb, vb, ck.astype(x.dtype), cv.astype(x.dtype), anchors)
+    attn = _block_attention(q, kb, vb, ck.astype(x.dtype), cv.astype(x.dtype), anchors, chunk)
     x = x + layers.output_projection(attn, p)
     h = layers.rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
     return x + layers.mlp(h, p)
 
 
-def _run_blocks(params, cfg: DrafterConfig, x, anchors, context, remat: bool):
+def _run_blocks(params, cfg: DrafterConfig, x, anchors, context, remat: bool, chunk: int = 0):
     """Scan the layers. `context` is ("kv", k, v) with per-layer k/v [L, B, S, G, E], or
     ("c", c, positions) to project the context inside each layer step."""
     x = x.astype(_dtype(params))
@@ -257,7 +281,7 @@ def _run_blocks(params, cfg: DrafterConfig, x, anchors, context, remat: bool):
 
         def step(x, inputs):
             p, ck, cv = inputs
-            return _drafter_layer(x, p, cfg, cos, sin, ck, cv, anchors), None
+            return _drafter_layer(x, p, cfg, cos, sin, ck, cv, anchors, chunk), None
 
         xs = (params["layers"], ctx_k, ctx_v)
     else:
@@ -266,7 +290,7 @@ def _run_blocks(params, cfg: DrafterConfig, x, anchors, context, remat: bool):
 
         def step(x, p):
             ck, cv = _layer_context_kv(p, cfg, c, ccos, csin)
-            return _drafter_layer(x, p, cfg, cos, sin, ck, cv, anchors), None
+            return _drafter_layer(x, p, cfg, cos, sin, ck, cv, anchors, chunk), None
 
         xs = params["layers"]
     if remat:
@@ -333,11 +357,13 @@ def draft_logits(params, cfg: DrafterConfig, target_params, cache: DrafterCache,
 
 
 def train_forward(params, cfg: DrafterConfig, target_params, features: jax.Array,
-                  tokens: jax.Array, anchors: jax.Array, *, remat: bool = False) -> jax.Array:
+                  tokens: jax.Array, anchors: jax.Array, *, remat: bool = False,
+                  attention_chunk: int = 0) -> jax.Array:
     """Training: target features [B, S, F] and tokens [B, S] of whole sequences, N blocks per
     sequence at anchors [B, N] (any order; padding anchors give blocks whose output the loss
     ignores) -> hidden [B, N, K, D] after the final norm. `remat` recomputes each layer in the
-    backward pass instead of storing its activations."""
+    backward pass instead of storing its activations; `attention_chunk` > 0 attends that many
+    blocks at a time (same result, less memory: see `_block_attention`)."""
     b, s = tokens.shape
     c = project_context(params, cfg, features)
     positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
@@ -345,4 +371,5 @@ def train_forward(params, cfg: DrafterConfig, target_params, features: jax.Array
     anchor_tokens = jnp.take_along_axis(tokens, anchors, axis=1)
     x = block_inputs(target_params["embed"], anchor_tokens, cfg)
     _check_block(x, cfg)
-    return _run_blocks(params, cfg, x, anchors, ("c", c, positions), remat=remat)
+    return _run_blocks(params, cfg, x, anchors, ("c", c, positions), remat=remat,
+                       chunk=attention_chunk)

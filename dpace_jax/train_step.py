@@ -44,6 +44,7 @@ class StepConfig:
     compute_dtype: Any = jnp.bfloat16
     loss_chunk_size: int = 2048
     remat: bool = False  # recompute drafter layers in the backward pass (less memory)
+    attention_chunk: int = 0  # > 0: drafter attention over this many blocks at a time
 
     def __post_init__(self):
         if self.loss not in loss_lib.LOSS_NAMES:
@@ -101,7 +102,8 @@ def loss_fn(
     )
     compute_params = jax.tree.map(lambda x: x.astype(cfg.compute_dtype), drafter_params)
     hidden = drafter_lib.train_forward(
-        compute_params, drafter_cfg, target_params, features, tokens, anchors, remat=cfg.remat
+        compute_params, drafter_cfg, target_params, features, tokens, anchors, remat=cfg.remat,
+        attention_chunk=cfg.attention_chunk,
     )
     targets, mask = anchor_lib.block_labels(
         tokens, loss_mask, anchors, keep, drafter_cfg.block_size
