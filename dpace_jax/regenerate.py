@@ -35,6 +35,7 @@ import jax
 from dpace_jax import convert
 from dpace_jax import data as data_lib
 from dpace_jax import evaluation as ev
+from dpace_jax.config import DTYPES, parse_dtype
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def regenerate(target: str, inputs, output: str | Path, *, drafter: str | None =
     target_dir = convert.resolve_checkpoint(target)
     tokenizer = convert.load_tokenizer(target_dir)
     target_cfg = convert.load_config(target_dir)
-    jdtype = ev.parse_dtype(dtype, "--dtype")
+    jdtype = parse_dtype(dtype, "--dtype")
     spec = None
     if drafter:
         loaded = ev.load_drafter(drafter)
@@ -187,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-samples", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="bfloat16", choices=sorted(ev.DTYPES))
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     p.add_argument("--split", default="train", help="split of hub datasets")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
