@@ -29,12 +29,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from dpace_jax.atomic import atomic_path
 
 ROLE_ALIASES = {
     "system": "system",
@@ -351,18 +352,11 @@ def load_conversations(paths, *, split: str = "train") -> tuple[list[list[dict]]
 def write_jsonl(path, rows: Iterable) -> Path:
     """Write rows (dicts, or message lists -> {"messages": ...}) as JSONL, atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                if isinstance(row, list):
-                    row = {"messages": row}
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            if isinstance(row, list):
+                row = {"messages": row}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     return path

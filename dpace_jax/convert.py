@@ -28,7 +28,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy before safetensor
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from dpace_jax.atomic import atomic_path
 from dpace_jax.model import ModelConfig
 
 HF_ALLOW_PATTERNS = [
@@ -353,19 +353,6 @@ def hf_config(cfg: ModelConfig, dtype_name: str = "float32") -> dict:
     return out
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """Write through a temp file in the same directory, then rename over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def save_target(params, cfg: ModelConfig, out_dir: str | os.PathLike, *, tokenizer=None,
                 dtype=None) -> Path:
     """Write `params` as an HF checkpoint (config.json + model.safetensors [+ tokenizer files]).
@@ -425,12 +412,14 @@ def save_target(params, cfg: ModelConfig, out_dir: str | os.PathLike, *, tokeniz
     names = {np.dtype(dtype if dtype is not None else leaf.dtype).name
              for _, leaf in _flatten(params)}
     dtype_name = "bfloat16" if "bfloat16" in names else sorted(names)[0]
-    _atomic_write(out / WEIGHTS_NAME, write_weights)
+    with atomic_path(out / WEIGHTS_NAME) as tmp, open(tmp, "wb") as fh:
+        write_weights(fh)
     stale_index = out / INDEX_NAME
     if stale_index.exists():
         stale_index.unlink()
     config_text = json.dumps(hf_config(cfg, dtype_name), indent=2) + "\n"
-    _atomic_write(out / "config.json", lambda fh: fh.write(config_text.encode()))
+    with atomic_path(out / "config.json") as tmp:
+        tmp.write_text(config_text)
     if tokenizer is not None:
         if isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = load_tokenizer(tokenizer)

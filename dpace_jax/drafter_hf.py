@@ -15,8 +15,6 @@ Conversion is transposes and reshapes only, so export -> import is bit-exact in 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import jax  # noqa: F401  (registers bfloat16 with numpy before safetensors.numpy is used)
@@ -25,6 +23,7 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from dpace_jax.atomic import atomic_path
 from dpace_jax.convert import read_config_json
 from dpace_jax.drafter import DrafterConfig
 from dpace_jax.model import ModelConfig
@@ -211,18 +210,6 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: DrafterConfig, source: s
             "final_norm": jnp.asarray(tensors["norm.weight"])}
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def export_drafter(params, cfg: DrafterConfig, out_dir, *, dtype=None) -> Path:
     """Write config.json + model.safetensors to out_dir (created if needed); `dtype` casts the
     weights (e.g. jnp.bfloat16), default: keep the params' dtype. Each file is written to a
@@ -232,15 +219,10 @@ def export_drafter(params, cfg: DrafterConfig, out_dir, *, dtype=None) -> Path:
     np_dtype = np.dtype(dtype) if dtype is not None else None
     tensors = params_to_hf(params, cfg, np_dtype)
     name = _dtype_name(np_dtype if np_dtype is not None else tensors["fc.weight"].dtype)
-    _atomic_write(out / WEIGHTS_NAME,
-                  lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-
-    def write_config(p):
-        with open(p, "w") as f:
-            json.dump(config_to_hf(cfg, name), f, indent=2)
-            f.write("\n")
-
-    _atomic_write(out / CONFIG_NAME, write_config)
+    with atomic_path(out / WEIGHTS_NAME) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    with atomic_path(out / CONFIG_NAME) as tmp:
+        tmp.write_text(json.dumps(config_to_hf(cfg, name), indent=2) + "\n")
     return out
 
 
