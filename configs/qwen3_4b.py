@@ -1,4 +1,7 @@
-"""Qwen3-4B target, 5-layer drafter, block 16: the D-PACE paper's recipe."""
+"""Qwen3-4B target, 5-layer drafter, block 16, D-PACE (alpha 0.5): the paper's recipe, which is
+what the defaults of dpace_jax/config.py hold (AdamW lr 6e-4, warmup 0.04, clip 1.0, 6 epochs,
+batch 16, 512 anchors, max length 3072). Name the regenerated chat data with
+--config.data.paths="('data/train.jsonl',)"."""
 
 from dpace_jax.config import default_config
 
@@ -6,17 +9,4 @@ from dpace_jax.config import default_config
 def get_config():
     c = default_config()
     c.target.path = "Qwen/Qwen3-4B"
-    c.drafter.num_layers = 5
-    c.drafter.block_size = 16
-    c.data.paths = ()  # regenerated chat data: --config.data.paths="('data/train.jsonl',)"
-    c.data.max_length = 3072
-    c.train.loss = "dpace"
-    c.train.alpha = 0.5
-    c.train.gamma = 7.0
-    c.train.batch_size = 16
-    c.train.num_anchors = 512
-    c.train.epochs = 6
-    c.train.lr = 6e-4
-    c.train.warmup_ratio = 0.04
-    c.train.grad_clip = 1.0
     return c
