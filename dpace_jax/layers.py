@@ -102,6 +102,22 @@ def attention_output(probs: jax.Array, v: jax.Array) -> jax.Array:
     return out.reshape(*lead, t, g * r, e)
 
 
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                     implementation: str | None = None) -> jax.Array:
+    """Causal grouped-query attention through `jax.nn.dot_product_attention`: q [B, T, H, E],
+    k, v [B, T, G, E] -> [B, T, H, E], query t seeing keys 0..t, scale 1/sqrt(E).
+
+    `implementation` is passed on: "cudnn" (fused flash attention on NVIDIA GPUs; bf16 or fp16
+    inputs only, checked here rather than cast), "xla", or None (JAX's default, XLA today).
+    """
+    if implementation == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(
+            f"cuDNN attention needs bf16 or fp16 inputs, got {q.dtype}; load the target in "
+            "bf16 or use attention='xla'"
+        )
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+
+
 def masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
     """Softmax over the last axis where mask is True; rows with nothing visible give zeros."""
     scores = jnp.where(mask, scores, -jnp.inf)

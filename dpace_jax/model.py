@@ -115,7 +115,14 @@ class Output(NamedTuple):
     logits: jax.Array | None  # [B, T, V] fp32
     features: jax.Array | None  # [B, T, len(feature_layers) * D] in the compute dtype
     cache: KVCache | None
-    hidden: jax.Array  # [B, T, D] after the final norm
+    # [B, T, D] after the final norm; None from the early-stopped forward (no cache,
+    # logits=False, feature_layers given), which stops after the last feature layer
+    hidden: jax.Array | None
+
+
+# forward's `attention` choices -> layers.causal_attention's implementation ("xla": our einsum).
+ATTENTION = {"xla": None, "cudnn": "cudnn", "dot_product_xla": "xla"}
+TRAIN_ATTENTION = ("xla", "cudnn")  # the choices meant for training (the rest is for tests)
 
 
 def write_at(buf: jax.Array, update: jax.Array, start: jax.Array) -> jax.Array:
@@ -127,18 +134,45 @@ def write_at(buf: jax.Array, update: jax.Array, start: jax.Array) -> jax.Array:
     return jax.vmap(one)(buf, update, start)
 
 
-def decoder_layer(x, p, cos, sin, cfg: ModelConfig, kv_source):
-    """One pre-norm decoder layer. `kv_source(k, v)` returns (keys, values, mask) to attend to
-    given this layer's new k, v [B, T, G, E]; mask broadcasts to [B, 1, 1, T, S]."""
+def decoder_layer(x, p, cos, sin, cfg: ModelConfig, attend):
+    """One pre-norm decoder layer. `attend(q, k, v)` returns (attention output [B, T, H, E],
+    new_kv) given this layer's queries [B, T, H, E] and new k, v [B, T, G, E]."""
     h = layers.rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
     q = layers.apply_rope(layers.project_q(h, p, cfg.rms_norm_eps), cos, sin)
     k, v = layers.project_kv(h, p, cfg.rms_norm_eps)
     k = layers.apply_rope(k, cos, sin)
-    keys, values, mask, new_kv = kv_source(k, v)
-    probs = layers.masked_softmax(layers.attention_logits(q, keys), mask)
-    x = x + layers.output_projection(layers.attention_output(probs, values), p)
+    attn, new_kv = attend(q, k, v)
+    x = x + layers.output_projection(attn, p)
     h = layers.rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
     return x + layers.mlp(h, p), new_kv
+
+
+def _einsum_attention(q, keys, values, mask):
+    probs = layers.masked_softmax(layers.attention_logits(q, keys), mask)
+    return layers.attention_output(probs, values)
+
+
+def _early_stopped_features(stacked, x, cos, sin, cfg: ModelConfig, attend, ids):
+    """Features of decoder layers `ids` running only layers 0..max(ids): a scan over layer
+    indices reads each layer's weights in place (no copy of a slice of the stack) and writes its
+    output into a buffer [U + 1, B, T, D] with a slot per distinct id and a last, trash slot."""
+    distinct = sorted(set(ids))
+    slot_of = [len(distinct)] * (distinct[-1] + 1)
+    for slot, j in enumerate(distinct):
+        slot_of[j] = slot
+    slots = jnp.asarray(slot_of, jnp.int32)
+    buf = jnp.zeros((len(distinct) + 1, *x.shape), x.dtype)
+
+    def step(carry, i):
+        x, buf = carry
+        p = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), stacked)
+        x, _ = decoder_layer(x, p, cos, sin, cfg, attend)
+        buf = jax.lax.dynamic_update_index_in_dim(buf, x, slots[i], axis=0)
+        return (x, buf), None
+
+    n = len(slot_of)
+    (_, buf), _ = jax.lax.scan(step, (x, buf), jnp.arange(n, dtype=jnp.int32))
+    return jnp.concatenate([buf[distinct.index(j)] for j in ids], axis=-1)
 
 
 def forward(
@@ -150,14 +184,36 @@ def forward(
     start: jax.Array | None = None,
     feature_layers: tuple[int, ...] = (),
     logits: bool = True,
+    attention: str = "xla",
 ) -> Output:
     """Run the target on tokens [B, T].
 
     Without a cache: a causal forward at positions 0..T-1. With a cache: sequence b's tokens sit
     at positions start[b]..start[b]+T-1, are written into the cache there, and attend to cache
     slots up to their own position. `feature_layers` are decoder-layer ids (0-based; HF
-    hidden_states[j + 1]) whose outputs are concatenated into `features`.
+    hidden_states[j + 1]; any order, repeats allowed) whose outputs are concatenated into
+    `features`.
+
+    Without a cache, with logits=False and feature_layers given (the training step), only layers
+    0..max(feature_layers) run: the final norm is skipped and `hidden` is None.
+
+    `attention` (cache-free forward only; the cached forward always uses "xla"):
+      "xla"             our einsum attention (layers.attention_logits / masked_softmax);
+      "cudnn"           jax.nn.dot_product_attention's fused cuDNN kernel (NVIDIA GPUs, bf16 or
+                        fp16 params; fp32 raises ValueError);
+      "dot_product_xla" jax.nn.dot_product_attention's XLA implementation; for tests and
+                        TPU/CPU comparisons.
     """
+    if attention not in ATTENTION:
+        raise ValueError(f"attention={attention!r}; choose one of {sorted(ATTENTION)}")
+    if cache is not None and attention != "xla":
+        raise ValueError(
+            f"attention={attention!r} is only for the cache-free forward; the cached forward "
+            "(decode, verification) uses attention='xla'"
+        )
+    bad = [j for j in feature_layers if not 0 <= j < cfg.num_layers]
+    if bad:
+        raise ValueError(f"feature_layers {bad} outside the target's {cfg.num_layers} layers")
     batch, t = tokens.shape
     if start is None:
         start = jnp.zeros((batch,), jnp.int32)
@@ -170,11 +226,18 @@ def forward(
         causal = positions[:, :, None] >= positions[:, None, :]  # [B, T, T]
         mask = causal[:, None, None]
 
-        def step(x, p):
-            def kv_source(k, v):
-                return k, v, mask, None
+        def attend(q, k, v):
+            if ATTENTION[attention] is None:
+                return _einsum_attention(q, k, v, mask), None
+            return layers.causal_attention(q, k, v, ATTENTION[attention]), None
 
-            x, _ = decoder_layer(x, p, cos, sin, cfg, kv_source)
+        if feature_layers and not logits:
+            features = _early_stopped_features(params["layers"], x, cos, sin, cfg, attend,
+                                               tuple(feature_layers))
+            return Output(None, features, None, None)
+
+        def step(x, p):
+            x, _ = decoder_layer(x, p, cos, sin, cfg, attend)
             return x, (x if feature_layers else None)
 
         x, per_layer = jax.lax.scan(step, x, params["layers"])
@@ -186,11 +249,11 @@ def forward(
         def step(x, inputs):
             p, ck, cv = inputs
 
-            def kv_source(k, v):
+            def attend(q, k, v):
                 ck2, cv2 = write_at(ck, k, start), write_at(cv, v, start)
-                return ck2, cv2, mask, (ck2, cv2)
+                return _einsum_attention(q, ck2, cv2, mask), (ck2, cv2)
 
-            x, (ck2, cv2) = decoder_layer(x, p, cos, sin, cfg, kv_source)
+            x, (ck2, cv2) = decoder_layer(x, p, cos, sin, cfg, attend)
             return x, (x if feature_layers else None, ck2, cv2)
 
         x, (per_layer, ks, vs) = jax.lax.scan(step, x, (params["layers"], cache.k, cache.v))
