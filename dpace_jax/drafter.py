@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from dpace_jax import layers
+from dpace_jax import block_attention, layers
 from dpace_jax.model import ModelConfig, init_layers, lm_head, write_at
 
 
@@ -205,72 +205,25 @@ def context_kv(params, cfg: DrafterConfig, c: jax.Array,
     return jax.vmap(lambda p: _layer_context_kv(p, cfg, c, cos, sin))(params["layers"])
 
 
-def _dense_block_attention(q, kb, vb, ck, cv, anchors):
-    """Attention of block queries to their visible context and to their own block.
-
-    q [B, N, K, H, E], block kb/vb [B, N, K, G, E], context ck/cv [B, S, G, E], anchors [B, N].
-    Context scores [B, G, R, N, K, S] (masked to s < anchor) and in-block scores
-    [B, G, R, N, K, K] share one softmax; the full [N*K, S+N*K] matrix is never built.
-    """
-    b, n, kk, h, e = q.shape
-    s = ck.shape[1]
-    g = ck.shape[2]
-    ctx = layers.attention_logits(q.reshape(b, n * kk, h, e), ck)  # [B, G, R, NK, S]
-    ctx = ctx.reshape(b, g, h // g, n, kk, s)
-    blk = layers.attention_logits(q, kb)  # [B, N, G, R, K, K]
-    blk = jnp.moveaxis(blk, 1, 3)  # [B, G, R, N, K, K]
-    visible = (jnp.arange(s)[None, None, :] < anchors[:, :, None])[:, None, None, :, None, :]
-    ctx = jnp.where(visible, ctx, -jnp.inf)
-    peak = jnp.maximum(jnp.max(ctx, axis=-1, keepdims=True), jnp.max(blk, axis=-1, keepdims=True))
-    peak = jax.lax.stop_gradient(peak)
-    e_ctx = jnp.where(visible, jnp.exp(ctx - peak), 0.0)
-    e_blk = jnp.exp(blk - peak)
-    denom = jnp.sum(e_ctx, axis=-1, keepdims=True) + jnp.sum(e_blk, axis=-1, keepdims=True)
-    p_ctx = (e_ctx / denom).reshape(b, g, h // g, n * kk, s)
-    p_blk = jnp.moveaxis(e_blk / denom, 3, 1)  # [B, N, G, R, K, K]
-    out_ctx = layers.attention_output(p_ctx, cv).reshape(b, n, kk, h, e)
-    return out_ctx + layers.attention_output(p_blk, vb)
-
-
-def _block_attention(q, kb, vb, ck, cv, anchors, chunk: int = 0):
-    """`_dense_block_attention`, or with `chunk` > 0 the same over groups of `chunk` blocks in
-    turn (`lax.map`), each group rematerialized in the backward pass: the context scores held
-    at once shrink from [B, H, N*K, S] to [B, H, chunk*K, S]. Blocks never see each other, so
-    the groups are independent; N is padded to a multiple of `chunk` with blocks that see nothing
-    of the context and are dropped again."""
-    n = q.shape[1]
-    if chunk <= 0 or chunk >= n:
-        return _dense_block_attention(q, kb, vb, ck, cv, anchors)
-    groups = -(-n // chunk)
-    pad = groups * chunk - n
-
-    def split(t):  # [B, N, ...] -> [groups, B, chunk, ...]
-        t = jnp.pad(t, [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2))
-        return jnp.moveaxis(t.reshape(t.shape[0], groups, chunk, *t.shape[2:]), 1, 0)
-
-    def group(args):
-        return _dense_block_attention(*args[:3], ck, cv, args[3])
-
-    out = jax.lax.map(jax.checkpoint(group), (split(q), split(kb), split(vb), split(anchors)))
-    out = jnp.moveaxis(out, 0, 1)  # [B, groups, chunk, K, H, E]
-    return out.reshape(out.shape[0], groups * chunk, *out.shape[3:])[:, :n]
-
-
-def _drafter_layer(x, p, cfg: DrafterConfig, cos, sin, ck, cv, anchors, chunk: int = 0):
-    """One drafter layer on block hidden x [B, N, K, D] with this layer's context ck/cv."""
+def _drafter_layer(x, p, cfg: DrafterConfig, cos, sin, ck, cv, anchors, attention: dict):
+    """One drafter layer on block hidden x [B, N, K, D] with this layer's context ck/cv;
+    `attention` holds the keyword arguments of `block_attention.attend`."""
     h = layers.rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
     q = layers.apply_rope(layers.project_q(h, p, cfg.rms_norm_eps), cos, sin)
     kb, vb = layers.project_kv(h, p, cfg.rms_norm_eps)
     kb = layers.apply_rope(kb, cos, sin)
-    attn = _block_attention(q, kb, vb, ck.astype(x.dtype), cv.astype(x.dtype), anchors, chunk)
+    attn = block_attention.attend(q, kb, vb, ck.astype(x.dtype), cv.astype(x.dtype), anchors,
+                                  **attention)
     x = x + layers.output_projection(attn, p)
     h = layers.rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
     return x + layers.mlp(h, p)
 
 
-def _run_blocks(params, cfg: DrafterConfig, x, anchors, context, remat: bool, chunk: int = 0):
+def _run_blocks(params, cfg: DrafterConfig, x, anchors, context, remat: bool,
+                attention: dict | None = None):
     """Scan the layers. `context` is ("kv", k, v) with per-layer k/v [L, B, S, G, E], or
     ("c", c, positions) to project the context inside each layer step."""
+    attention = attention or {}
     x = x.astype(_dtype(params))
     anchors = anchors.astype(jnp.int32)
     positions = anchors[:, :, None] + jnp.arange(cfg.block_size, dtype=jnp.int32)
@@ -281,7 +234,7 @@ def _run_blocks(params, cfg: DrafterConfig, x, anchors, context, remat: bool, ch
 
         def step(x, inputs):
             p, ck, cv = inputs
-            return _drafter_layer(x, p, cfg, cos, sin, ck, cv, anchors, chunk), None
+            return _drafter_layer(x, p, cfg, cos, sin, ck, cv, anchors, attention), None
 
         xs = (params["layers"], ctx_k, ctx_v)
     else:
@@ -290,7 +243,7 @@ def _run_blocks(params, cfg: DrafterConfig, x, anchors, context, remat: bool, ch
 
         def step(x, p):
             ck, cv = _layer_context_kv(p, cfg, c, ccos, csin)
-            return _drafter_layer(x, p, cfg, cos, sin, ck, cv, anchors, chunk), None
+            return _drafter_layer(x, p, cfg, cos, sin, ck, cv, anchors, attention), None
 
         xs = params["layers"]
     if remat:
@@ -358,12 +311,15 @@ def draft_logits(params, cfg: DrafterConfig, target_params, cache: DrafterCache,
 
 def train_forward(params, cfg: DrafterConfig, target_params, features: jax.Array,
                   tokens: jax.Array, anchors: jax.Array, *, remat: bool = False,
-                  attention_chunk: int = 0) -> jax.Array:
+                  attention: str = "dense", attention_chunk: int = 0,
+                  attention_tile: int = block_attention.DEFAULT_FLASH_TILE) -> jax.Array:
     """Training: target features [B, S, F] and tokens [B, S] of whole sequences, N blocks per
     sequence at anchors [B, N] (any order; padding anchors give blocks whose output the loss
     ignores) -> hidden [B, N, K, D] after the final norm. `remat` recomputes each layer in the
-    backward pass instead of storing its activations; `attention_chunk` > 0 attends that many
-    blocks at a time (same result, less memory: see `_block_attention`)."""
+    backward pass instead of storing its activations. `attention` ("dense" or "flash"),
+    `attention_chunk` (blocks per group; 0: all at once for dense, 64 for flash) and
+    `attention_tile` (context columns per flash step) choose how the blocks attend: the same
+    result, different memory and speed (see dpace_jax.block_attention)."""
     b, s = tokens.shape
     c = project_context(params, cfg, features)
     positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
@@ -371,5 +327,6 @@ def train_forward(params, cfg: DrafterConfig, target_params, features: jax.Array
     anchor_tokens = jnp.take_along_axis(tokens, anchors, axis=1)
     x = block_inputs(target_params["embed"], anchor_tokens, cfg)
     _check_block(x, cfg)
+    options = {"implementation": attention, "chunk": attention_chunk, "tile": attention_tile}
     return _run_blocks(params, cfg, x, anchors, ("c", c, positions), remat=remat,
-                       chunk=attention_chunk)
+                       attention=options)

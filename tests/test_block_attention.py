@@ -1,10 +1,12 @@
-"""Block-chunked drafter attention (attention_chunk > 0) equals the dense path, with gradients."""
+"""The drafter's block attention: the chunked and flash paths equal the dense one, with gradients,
+and the flash path never reads the context tiles that no block of a group can see."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dpace_jax import block_attention as ba
 from dpace_jax import model
 from dpace_jax.drafter import DrafterConfig, init_drafter_params, train_forward
 
@@ -12,24 +14,122 @@ TARGET = model.ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, 
                            num_heads=4, num_kv_heads=2, head_dim=8, rope_theta=10000.0)
 CFG = DrafterConfig.for_target(TARGET, num_layers=2, block_size=4, mask_token_id=96,
                                target_layer_ids=(0, 2))
+B, N, K, H, G, E, S = 2, 5, 4, 4, 2, 8, 37
+# Ragged, unsorted in the second row, with a padding anchor 0 (sees no context).
+ANCHORS = jnp.asarray([[0, 3, 7, 20, 33], [9, 2, 1, 15, 0]], jnp.int32)
 
 
-@pytest.mark.parametrize("chunk", [2])  # N=5: padded to 6
-def test_chunked_attention_matches_dense(chunk):
+def _inputs(dtype=jnp.float32, seed=0):
+    rng = np.random.default_rng(seed)
+
+    def normal(*shape):
+        return jnp.asarray(rng.normal(size=shape), dtype)
+
+    return (normal(B, N, K, H, E), normal(B, N, K, G, E), normal(B, N, K, G, E),
+            normal(B, S, G, E), normal(B, S, G, E))
+
+
+def _reference(q, kb, vb, ck, cv, anchors):
+    """Brute force in float64 NumPy: per block, softmax over [visible context ; own block]."""
+    q, kb, vb, ck, cv = (np.asarray(t, np.float64) for t in (q, kb, vb, ck, cv))
+    out = np.zeros(q.shape)
+    r = H // G
+    for b in range(B):
+        for n in range(N):
+            a = int(anchors[b, n])
+            keys = np.concatenate([ck[b, :a], kb[b, n]])  # [a + K, G, E]
+            vals = np.concatenate([cv[b, :a], vb[b, n]])
+            for h in range(H):
+                s = q[b, n, :, h] @ keys[:, h // r].T / np.sqrt(E)
+                p = np.exp(s - s.max(-1, keepdims=True))
+                out[b, n, :, h] = (p / p.sum(-1, keepdims=True)) @ vals[:, h // r]
+    return out
+
+
+def _loss(f):
+    w = jnp.asarray(np.random.default_rng(1).normal(size=(B, N, K, H, E)), jnp.float32)
+    return lambda *a: jnp.sum(jnp.sin(f(*a, ANCHORS).astype(jnp.float32)) * w)
+
+
+@pytest.mark.parametrize("impl,chunk,tile", [("dense", 0, 0), ("dense", 2, 0), ("flash", 2, 8),
+                                             ("flash", 1, 5), ("flash", 5, 64),
+                                             ("flash", 3, 37)])
+def test_matches_brute_force_and_dense_gradients(impl, chunk, tile):
+    args = _inputs()
+
+    def f(*a):
+        return ba.attend(*a, implementation=impl, chunk=chunk, tile=tile or 1024)
+
+    out = jax.jit(f)(*args, ANCHORS)
+    np.testing.assert_allclose(out, _reference(*args, np.asarray(ANCHORS)), atol=2e-6)
+    g_dense = jax.grad(_loss(ba.dense), argnums=(0, 1, 2, 3, 4))(*args)
+    g = jax.jit(jax.grad(_loss(f), argnums=(0, 1, 2, 3, 4)))(*args)
+    for a, b, name in zip(g, g_dense, ("q", "kb", "vb", "ck", "cv"), strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-6, err_msg=name)
+
+
+def test_flash_bf16_close_to_dense():
+    args = _inputs(jnp.bfloat16)
+    out = ba.flash(*args, ANCHORS, chunk=2, tile=16)
+    assert out.dtype == jnp.bfloat16
+    ref = ba.dense(*(t.astype(jnp.float32) for t in args), ANCHORS)
+    np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=3e-2)
+    grads = jax.grad(_loss(lambda *a: ba.flash(*a, chunk=2, tile=16)), argnums=(0, 3))(*args)
+    refs = jax.grad(_loss(ba.dense), argnums=(0, 3))(*(t.astype(jnp.float32) for t in args))
+    for a, b in zip(grads, refs, strict=True):
+        assert a.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(a, np.float32), b, atol=6e-2)
+
+
+def test_flash_skips_tiles_no_block_can_see():
+    """Context past the last tile a group needs is NaN: the flash path never reads it (output
+    and gradients finite), while the dense path multiplies it by zero probabilities."""
+    q, kb, vb, ck, cv = _inputs()
+    anchors = jnp.asarray([[1, 2, 3, 5, 6], [0, 4, 6, 7, 2]], jnp.int32)  # all < 8 = one tile
+    ck = ck.at[:, 8:].set(jnp.nan)
+    cv = cv.at[:, 8:].set(jnp.nan)
+
+    def f(*a):
+        return ba.flash(*a, anchors, chunk=2, tile=8)
+
+    out = f(q, kb, vb, ck, cv)
+    assert bool(jnp.all(jnp.isfinite(out)))
+    grads = jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1, 2, 3, 4))(q, kb, vb, ck, cv)
+    assert all(bool(jnp.all(jnp.isfinite(g[:, :8] if i >= 3 else g)))
+               for i, g in enumerate(grads))
+    assert bool(jnp.all(grads[3][:, 8:] == 0))  # never-visited tiles get exactly zero gradient
+    np.testing.assert_allclose(out, ba.dense(q, kb, vb, ck[:, :8], cv[:, :8], anchors),
+                               atol=2e-6)
+    assert not bool(jnp.all(jnp.isfinite(ba.dense(q, kb, vb, ck, cv, anchors))))
+
+
+def test_unknown_implementation_and_bad_sizes():
+    args = _inputs()
+    with pytest.raises(ValueError, match="'splash'.*dense.*flash"):
+        ba.attend(*args, ANCHORS, implementation="splash")
+    with pytest.raises(ValueError, match="tile >= 1"):
+        ba.flash(*args, ANCHORS, chunk=2, tile=0)
+
+
+def test_train_forward_paths_match_dense():
+    """The whole drafter (2 layers, N=5 blocks), with gradients in the
+    parameters and the target features."""
     target = model.init_params(TARGET, jax.random.PRNGKey(0), scale=0.3)
     params = init_drafter_params(CFG, jax.random.PRNGKey(1), scale=0.3)
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(0, 96, (2, 24)), jnp.int32)
     features = jnp.asarray(rng.normal(size=(2, 24, CFG.feature_size)), jnp.float32)
-    anchors = jnp.asarray([[0, 3, 7, 12, 20], [1, 2, 9, 15, 0]], jnp.int32)  # N=5, ragged
+    anchors = jnp.asarray([[0, 3, 7, 12, 20], [1, 2, 9, 15, 0]], jnp.int32)
 
-    def loss(p, f, c):
-        h = train_forward(p, CFG, target, f, tokens, anchors, attention_chunk=c)
+    def loss(p, f, impl, c):
+        h = train_forward(p, CFG, target, f, tokens, anchors, attention=impl,
+                          attention_chunk=c, attention_tile=8)
         return jnp.sum(jnp.sin(h)), h
 
-    (l0, h0), g0 = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, features, 0)
-    (l1, h1), g1 = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True),
-                           static_argnums=2)(params, features, chunk)
-    np.testing.assert_allclose(h1, h0, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(l1, l0, rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5), g1, g0)
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True), static_argnums=(2, 3))
+    (l0, h0), g0 = grad(params, features, "dense", 0)
+    for attention, chunk in [("dense", 2), ("flash", 0)]:  # groups of 2 (padded) and of 5
+        (l1, h1), g1 = grad(params, features, attention, chunk)
+        np.testing.assert_allclose(h1, h0, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(l1, l0, rtol=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5), g1, g0)
