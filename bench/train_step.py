@@ -11,7 +11,8 @@ peak and against a bf16 matmul measured in the same run), peak device memory (th
 `peak_bytes_in_use`, None on CPU) and XLA's static buffer estimate; then the D-PACE overhead.
 
 FLOP count (matmuls only; T = B*S tokens, R = B*N*K block rows, P = a decoder layer's matmul
-parameters = D*H*E + 2*D*G*E + H*E*D + 3*D*F):
+parameters = D*H*E + 2*D*G*E + H*E*D + 3*D*F; L_t = max(target_layer_ids) + 1, the target
+layers the step runs):
   target forward     2*P*T*L_t  +  attention L_t * 4*B*H*E * (S(S+1)/2 visible | S^2 computed)
   drafter forward    fc 2*T*F_feat*D;  per layer: context k/v 2*T*D*2*G*E, block projections
                      2*R*P, context attention 4*R*H*E * (mean anchor visible | S computed),
@@ -19,8 +20,10 @@ parameters = D*H*E + 2*D*G*E + H*E*D + 3*D*F):
   drafter backward   2x forward (the fc only its weight gradient: features carry no gradient)
   LM-head CE         forward 2*R*D*V, backward 2*R*D*V (hidden gradient only, the head is frozen)
 `model` FLOPs count only the visible attention area and no recomputation: the MFU. `executed`
-FLOPs count the full masked area this XLA implementation multiplies and the recomputation of
-the rematerialized LM-head chunks (and of the drafter layers with --remat).
+FLOPs count what this implementation multiplies: the full masked areas (except the target's with
+--target-attention cudnn and, approximately, the drafter context with --attention flash, which
+then recomputes its scores in the backward pass) and the recomputation of the rematerialized
+LM-head chunks (and of the drafter layers with --remat).
 """
 
 from __future__ import annotations
@@ -53,8 +56,14 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=20, help="timed steps per loss (median)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     p.add_argument("--remat", action="store_true", help="recompute drafter layers in backward")
+    p.add_argument("--attention", default="dense", choices=("dense", "flash"),
+                   help="drafter block attention (dpace_jax.block_attention)")
     p.add_argument("--attention-chunk", type=int, default=0,
-                   help="drafter attention over this many blocks at a time (0: all at once)")
+                   help="blocks per attention group (dense: 0 = all at once; flash: 0 = 64)")
+    p.add_argument("--attention-tile", type=int, default=1024,
+                   help="context columns per flash step")
+    p.add_argument("--target-attention", default="xla", choices=("xla", "cudnn"),
+                   help="target forward attention (cudnn: fused, NVIDIA GPUs)")
     p.add_argument("--loss-chunk-size", type=int, default=2048, help="rows per LM-head chunk")
     p.add_argument("--losses", default=",".join(LOSSES), help="comma-separated loss names")
     p.add_argument("--seq-len", type=int, help="override the shape's sequence length")
@@ -107,11 +116,13 @@ def layer_matmul_params(c) -> int:
 
 
 def train_flops(tcfg, dcfg, batch: int, seq: int, num_anchors: int, mean_anchor: float,
-                remat: bool = False) -> dict:
-    """The analytic matmul FLOPs of one train step (module docstring), term by term."""
+                remat: bool = False, attention: str = "dense",
+                target_attention: str = "xla") -> dict:
+    """The analytic matmul FLOPs of one train step (module docstring), term by term. The target
+    runs only up to its deepest feature layer (L_t = max(target_layer_ids) + 1)."""
     t, r = batch * seq, batch * num_anchors * dcfg.block_size
     h, e, g, d = dcfg.num_heads, dcfg.head_dim, dcfg.num_kv_heads, dcfg.hidden_size
-    lt, ld, k = tcfg.num_layers, dcfg.num_layers, dcfg.block_size
+    lt, ld, k = max(dcfg.target_layer_ids) + 1, dcfg.num_layers, dcfg.block_size
     th, te = tcfg.num_heads, tcfg.head_dim
     f = {
         "target_projections": 2.0 * layer_matmul_params(tcfg) * t * lt,
@@ -128,12 +139,21 @@ def train_flops(tcfg, dcfg, batch: int, seq: int, num_anchors: int, mean_anchor:
     layer_common = (f["drafter_context_kv_fwd"] + f["drafter_block_projections_fwd"]
                     + f["drafter_block_attention_fwd"])
     layers_model = layer_common + f["drafter_context_attention_visible_fwd"]
-    layers_exec = layer_common + f["drafter_context_attention_computed_fwd"]
+    if attention == "flash":  # skips the hidden tiles (~ the visible area) but recomputes the
+        # context scores (half of the attention forward) in the backward pass
+        ctx = f["drafter_context_attention_visible_fwd"]
+        layers_exec = layer_common + ctx
+        flash_extra = 0.5 * ctx
+    else:
+        layers_exec = layer_common + f["drafter_context_attention_computed_fwd"]
+        flash_extra = 0.0
+    target_attention_exec = f["target_attention_visible" if target_attention == "cudnn"
+                              else "target_attention_computed"]
     f["model_total"] = (f["target_projections"] + f["target_attention_visible"]
                         + 2 * f["drafter_fc_fwd"] + 3 * layers_model + 2 * f["lm_head_fwd"])
-    f["executed_total"] = (f["target_projections"] + f["target_attention_computed"]
+    f["executed_total"] = (f["target_projections"] + target_attention_exec
                            + 2 * f["drafter_fc_fwd"] + (4 if remat else 3) * layers_exec
-                           + 3 * f["lm_head_fwd"])
+                           + flash_extra + 3 * f["lm_head_fwd"])
     f["model_target"] = f["target_projections"] + f["target_attention_visible"]
     f["model_drafter"] = 2 * f["drafter_fc_fwd"] + 3 * layers_model
     f["model_lm_head"] = 2 * f["lm_head_fwd"]
@@ -151,7 +171,10 @@ def mean_anchor_position(loss_mask: np.ndarray, block_size: int) -> float:
 def _step_config(args, loss: str) -> step_lib.StepConfig:
     return step_lib.StepConfig(loss=loss, num_anchors=args.num_anchors, total_steps=100_000,
                                compute_dtype=jnp.bfloat16, loss_chunk_size=args.loss_chunk_size,
-                               remat=args.remat, attention_chunk=args.attention_chunk)
+                               remat=args.remat, attention=args.attention,
+                               attention_chunk=args.attention_chunk,
+                               attention_tile=args.attention_tile,
+                               target_attention=args.target_attention)
 
 
 def bench_loss(args, loss, tcfg, dcfg, target, t_shard, drafter_params, batch, mesh) -> dict:
@@ -213,7 +236,8 @@ def main(argv=None) -> dict:
 
     mean_anchor = mean_anchor_position(host_batch["loss_mask"], dcfg.block_size)
     flops = train_flops(tcfg, dcfg, args.batch, args.seq_len, args.num_anchors, mean_anchor,
-                        remat=args.remat)
+                        remat=args.remat, attention=args.attention,
+                        target_attention=args.target_attention)
     spec = common.spec_peak_tflops(device)
     results = []
     for loss in args.losses:
@@ -241,7 +265,9 @@ def main(argv=None) -> dict:
         "config": {"shape": args.shape, "seq_len": args.seq_len, "num_anchors": args.num_anchors,
                    "block_size": args.block_size, "batch": args.batch,
                    "drafter_layers": args.drafter_layers, "remat": args.remat,
-                   "attention_chunk": args.attention_chunk,
+                   "attention": args.attention, "attention_chunk": args.attention_chunk,
+                   "attention_tile": args.attention_tile,
+                   "target_attention": args.target_attention,
                    "loss_chunk_size": args.loss_chunk_size, "steps": args.steps,
                    "warmup": args.warmup, "target_dtype": "bfloat16",
                    "drafter_dtype": "float32 master, bfloat16 compute",
@@ -287,7 +313,9 @@ def markdown(out: dict) -> str:
     c, d = out["config"], out["device"]
     lines = [f"Train step, shape {c['shape']} (seq {c['seq_len']}, {c['num_anchors']} anchors, "
              f"block {c['block_size']}, batch {c['batch']}, {c['drafter_layers']}-layer drafter, "
-             f"remat {c['remat']}, chunk {c['loss_chunk_size']}) on {d['device_kind']} "
+             f"remat {c['remat']}, LM-head chunk {c['loss_chunk_size']}, drafter attention "
+             f"{c['attention']} (chunk {c['attention_chunk']}, tile {c['attention_tile']}), "
+             f"target attention {c['target_attention']}) on {d['device_kind']} "
              f"({d['date']}, jax {d['jax_version']})", "", table, ""]
     lines += [f"FAILED {e}" for e in errors] + ([""] if errors else [])
     if out["dpace_overhead_vs_dflash"] is not None:

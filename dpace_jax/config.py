@@ -71,7 +71,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.compute_dtype = "bfloat16"
     c.train.loss_chunk_size = 2048
     c.train.remat = False  # recompute drafter layers in the backward pass (saves memory)
-    c.train.attention_chunk = 0  # > 0: drafter attends this many blocks at a time (saves memory)
+    c.train.attention = "dense"  # drafter block attention: dense | flash (block_attention.py)
+    c.train.attention_chunk = 0  # blocks per group (dense: 0 = all at once; flash: 0 = 64)
+    c.train.attention_tile = 1024  # context columns per flash step
+    c.train.target_attention = "xla"  # target forward: xla | cudnn (GPU, bf16 target only)
     c.train.log_every = 10
     c.train.save_every = 1000
     c.train.keep_checkpoints = 3

@@ -44,7 +44,10 @@ class StepConfig:
     compute_dtype: Any = jnp.bfloat16
     loss_chunk_size: int = 2048
     remat: bool = False  # recompute drafter layers in the backward pass (less memory)
-    attention_chunk: int = 0  # > 0: drafter attention over this many blocks at a time
+    attention: str = "dense"  # drafter block attention: dense | flash
+    attention_chunk: int = 0  # blocks per group (dense: 0 = all at once; flash: 0 = 64)
+    attention_tile: int = drafter_lib.block_attention.DEFAULT_FLASH_TILE  # flash: columns/step
+    target_attention: str = "xla"  # target forward attention: xla | cudnn (GPU)
 
     def __post_init__(self):
         if self.loss not in loss_lib.LOSS_NAMES:
@@ -53,6 +56,15 @@ class StepConfig:
             raise ValueError(f"train.alpha={self.alpha} must lie in [0, 1]")
         if self.total_steps < 1:
             raise ValueError(f"total steps must be >= 1, got {self.total_steps}")
+        if self.attention not in drafter_lib.block_attention.IMPLEMENTATIONS:
+            raise ValueError(f"train.attention={self.attention!r}; expected one of "
+                             f"{drafter_lib.block_attention.IMPLEMENTATIONS}")
+        if self.attention_chunk < 0 or self.attention_tile < 1:
+            raise ValueError(f"train.attention_chunk={self.attention_chunk} must be >= 0 and "
+                             f"train.attention_tile={self.attention_tile} >= 1")
+        if self.target_attention not in model_lib.TRAIN_ATTENTION:
+            raise ValueError(f"train.target_attention={self.target_attention!r}; expected one "
+                             f"of {model_lib.TRAIN_ATTENTION}")
 
 
 def learning_rate_schedule(cfg: StepConfig) -> optax.Schedule:
@@ -95,6 +107,7 @@ def loss_fn(
     target_out = model_lib.forward(
         target_params, target_cfg, tokens,
         feature_layers=drafter_cfg.target_layer_ids, logits=False,
+        attention=cfg.target_attention,
     )
     features = jax.lax.stop_gradient(target_out.features).astype(cfg.compute_dtype)
     anchors, keep = anchor_lib.sample_anchors(
@@ -103,7 +116,8 @@ def loss_fn(
     compute_params = jax.tree.map(lambda x: x.astype(cfg.compute_dtype), drafter_params)
     hidden = drafter_lib.train_forward(
         compute_params, drafter_cfg, target_params, features, tokens, anchors, remat=cfg.remat,
-        attention_chunk=cfg.attention_chunk,
+        attention=cfg.attention, attention_chunk=cfg.attention_chunk,
+        attention_tile=cfg.attention_tile,
     )
     targets, mask = anchor_lib.block_labels(
         tokens, loss_mask, anchors, keep, drafter_cfg.block_size

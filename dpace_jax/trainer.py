@@ -192,7 +192,9 @@ def run(config) -> dict:
         grad_clip=float(config.train.grad_clip),
         compute_dtype=parse_dtype(config.train.compute_dtype, "train.compute_dtype"),
         loss_chunk_size=int(config.train.loss_chunk_size), remat=bool(config.train.remat),
-        attention_chunk=int(config.train.attention_chunk),
+        attention=str(config.train.attention), attention_chunk=int(config.train.attention_chunk),
+        attention_tile=int(config.train.attention_tile),
+        target_attention=str(config.train.target_attention),
     )
     mesh = shard_lib.make_mesh(tuple(config.mesh.shape))
     if config.train.batch_size % shard_lib.num_batch_shards(mesh):

@@ -1,5 +1,6 @@
 """The jitted train step: learning, gradient flow, and 1-device vs 8-device-mesh agreement."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -14,9 +15,12 @@ from train_fixtures import batches, tiny_setup
 from dpace_jax import sharding as shard_lib
 from dpace_jax import train_step as step_lib
 
+ROOT = Path(__file__).resolve().parent.parent
 
-def _trainer(loss, steps, mesh=None):
+
+def _trainer(loss, steps, mesh=None, **step_overrides):
     tcfg, dcfg, target, drafter, step_cfg = tiny_setup(loss=loss, steps=steps)
+    step_cfg = dataclasses.replace(step_cfg, **step_overrides)
     mesh = mesh or shard_lib.make_mesh((1, 1, 1), jax.devices()[:1])
     opt = step_lib.make_optimizer(step_cfg)
     state = step_lib.init_state(drafter, opt, seed=0)
@@ -75,9 +79,13 @@ def test_one_device_and_2x2x2_mesh_agree():
         from dpace_jax import sharding as shard_lib
         assert len(jax.devices()) == 8
         results = []
-        for mesh in (shard_lib.make_mesh((1, 1, 1), jax.devices()[:1]),
-                     shard_lib.make_mesh((2, 2, 2))):
-            state, target, step = _trainer("dpace", 10, mesh)
+        # The flash drafter attention (groups of 3 blocks, tiles of 8 columns) on the 2x2x2
+        # mesh must give the same training as the dense path on one device.
+        flash = dict(attention="flash", attention_chunk=3, attention_tile=8)
+        for mesh, options in ((shard_lib.make_mesh((1, 1, 1), jax.devices()[:1]), {}),
+                              (shard_lib.make_mesh((2, 2, 2)), {}),
+                              (shard_lib.make_mesh((2, 2, 2)), flash)):
+            state, target, step = _trainer("dpace", 10, mesh, **options)
             data = batches(seed=2, batch=4)
             losses = []
             for _ in range(3):
@@ -88,14 +96,26 @@ def test_one_device_and_2x2x2_mesh_agree():
                 q = state.params["layers"]["q"]
                 spec = tuple(q.sharding.spec)
                 assert spec[1] == "fsdp" and spec[2] == "tensor", spec
-        (l1, p1), (l8, p8) = results
-        np.testing.assert_allclose(l1, l8, rtol=1e-5, atol=1e-6)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), p1, p8)
+        (l1, p1), *others = results
+        for l8, p8 in others:
+            np.testing.assert_allclose(l1, l8, rtol=1e-5, atol=1e-6)
+            jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                         p1, p8)
         print("MESH-OK", l1)
     """)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu", PYTHONPATH=str(Path(__file__).parent))
+               JAX_PLATFORMS="cpu",  # this checkout's package and the test fixtures
+               PYTHONPATH=os.pathsep.join(str(p) for p in (ROOT, Path(__file__).parent)))
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "MESH-OK" in out.stdout
+
+
+def test_step_config_names_bad_attention_settings():
+    with pytest.raises(ValueError, match="train.attention='splash'"):
+        step_lib.StepConfig(attention="splash")
+    with pytest.raises(ValueError, match="train.attention_tile=0"):
+        step_lib.StepConfig(attention="flash", attention_tile=0)
+    with pytest.raises(ValueError, match="train.target_attention='flash'.*cudnn"):
+        step_lib.StepConfig(target_attention="flash")
