@@ -115,6 +115,9 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
             f"cuDNN attention needs bf16 or fp16 inputs, got {q.dtype}; load the target in "
             "bf16 or use attention='xla'"
         )
+    if implementation == "cudnn" and jax.default_backend() != "gpu":
+        raise ValueError(f"cuDNN attention needs an NVIDIA GPU; this process runs on "
+                         f"{jax.default_backend()!r}: use attention='xla'")
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
 
 

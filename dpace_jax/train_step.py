@@ -56,15 +56,21 @@ class StepConfig:
             raise ValueError(f"train.alpha={self.alpha} must lie in [0, 1]")
         if self.total_steps < 1:
             raise ValueError(f"total steps must be >= 1, got {self.total_steps}")
-        if self.attention not in drafter_lib.block_attention.IMPLEMENTATIONS:
-            raise ValueError(f"train.attention={self.attention!r}; expected one of "
-                             f"{drafter_lib.block_attention.IMPLEMENTATIONS}")
-        if self.attention_chunk < 0 or self.attention_tile < 1:
-            raise ValueError(f"train.attention_chunk={self.attention_chunk} must be >= 0 and "
-                             f"train.attention_tile={self.attention_tile} >= 1")
-        if self.target_attention not in model_lib.TRAIN_ATTENTION:
-            raise ValueError(f"train.target_attention={self.target_attention!r}; expected one "
-                             f"of {model_lib.TRAIN_ATTENTION}")
+        check_attention_options(self.attention, self.attention_chunk, self.attention_tile,
+                                self.target_attention)
+
+
+def check_attention_options(attention: str, chunk: int, tile: int, target_attention: str):
+    """ValueError naming the train.* field when an attention setting is not valid."""
+    if attention not in drafter_lib.block_attention.IMPLEMENTATIONS:
+        raise ValueError(f"train.attention={attention!r}; expected one of "
+                         f"{drafter_lib.block_attention.IMPLEMENTATIONS}")
+    if chunk < 0 or tile < 1:
+        raise ValueError(f"train.attention_chunk={chunk} must be >= 0 and "
+                         f"train.attention_tile={tile} >= 1")
+    if target_attention not in model_lib.TRAIN_ATTENTION:
+        raise ValueError(f"train.target_attention={target_attention!r}; expected one of "
+                         f"{model_lib.TRAIN_ATTENTION}")
 
 
 def learning_rate_schedule(cfg: StepConfig) -> optax.Schedule:

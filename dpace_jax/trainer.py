@@ -172,6 +172,13 @@ def run(config) -> dict:
     if not config.workdir:
         raise ValueError("--config.workdir is required (the run directory)")
     maybe_initialize_distributed(config)
+    step_lib.check_attention_options(str(config.train.attention),
+                                     int(config.train.attention_chunk),
+                                     int(config.train.attention_tile),
+                                     str(config.train.target_attention))
+    if config.train.target_attention == "cudnn" and jax.default_backend() != "gpu":
+        raise ValueError(f"train.target_attention=cudnn needs an NVIDIA GPU; this run's backend "
+                         f"is {jax.default_backend()!r} (use train.target_attention=xla)")
     workdir = Path(config.workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0

@@ -150,6 +150,9 @@ def test_attention_option_errors():
     with pytest.raises(ValueError, match="bf16 or fp16"):
         layers.causal_attention(jnp.zeros((1, 4, 4, 16)), jnp.zeros((1, 4, 2, 16)),
                                 jnp.zeros((1, 4, 2, 16)), implementation="cudnn")
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match="needs an NVIDIA GPU.*attention='xla'"):
+            forward(_params(jnp.bfloat16), CFG, tokens, attention="cudnn")
 
 
 def test_feature_layer_ids_out_of_range():

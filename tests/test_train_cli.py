@@ -76,3 +76,7 @@ def test_config_typo_and_missing_data_are_clear_errors(tmp_path):
     assert out.returncode != 0 and "lrr" in out.stderr and 'Did you mean "lr"' in out.stderr
     out = _train(tmp_path, f"--config.data.paths=('{tmp_path / 'nope.jsonl'}',)", check=False)
     assert out.returncode != 0 and "nope.jsonl" in out.stderr
+    out = _train(tmp_path, "--config.train.attention=splash", check=False)
+    assert out.returncode != 0 and "train.attention='splash'" in out.stderr
+    out = _train(tmp_path, "--config.train.target_attention=cudnn", check=False)
+    assert out.returncode != 0 and "train.target_attention=cudnn needs an NVIDIA GPU" in out.stderr
