@@ -121,15 +121,17 @@ def test_train_forward_paths_match_dense():
     features = jnp.asarray(rng.normal(size=(2, 24, CFG.feature_size)), jnp.float32)
     anchors = jnp.asarray([[0, 3, 7, 12, 20], [1, 2, 9, 15, 0]], jnp.int32)
 
-    def loss(p, f, impl, c):
+    def loss(p, f, impl, c, remat):
         h = train_forward(p, CFG, target, f, tokens, anchors, attention=impl,
-                          attention_chunk=c, attention_tile=8)
+                          attention_chunk=c, attention_tile=8, remat=remat)
         return jnp.sum(jnp.sin(h)), h
 
-    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True), static_argnums=(2, 3))
-    (l0, h0), g0 = grad(params, features, "dense", 0)
-    for attention, chunk in [("dense", 2), ("flash", 0)]:  # groups of 2 (padded) and of 5
-        (l1, h1), g1 = grad(params, features, attention, chunk)
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True),
+                   static_argnums=(2, 3, 4))
+    (l0, h0), g0 = grad(params, features, "dense", 0, False)
+    # groups of 2 (padded) and of 5; the flash VJP inside the rematerialized layer scan
+    for attention, chunk, remat in [("dense", 2, False), ("flash", 0, False), ("flash", 2, True)]:
+        (l1, h1), g1 = grad(params, features, attention, chunk, remat)
         np.testing.assert_allclose(h1, h0, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(l1, l0, rtol=1e-5)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5), g1, g0)
