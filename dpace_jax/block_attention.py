@@ -112,8 +112,8 @@ def _block_values(p, vb):
 
 
 def _tile_scores(q, ck, row_anchor, t, tile, scale):
-    """Scores of tile t, masked to the visible columns: (scores [B, C, G, R, tile] with -inf
-    where hidden, visible [B, C, 1, 1, tile], the tile's k and v getter offset)."""
+    """Scores [B, C, G, R, tile] of context tile t (columns t*tile ..), -inf where a row's
+    block cannot see the column, and that visibility mask [B, C, 1, 1, tile]."""
     kt = jax.lax.dynamic_slice_in_dim(ck, t * tile, tile, axis=1)
     s = jnp.einsum("bcgre,bsge->bcgrs", q, kt, preferred_element_type=jnp.float32) * scale
     cols = t * tile + jnp.arange(tile)
