@@ -2,6 +2,7 @@
 
     python bench/compare_losses.py --size cpu --workdir runs/compare --out docs/compare_cpu
     python bench/compare_losses.py --size gpu --workdir runs/compare_gpu --out docs/compare_gpu
+    python bench/compare_losses.py ... --losses dflash,dpace --seed 1   # another training seed
 
 Trains one drafter per objective (dflash with gamma, dpace with alpha, and the two D-PACE
 ablations), evaluates each on held-out HumanEval prompts at temperature 0 and 1 (DFlash's
@@ -28,10 +29,11 @@ def read_metrics(workdir: Path) -> list[dict]:
 
 
 def train_and_evaluate(base_config, loss: str, workdir: Path, target: Path, data: Path,
-                       temperatures, progress: bool) -> dict:
+                       temperatures, progress: bool, seed: int) -> dict:
     from dpace_jax import evaluation, trainer
 
     config = base_config.copy_and_resolve_references()
+    config.seed = seed  # the drafter's init, anchor sampling and data order; not the target's
     config.workdir = str(workdir)
     config.target.path = str(target)
     config.data.paths = (str(data),)
@@ -49,7 +51,7 @@ def train_and_evaluate(base_config, loss: str, workdir: Path, target: Path, data
     return {"train": summary["final_metrics"], "metrics": read_metrics(workdir), "eval": evals}
 
 
-def markdown(results: dict, config, command: str, device: str, seconds: float) -> str:
+def markdown(results: dict, config, command: str, device: str, seconds: float, seed: int) -> str:
     k = config.drafter.block_size
     temps = list(next(iter(results.values()))["eval"])
     lines = [
@@ -59,7 +61,7 @@ def markdown(results: dict, config, command: str, device: str, seconds: float) -
         f"Device: {device}; date {time.strftime('%Y-%m-%d')}; wall time {seconds / 60:.1f} min.  ",
         f"Target `{config.target.path}`, drafter {config.drafter.num_layers} layers, block {k}, "
         f"{config.train.max_steps} steps of batch {config.train.batch_size} "
-        f"({config.train.num_anchors} anchors), lr {config.train.lr}, seed {config.seed}; "
+        f"({config.train.num_anchors} anchors), lr {config.train.lr}, training seed {seed}; "
         f"dflash gamma {config.train.gamma}, dpace alpha {config.train.alpha}.  ",
         f"Evaluation: {config.eval.num_samples} held-out HumanEval prompts, up to "
         f"{config.eval.max_new_tokens} new tokens, temperatures {', '.join(temps)} "
@@ -130,6 +132,9 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=0, help="training steps (0: the demo config's)")
     p.add_argument("--eval-samples", type=int, default=0, help="HumanEval prompts (0: config's)")
     p.add_argument("--temperatures", default="0,1")
+    p.add_argument("--seed", type=int, default=None,
+                   help="training seed (drafter init, anchors, data order); the target and the "
+                        "data stay those of the config's seed. Default: the config's seed")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     command = "python bench/compare_losses.py " + " ".join(shlex.quote(a) for a in
@@ -161,13 +166,15 @@ def main(argv=None) -> None:
     data = workdir / "data" / "regenerated.jsonl"
 
     temperatures = [float(t) for t in args.temperatures.split(",")]
+    seed = base.seed if args.seed is None else args.seed
+    runs = workdir if seed == base.seed else workdir / f"seed{seed}"
     results = {}
     for loss in args.losses.split(","):
-        results[loss] = train_and_evaluate(base, loss, workdir / loss, target, data,
-                                           temperatures, not args.no_progress)
+        results[loss] = train_and_evaluate(base, loss, runs / loss, target, data,
+                                           temperatures, not args.no_progress, seed)
     seconds = time.perf_counter() - t0
     device = f"{jax.devices()[0].platform}:{getattr(jax.devices()[0], 'device_kind', '')}"
-    report = markdown(results, base, command, device, seconds)
+    report = markdown(results, base, command, device, seconds, seed)
     (out / "results.md").write_text(report)
     (out / "results.json").write_text(json.dumps(
         {loss: {"train": r["train"], "eval": {t: {k: v for k, v in e.items() if k != "samples"}
