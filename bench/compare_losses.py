@@ -91,19 +91,24 @@ def plot(results: dict, out: Path, block_size: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, loss in zip(axes, ("dpace", "dpace-cumulative-confidence-only"), strict=True):
-        rows = results.get(loss, {}).get("metrics", [])
-        steps = [r["step"] for r in rows]
-        for k in range(1, block_size):
-            ax.plot(steps, [r["weight_per_position"][k] for r in rows], label=f"k={k}")
-        ax.set_title(f"{loss}: mean weight per block position")
-        ax.set_xlabel("step")
-        ax.set_ylabel("mean weight")
-    axes[0].legend(ncol=2, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "weights.png", dpi=110)
-    plt.close(fig)
+    # The paper's weight-dynamics figure, for the objectives with data-dependent weights.
+    weighted = [loss for loss in ("dpace", "dpace-cumulative-confidence-only")
+                if results.get(loss, {}).get("metrics")]
+    if weighted:
+        fig, axes = plt.subplots(1, len(weighted), figsize=(6 * len(weighted), 4.5),
+                                 squeeze=False)
+        for ax, loss in zip(axes[0], weighted, strict=True):
+            rows = results[loss]["metrics"]
+            steps = [r["step"] for r in rows]
+            for k in range(1, block_size):
+                ax.plot(steps, [r["weight_per_position"][k] for r in rows], label=f"k={k}")
+            ax.set_title(f"{loss}: mean weight per block position")
+            ax.set_xlabel("step")
+            ax.set_ylabel("mean weight")
+        axes[0][0].legend(ncol=2, fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "weights.png", dpi=110)
+        plt.close(fig)
 
     temps = list(next(iter(results.values()))["eval"])
     fig, axes = plt.subplots(1, len(temps), figsize=(6 * len(temps), 4.5), squeeze=False)

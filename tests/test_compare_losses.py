@@ -1,0 +1,45 @@
+"""bench/compare_losses.py's report: the markdown table and the plots, on synthetic results
+(the training runs themselves are the product's train / evaluate paths, tested elsewhere)."""
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import compare_losses as cl  # noqa: E402
+from dpace_jax.demo.config import get_config  # noqa: E402
+
+K = 4
+
+
+def _result(tau0, tau1, with_metrics):
+    hist = [0, 5, 3, 1, 1]
+    metrics = [{"step": s, "weight_per_position": [0.0] + [s / 10 / k for k in range(1, K)]}
+               for s in (10, 20, 30)] if with_metrics else []
+    return {"train": {"accuracy_per_position": [1.0, 0.9, 0.8, 0.7]}, "metrics": metrics,
+            "eval": {"0": {"tau": tau0, "histogram": hist}, "1": {"tau": tau1, "histogram": hist}}}
+
+
+def test_markdown_names_seed_and_gain():
+    config = get_config("cpu")
+    results = {"dflash": _result(2.0, 1.0, False), "dpace": _result(2.2, 1.1, True)}
+    text = cl.markdown(results, config, "python bench/compare_losses.py --seed 3", "cpu:cpu",
+                       90.0, seed=3)
+    assert "training seed 3" in text and "--seed 3" in text
+    assert "| dpace | 2.200 | 1.100 | 5 3 1 1 | 0.90 0.80 0.70 |" in text
+    assert "D-PACE vs DFlash at T=0: +10.0% tau." in text
+    assert "D-PACE vs DFlash at T=1: +10.0% tau." in text
+
+
+def test_plots_only_the_weighted_objectives_that_ran(tmp_path):
+    both = {"dflash": _result(2.0, 1.0, False), "dpace": _result(2.2, 1.1, True)}
+    cl.plot(both, tmp_path, K)
+    assert (tmp_path / "weights.png").stat().st_size > 0
+    assert (tmp_path / "histograms.png").stat().st_size > 0
+    unweighted = tmp_path / "dflash_only"
+    unweighted.mkdir()
+    cl.plot({"dflash": _result(2.0, 1.0, False)}, unweighted, K)
+    assert not (unweighted / "weights.png").exists()  # no empty weight panel
+    assert (unweighted / "histograms.png").exists()
