@@ -9,6 +9,9 @@ ablations), evaluates each on held-out HumanEval prompts at temperature 0 and 1 
 match-the-target-sample rule), and writes to OUT: `results.md` (tau, acceptance histogram, final
 per-position training accuracy), `results.json`, `weights.png` (mean D-PACE weight per block
 position over training: the paper's weight-dynamics figure) and `histograms.png`.
+
+Every stage is cached under WORKDIR: the same command after an interruption (e.g. a device's
+per-call time limit) resumes the training in progress and evaluates only what is missing.
 """
 
 from __future__ import annotations
@@ -41,14 +44,30 @@ def train_and_evaluate(base_config, loss: str, workdir: Path, target: Path, data
     config.data.demo = False
     config.train.loss = loss
     config.train.progress = progress
-    summary = trainer.run(config)
+    summary = trainer.run(config)  # resumes, or only re-exports a finished run
+    if not summary["finished"]:
+        raise RuntimeError(f"{workdir}: training stopped before its last step")
+    metrics = read_metrics(workdir)
     evals = {}
     for t in temperatures:
         config.eval.temperature = float(t)
-        report = evaluation.evaluate(config, progress=progress,
-                                     output=str(workdir / f"eval_T{t:g}.json"))
+        path = workdir / f"eval_T{t:g}.json"
+        report = cached_eval(path, config) or evaluation.evaluate(config, progress=progress,
+                                                                  output=str(path))
         evals[f"{t:g}"] = report["benchmarks"]["humaneval"]
-    return {"train": summary["final_metrics"], "metrics": read_metrics(workdir), "eval": evals}
+    return {"train": metrics[-1], "metrics": metrics, "eval": evals}
+
+
+def cached_eval(path: Path, config) -> dict | None:
+    """The evaluation report at `path` if it was made with this very config (the finished,
+    deterministic training of these settings), else None: a re-run after an interruption
+    evaluates only what is missing."""
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    same = json.loads(json.dumps(config.to_dict(), default=str)) == report.get("config")
+    return report if same else None
 
 
 def markdown(results: dict, config, command: str, device: str, seconds: float, seed: int) -> str:
@@ -58,7 +77,8 @@ def markdown(results: dict, config, command: str, device: str, seconds: float, s
         "# D-PACE vs DFlash on the embedded demo target",
         "",
         f"Command: `{command}`  ",
-        f"Device: {device}; date {time.strftime('%Y-%m-%d')}; wall time {seconds / 60:.1f} min.  ",
+        f"Device: {device}; date {time.strftime('%Y-%m-%d')}; wall time {seconds / 60:.1f} min "
+        "(this invocation: stages cached by an earlier one are not counted).  ",
         f"Target `{config.target.path}`, drafter {config.drafter.num_layers} layers, block {k}, "
         f"{config.train.max_steps} steps of batch {config.train.batch_size} "
         f"({config.train.num_anchors} anchors), lr {config.train.lr}, training seed {seed}; "

@@ -43,3 +43,20 @@ def test_plots_only_the_weighted_objectives_that_ran(tmp_path):
     cl.plot({"dflash": _result(2.0, 1.0, False)}, unweighted, K)
     assert not (unweighted / "weights.png").exists()  # no empty weight panel
     assert (unweighted / "histograms.png").exists()
+
+
+def test_cached_eval_only_for_the_same_config(tmp_path):
+    import json
+
+    config = get_config("cpu")
+    path = tmp_path / "eval_T0.json"
+    assert cl.cached_eval(path, config) is None  # nothing yet
+    report = {"benchmarks": {"humaneval": {"tau": 2.0}},
+              "config": json.loads(json.dumps(config.to_dict(), default=str))}
+    path.write_text(json.dumps(report, indent=1, default=str))
+    assert cl.cached_eval(path, config)["benchmarks"]["humaneval"]["tau"] == 2.0
+    other = config.copy_and_resolve_references()
+    other.seed = 1  # another training: the report is not reused
+    assert cl.cached_eval(path, other) is None
+    path.write_text(path.read_text()[:40])  # a report cut off mid-write
+    assert cl.cached_eval(path, config) is None
