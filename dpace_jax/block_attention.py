@@ -200,7 +200,8 @@ def _flash_layout(q, kb, vb, ck, cv, anchors, chunk, tile):
     qg = _pad_blocks(q.reshape(b, n, kk, g, h // g, e), groups, chunk)  # [J, B, c, K, G, R, E]
     qg = qg.reshape(groups, b, chunk * kk, g, h // g, e)
     kbg, vbg = _pad_blocks(kb, groups, chunk), _pad_blocks(vb, groups, chunk)
-    ag = _pad_blocks(anchors.astype(jnp.int32), groups, chunk)  # [J, B, c]
+    # An anchor past the context sees all of it (as in `dense`).
+    ag = _pad_blocks(jnp.minimum(anchors.astype(jnp.int32), s), groups, chunk)  # [J, B, c]
     row_anchor = jnp.repeat(ag, kk, axis=2)  # [J, B, C]
     tiles = (jnp.max(ag, axis=(1, 2)) + tile - 1) // tile  # [J], the same for all sequences
     return qg, kbg, vbg, ck, cv, row_anchor, tiles.astype(jnp.int32)

@@ -15,8 +15,9 @@ TARGET = model.ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, 
 CFG = DrafterConfig.for_target(TARGET, num_layers=2, block_size=4, mask_token_id=96,
                                target_layer_ids=(0, 2))
 B, N, K, H, G, E, S = 2, 5, 4, 4, 2, 8, 37
-# Ragged, unsorted in the second row, with a padding anchor 0 (sees no context).
-ANCHORS = jnp.asarray([[0, 3, 7, 20, 33], [9, 2, 1, 15, 0]], jnp.int32)
+# Ragged, unsorted in the second row, with a padding anchor 0 (sees no context) and one past
+# the context (sees all of it).
+ANCHORS = jnp.asarray([[0, 3, 7, 20, 33], [9, 2, 1, 40, 0]], jnp.int32)
 
 
 def _inputs(dtype=jnp.float32, seed=0):
