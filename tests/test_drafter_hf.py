@@ -10,28 +10,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from drafter_fixtures import CFG, S, random_like
 from safetensors.numpy import load_file, save_file
 
 from dpace_jax import model
 from dpace_jax.drafter import DrafterConfig, init_drafter_params, train_forward
 from dpace_jax.drafter_hf import export_drafter, import_drafter
-
-TARGET = model.ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=6,
-                           num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0)
-CFG = DrafterConfig.for_target(TARGET, num_layers=2, block_size=4, mask_token_id=96)
-S = 24
-NORMS = ("attn_norm", "mlp_norm", "q_norm", "k_norm", "hidden_norm", "final_norm")
-
-
-def random_like(init, cfg, seed, scale):
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        noise = rng.standard_normal(leaf.shape).astype(np.float32)
-        return jnp.asarray(1 + 0.2 * noise if path[-1].key in NORMS else scale * noise)
-
-    shapes = jax.eval_shape(lambda k: init(cfg, k), jax.random.PRNGKey(0))
-    return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 @pytest.fixture(scope="module")
