@@ -41,8 +41,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import common
+from dpace_jax import block_attention
 from dpace_jax import drafter as drafter_lib
 from dpace_jax import loss as loss_lib
+from dpace_jax import model as model_lib
 from dpace_jax import sharding as shard_lib
 from dpace_jax import train_step as step_lib
 
@@ -56,13 +58,13 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=20, help="timed steps per loss (median)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     p.add_argument("--remat", action="store_true", help="recompute drafter layers in backward")
-    p.add_argument("--attention", default="dense", choices=("dense", "flash"),
+    p.add_argument("--attention", default="dense", choices=block_attention.IMPLEMENTATIONS,
                    help="drafter block attention (dpace_jax.block_attention)")
     p.add_argument("--attention-chunk", type=int, default=0,
                    help="blocks per attention group (dense: 0 = all at once; flash: 0 = 64)")
-    p.add_argument("--attention-tile", type=int, default=1024,
+    p.add_argument("--attention-tile", type=int, default=block_attention.DEFAULT_FLASH_TILE,
                    help="context columns per flash step")
-    p.add_argument("--target-attention", default="xla", choices=("xla", "cudnn"),
+    p.add_argument("--target-attention", default="xla", choices=model_lib.TRAIN_ATTENTION,
                    help="target forward attention (cudnn: fused, NVIDIA GPUs)")
     p.add_argument("--loss-chunk-size", type=int, default=2048, help="rows per LM-head chunk")
     p.add_argument("--losses", default=",".join(LOSSES), help="comma-separated loss names")

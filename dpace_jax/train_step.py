@@ -17,7 +17,7 @@ import optax
 from jax.sharding import Mesh
 
 from dpace_jax import anchors as anchor_lib
-from dpace_jax import chunked_loss
+from dpace_jax import block_attention, chunked_loss
 from dpace_jax import drafter as drafter_lib
 from dpace_jax import loss as loss_lib
 from dpace_jax import model as model_lib
@@ -46,7 +46,7 @@ class StepConfig:
     remat: bool = False  # recompute drafter layers in the backward pass (less memory)
     attention: str = "dense"  # drafter block attention: dense | flash
     attention_chunk: int = 0  # blocks per group (dense: 0 = all at once; flash: 0 = 64)
-    attention_tile: int = drafter_lib.block_attention.DEFAULT_FLASH_TILE  # flash: columns/step
+    attention_tile: int = block_attention.DEFAULT_FLASH_TILE  # flash: columns/step
     target_attention: str = "xla"  # target forward attention: xla | cudnn (GPU)
 
     def __post_init__(self):
@@ -62,9 +62,9 @@ class StepConfig:
 
 def check_attention_options(attention: str, chunk: int, tile: int, target_attention: str):
     """ValueError naming the train.* field when an attention setting is not valid."""
-    if attention not in drafter_lib.block_attention.IMPLEMENTATIONS:
+    if attention not in block_attention.IMPLEMENTATIONS:
         raise ValueError(f"train.attention={attention!r}; expected one of "
-                         f"{drafter_lib.block_attention.IMPLEMENTATIONS}")
+                         f"{block_attention.IMPLEMENTATIONS}")
     if chunk < 0 or tile < 1:
         raise ValueError(f"train.attention_chunk={chunk} must be >= 0 and "
                          f"train.attention_tile={tile} >= 1")
