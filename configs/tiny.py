@@ -10,7 +10,7 @@ def get_config():
     c.target.dtype = "float32"
     c.drafter.num_layers = 2
     c.drafter.block_size = 8
-    c.drafter.target_layer_ids = (0, 1)  # the random target has 2 layers
+    c.drafter.target_layer_ids = (0, 1)  # the random target has 3: avoid the last one
     c.data.demo = True
     c.data.demo_samples = 256
     c.data.max_length = 256

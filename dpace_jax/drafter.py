@@ -24,6 +24,7 @@ Two modes share the weights:
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -142,6 +143,29 @@ class DrafterConfig:
             max_position_embeddings=self.max_position_embeddings,
             arch="qwen3",
         )
+
+
+_WARNED_LAST_LAYER: set = set()
+
+
+def warn_if_last_layer(target_layer_ids, num_target_layers: int, field: str) -> bool:
+    """Warn (once per field and value) when the feature layers include the target's last layer.
+    Its feature is HF's hidden_states[L], the state after the final norm, which is what this
+    package and DFlash's reference decoder use; serving engines that capture auxiliary hidden
+    states before the final norm would feed the drafter something else. Returns whether it
+    applies."""
+    ids = tuple(int(j) for j in target_layer_ids)
+    if num_target_layers - 1 not in ids:
+        return False
+    key = (field, ids, num_target_layers)
+    if key not in _WARNED_LAST_LAYER:
+        _WARNED_LAST_LAYER.add(key)
+        warnings.warn(
+            f"{field}={list(ids)} includes the target's last layer ({num_target_layers - 1}): "
+            "its feature is the state after the target's final norm (HF hidden_states[L]), "
+            "which some serving engines do not capture; prefer layers below "
+            f"{num_target_layers - 1}", UserWarning, stacklevel=2)
+    return True
 
 
 def check_compatible(cfg: DrafterConfig, target_cfg: ModelConfig, source: str = "drafter") -> None:

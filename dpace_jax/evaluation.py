@@ -141,6 +141,8 @@ def check_drafter(loaded: LoadedDrafter, target_cfg: ModelConfig, tokenizer=None
     the target's positions; as recorded by the run that trained it)."""
     cfg, src = loaded.config, loaded.source
     drafter_lib.check_compatible(cfg, target_cfg, source=src)
+    drafter_lib.warn_if_last_layer(cfg.target_layer_ids, target_cfg.num_layers,
+                                   f"{src}: target_layer_ids")
     if loaded.expected is not None:
         want = drafter_hf.config_from_hf(loaded.expected, "run_config.json field 'drafter'")
         for field in ("block_size", "mask_token_id", "target_layer_ids", "hidden_size"):

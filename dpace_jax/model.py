@@ -153,7 +153,7 @@ def _einsum_attention(q, keys, values, mask):
 
 
 def _early_stopped_features(stacked, x, cos, sin, cfg: ModelConfig, attend, ids):
-    """Features of decoder layers `ids` running only layers 0..max(ids): a scan over layer
+    """Outputs of decoder layers `ids` running only layers 0..max(ids): a scan over layer
     indices reads each layer's weights in place (no copy of a slice of the stack) and writes its
     output into a buffer [U + 1, B, T, D] with a slot per distinct id and a last, trash slot."""
     distinct = sorted(set(ids))
@@ -172,7 +172,16 @@ def _early_stopped_features(stacked, x, cos, sin, cfg: ModelConfig, attend, ids)
 
     n = len(slot_of)
     (_, buf), _ = jax.lax.scan(step, (x, buf), jnp.arange(n, dtype=jnp.int32))
-    return jnp.concatenate([buf[distinct.index(j)] for j in ids], axis=-1)
+    return [buf[distinct.index(j)] for j in ids]
+
+
+def _features(layer_outputs, ids, final_norm, cfg: ModelConfig) -> jax.Array:
+    """Concatenate the features of layer ids `ids` from their decoder-layer outputs: HF's
+    `output_hidden_states[j + 1]`, which for the last layer is the state after the final norm."""
+    last = cfg.num_layers - 1
+    return jnp.concatenate(
+        [layers.rms_norm(x, final_norm, cfg.rms_norm_eps) if j == last else x
+         for j, x in zip(ids, layer_outputs, strict=True)], axis=-1)
 
 
 def forward(
@@ -190,12 +199,14 @@ def forward(
 
     Without a cache: a causal forward at positions 0..T-1. With a cache: sequence b's tokens sit
     at positions start[b]..start[b]+T-1, are written into the cache there, and attend to cache
-    slots up to their own position. `feature_layers` are decoder-layer ids (0-based; HF
-    hidden_states[j + 1]; any order, repeats allowed) whose outputs are concatenated into
-    `features`.
+    slots up to their own position. `feature_layers` are decoder-layer ids (0-based; any order,
+    repeats allowed) whose features are concatenated into `features`. The feature of layer j is
+    HF's `output_hidden_states[j + 1]`: the output of decoder layer j, and for the last layer the
+    state after the final norm (what DFlash's reference decoder and the serving engines feed the
+    drafter).
 
     Without a cache, with logits=False and feature_layers given (the training step), only layers
-    0..max(feature_layers) run: the final norm is skipped and `hidden` is None.
+    0..max(feature_layers) run and `hidden` is None.
 
     `attention` (cache-free forward only; the cached forward always uses "xla"):
       "xla"             our einsum attention (layers.attention_logits / masked_softmax);
@@ -232,8 +243,9 @@ def forward(
             return layers.causal_attention(q, k, v, ATTENTION[attention]), None
 
         if feature_layers and not logits:
-            features = _early_stopped_features(params["layers"], x, cos, sin, cfg, attend,
-                                               tuple(feature_layers))
+            outs = _early_stopped_features(params["layers"], x, cos, sin, cfg, attend,
+                                           tuple(feature_layers))
+            features = _features(outs, feature_layers, params["final_norm"], cfg)
             return Output(None, features, None, None)
 
         def step(x, p):
@@ -261,7 +273,8 @@ def forward(
 
     features = None
     if feature_layers:
-        features = jnp.concatenate([per_layer[j] for j in feature_layers], axis=-1)
+        features = _features([per_layer[j] for j in feature_layers], feature_layers,
+                             params["final_norm"], cfg)
     hidden = layers.rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     out_logits = lm_head(params, hidden) if logits else None
     return Output(out_logits, features, new_cache, hidden)

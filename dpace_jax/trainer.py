@@ -68,7 +68,9 @@ def mask_token_id(config, tokenizer, target_cfg: model_lib.ModelConfig) -> int:
 def build_drafter_config(config, target_cfg, tokenizer) -> drafter_lib.DrafterConfig:
     if config.drafter.init_from:
         _, dcfg = drafter_hf.import_drafter(config.drafter.init_from)
+        field = f"{config.drafter.init_from}: dflash_config.target_layer_ids"
     else:
+        field = "drafter.target_layer_ids"
         ids = tuple(int(i) for i in config.drafter.target_layer_ids) or None
         dcfg = drafter_lib.DrafterConfig.for_target(
             target_cfg,
@@ -78,6 +80,7 @@ def build_drafter_config(config, target_cfg, tokenizer) -> drafter_lib.DrafterCo
             target_layer_ids=ids,
         )
     drafter_lib.check_compatible(dcfg, target_cfg, source="drafter config")
+    drafter_lib.warn_if_last_layer(dcfg.target_layer_ids, target_cfg.num_layers, field)
     return dcfg
 
 

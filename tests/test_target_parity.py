@@ -17,10 +17,12 @@ from hf_fixtures import make_tiny_hf_target, torch_outputs
 
 from dpace_jax import convert
 from dpace_jax.layers import rope_inv_freq
-from dpace_jax.model import forward
+from dpace_jax.model import KVCache, forward
 
 LAYERS = 3
-FEATURE_LAYERS = (0, 1)  # < L - 1: HF's last hidden_states entry is after the final norm
+# Every layer id, the last one included (HF's hidden_states[L] is after the final norm), in an
+# order with a repeat.
+FEATURE_LAYERS = (2, 0, 1, 2)
 CASES = {
     "qwen3-tied": dict(arch="qwen3", tie=True),
     "qwen3-untied": dict(arch="qwen3", tie=False),
@@ -66,6 +68,22 @@ def test_logits_and_features_match_pytorch(build, name):
     ref_features = np.concatenate([ref_hidden[j + 1] for j in FEATURE_LAYERS], axis=-1)
     np.testing.assert_allclose(np.asarray(out.features), ref_features, atol=1e-4, rtol=0)
     assert np.abs(ref_logits).max() > 0.5  # the comparison is not between near-zero numbers
+    np.testing.assert_allclose(np.asarray(out.hidden), ref_hidden[LAYERS], atol=1e-4, rtol=0)
+
+    # The training forward (stops after the deepest feature layer, no logits) and the cached
+    # forward (prefill of 30 tokens, then a block of 18) make the same features.
+    early = jit_forward(params, cfg, jnp.asarray(tokens), feature_layers=FEATURE_LAYERS,
+                        logits=False)
+    np.testing.assert_allclose(np.asarray(early.features), ref_features, atol=1e-4, rtol=0)
+    cache = KVCache.zeros(cfg, tokens.shape[0], 64, jnp.float32)
+    parts = []
+    for lo, hi in ((0, 30), (30, 48)):
+        start = jnp.full((tokens.shape[0],), lo, jnp.int32)
+        step = forward(params, cfg, jnp.asarray(tokens[:, lo:hi]), cache=cache, start=start,
+                       feature_layers=FEATURE_LAYERS)
+        cache = step.cache
+        parts.append(np.asarray(step.features))
+    np.testing.assert_allclose(np.concatenate(parts, axis=1), ref_features, atol=1e-4, rtol=0)
 
 
 def test_llama3_scaling_is_exercised(build):

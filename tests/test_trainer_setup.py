@@ -63,3 +63,16 @@ def test_too_few_samples_for_one_batch():
         trainer.total_steps(c, 5)
     c.train.epochs = 2
     assert trainer.total_steps(c, 20) == 4
+
+
+def test_feature_layers_with_the_last_target_layer_warn_once():
+    import warnings
+
+    tok = make_tiny_tokenizer()
+    with pytest.warns(UserWarning, match=r"drafter.target_layer_ids=\[1, 5\] includes the "
+                                         r"target's last layer \(5\)"):
+        trainer.build_drafter_config(_config(target_layer_ids=(1, 5)), TARGET, tok)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer.build_drafter_config(_config(target_layer_ids=(1, 5)), TARGET, tok)  # once
+        trainer.build_drafter_config(_config(target_layer_ids=(1, 4)), TARGET, tok)  # no warning

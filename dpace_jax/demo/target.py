@@ -77,7 +77,7 @@ DEMO_SIZES: dict[str, DemoSize] = {
                     save_dtype="bfloat16"),
 }
 
-RANDOM_DEFAULTS = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
+RANDOM_DEFAULTS = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=3,
                        num_heads=4, num_kv_heads=2, head_dim=16, tie_word_embeddings=True)
 RANDOM_CORPUS_BYTES = 200_000
 
