@@ -44,6 +44,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.drafter.mask_token_id = -1  # -1: the tokenizer's <|MASK|>, else len(tokenizer)
     c.drafter.target_layer_ids = ()  # () -> round(1 + i * (L - 4) / (n - 1))
     c.drafter.init_from = ""  # a DFlash HF directory to start from (fine-tuning)
+    # Attention per drafter layer: () -> every layer sliding_attention when sliding_window > 0,
+    # else full_attention; or one "full_attention" / "sliding_attention" per layer.
+    c.drafter.layer_types = ()
+    c.drafter.sliding_window = 0  # W of the sliding layers (0: none)
+    c.drafter.is_causal = False  # full_attention layers causal inside the block as well
 
     c.data = ml_collections.ConfigDict()
     c.data.paths = ()  # JSONL / JSON / Parquet files or dirs, or hub ids

@@ -13,6 +13,9 @@ values of the block; queries come from the block only.
 
 A block at anchor a holds [token a, MASK, ..., MASK] at absolute positions a..a+K-1. It sees the
 context slots s < a and all K positions of its own block (bidirectional), never another block.
+Per layer (`layer_types`): a "sliding_attention" layer sees only the context slots s with
+a + k - sliding_window < s < a from block position k, and block positions 0..k (causal);
+`is_causal` makes the "full_attention" layers causal inside the block too.
 
 Two modes share the weights:
   training  `train_forward`: all N blocks of a sequence at once, context = the whole sequence.
@@ -51,6 +54,9 @@ def default_target_layer_ids(num_target_layers: int, num_features: int) -> tuple
     return ids
 
 
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
 @dataclasses.dataclass(frozen=True)
 class DrafterConfig:
     hidden_size: int
@@ -68,9 +74,29 @@ class DrafterConfig:
     rms_norm_eps: float = 1e-6
     rope_scaling: tuple[tuple[str, Any], ...] | None = None  # hashable form, as in ModelConfig
     max_position_embeddings: int = 40960
+    layer_types: tuple[str, ...] = ()  # per layer, from LAYER_TYPES; () = all full_attention
+    sliding_window: int = 0  # W of the sliding_attention layers (0: none)
+    is_causal: bool = False  # full_attention layers causal inside the block as well
 
     def __post_init__(self):
         object.__setattr__(self, "target_layer_ids", tuple(int(j) for j in self.target_layer_ids))
+        types = tuple(str(t) for t in self.layer_types) or ("full_attention",) * self.num_layers
+        object.__setattr__(self, "layer_types", types)
+        if len(types) != self.num_layers:
+            raise ValueError(f"drafter config: layer_types has {len(types)} entries, expected one "
+                             f"per layer (num_layers={self.num_layers})")
+        unknown = sorted({t for t in types if t not in LAYER_TYPES})
+        if unknown:
+            raise ValueError(f"drafter config: layer_types {unknown} unknown; expected "
+                             f"{' or '.join(LAYER_TYPES)}")
+        if int(self.sliding_window) < 0 or ("sliding_attention" in types
+                                            and int(self.sliding_window) < 1):
+            raise ValueError(f"drafter config: sliding_window={self.sliding_window}; sliding_"
+                             "attention layers need a window >= 1")
+        if "sliding_attention" not in types:  # the window has no effect: one spelling of it
+            object.__setattr__(self, "sliding_window", 0)
+        object.__setattr__(self, "sliding_window", int(self.sliding_window))
+        object.__setattr__(self, "is_causal", bool(self.is_causal))
         positive = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                     "head_dim", "vocab_size", "num_target_layers")
         for name in positive:
@@ -93,7 +119,8 @@ class DrafterConfig:
 
     @classmethod
     def for_target(cls, target_cfg: ModelConfig, *, num_layers: int = 5, block_size: int = 16,
-                   mask_token_id: int, target_layer_ids=None) -> DrafterConfig:
+                   mask_token_id: int, target_layer_ids=None, layer_types=(),
+                   sliding_window: int = 0, is_causal: bool = False) -> DrafterConfig:
         """A drafter with the target's widths (as DFlash builds it) and `num_layers` layers; the
         default feature layers are `default_target_layer_ids(L, num_layers)`."""
         if target_layer_ids is None:
@@ -114,7 +141,21 @@ class DrafterConfig:
             rms_norm_eps=target_cfg.rms_norm_eps,
             rope_scaling=target_cfg.rope_scaling,
             max_position_embeddings=target_cfg.max_position_embeddings,
+            layer_types=tuple(layer_types),
+            sliding_window=int(sliding_window),
+            is_causal=bool(is_causal),
         )
+
+    @property
+    def layer_windows(self) -> tuple[int, ...]:
+        """Per layer, the sliding window (0 for full_attention layers)."""
+        return tuple(self.sliding_window if t == "sliding_attention" else 0
+                     for t in self.layer_types)
+
+    @property
+    def layer_causal(self) -> tuple[bool, ...]:
+        """Per layer, whether block positions see only the block positions up to their own."""
+        return tuple(t == "sliding_attention" or self.is_causal for t in self.layer_types)
 
     @property
     def num_features(self) -> int:
@@ -229,15 +270,17 @@ def context_kv(params, cfg: DrafterConfig, c: jax.Array,
     return jax.vmap(lambda p: _layer_context_kv(p, cfg, c, cos, sin))(params["layers"])
 
 
-def _drafter_layer(x, p, cfg: DrafterConfig, cos, sin, ck, cv, anchors, attention: dict):
-    """One drafter layer on block hidden x [B, N, K, D] with this layer's context ck/cv;
-    `attention` holds the keyword arguments of `block_attention.attend`."""
+def _drafter_layer(x, p, cfg: DrafterConfig, cos, sin, ck, cv, anchors, mask, attention: dict):
+    """One drafter layer on block hidden x [B, N, K, D] with this layer's context ck/cv and
+    mask = (window, causal) (scalars, see block_attention); `attention` holds the remaining
+    keyword arguments of `block_attention.attend`."""
     h = layers.rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
     q = layers.apply_rope(layers.project_q(h, p, cfg.rms_norm_eps), cos, sin)
     kb, vb = layers.project_kv(h, p, cfg.rms_norm_eps)
     kb = layers.apply_rope(kb, cos, sin)
+    window, causal = mask
     attn = block_attention.attend(q, kb, vb, ck.astype(x.dtype), cv.astype(x.dtype), anchors,
-                                  **attention)
+                                  window=window, causal=causal, **attention)
     x = x + layers.output_projection(attn, p)
     h = layers.rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
     return x + layers.mlp(h, p)
@@ -252,24 +295,26 @@ def _run_blocks(params, cfg: DrafterConfig, x, anchors, context, remat: bool,
     anchors = anchors.astype(jnp.int32)
     positions = anchors[:, :, None] + jnp.arange(cfg.block_size, dtype=jnp.int32)
     cos, sin = layers.rope_cos_sin(positions, _inv_freq(cfg))  # [B, N, K, E]
+    masks = (jnp.asarray(cfg.layer_windows, jnp.int32), jnp.asarray(cfg.layer_causal, bool))
 
     if context[0] == "kv":
         _, ctx_k, ctx_v = context
 
         def step(x, inputs):
-            p, ck, cv = inputs
-            return _drafter_layer(x, p, cfg, cos, sin, ck, cv, anchors, attention), None
+            p, ck, cv, mask = inputs
+            return _drafter_layer(x, p, cfg, cos, sin, ck, cv, anchors, mask, attention), None
 
-        xs = (params["layers"], ctx_k, ctx_v)
+        xs = (params["layers"], ctx_k, ctx_v, masks)
     else:
         _, c, ctx_pos = context
         ccos, csin = layers.rope_cos_sin(ctx_pos, _inv_freq(cfg))
 
-        def step(x, p):
+        def step(x, inputs):
+            p, mask = inputs
             ck, cv = _layer_context_kv(p, cfg, c, ccos, csin)
-            return _drafter_layer(x, p, cfg, cos, sin, ck, cv, anchors, attention), None
+            return _drafter_layer(x, p, cfg, cos, sin, ck, cv, anchors, mask, attention), None
 
-        xs = params["layers"]
+        xs = (params["layers"], masks)
     if remat:
         step = jax.checkpoint(step)
     x, _ = jax.lax.scan(step, x, xs)
@@ -286,7 +331,8 @@ def block_forward(params, cfg: DrafterConfig, x: jax.Array, anchors: jax.Array,
                   ctx_k: jax.Array, ctx_v: jax.Array) -> jax.Array:
     """Blocks x [B, N, K, D] at anchors [B, N] against context k/v [L, B, S, G, E] ->
     hidden [B, N, K, D] after the final norm. Block n of sequence b sees context slots
-    s < anchors[b, n] and its own K positions (at absolute positions anchor + k)."""
+    s < anchors[b, n] (within each sliding layer's window) and its own K positions (at absolute
+    positions anchor + k)."""
     _check_block(x, cfg)
     return _run_blocks(params, cfg, x, anchors, ("kv", ctx_k, ctx_v), remat=False)
 

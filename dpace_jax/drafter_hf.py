@@ -3,7 +3,9 @@
 A directory with
   config.json        a Qwen3 config with architectures ["DFlashDraftModel"], num_hidden_layers =
                      drafter depth, block_size, num_target_layers and
-                     dflash_config {mask_token_id, target_layer_ids}
+                     dflash_config {mask_token_id, target_layer_ids}; the attention of each
+                     layer in layer_types ("full_attention" / "sliding_attention"), with
+                     sliding_window (use_sliding_window true when a layer slides) and is_causal
   model.safetensors  layers.{i}.self_attn.{q,k,v,o}_proj.weight, layers.{i}.self_attn.{q,k}_norm
                      .weight, layers.{i}.mlp.{gate,up,down}_proj.weight,
                      layers.{i}.{input,post_attention}_layernorm.weight, norm.weight, fc.weight,
@@ -64,7 +66,11 @@ def config_to_hf(cfg: DrafterConfig, dtype_name: str = "bfloat16") -> dict:
         "hidden_act": "silu",
         "attention_bias": False,
         "attention_dropout": 0.0,
-        "use_sliding_window": False,
+        "layer_types": list(cfg.layer_types),
+        # transformers' Qwen3Config keeps sliding_window only when use_sliding_window is set
+        "use_sliding_window": "sliding_attention" in cfg.layer_types,
+        "sliding_window": cfg.sliding_window if "sliding_attention" in cfg.layer_types else None,
+        "is_causal": cfg.is_causal,
         "tie_word_embeddings": False,
         "block_size": cfg.block_size,
         "num_target_layers": cfg.num_target_layers,
@@ -88,9 +94,12 @@ def config_from_hf(hf: dict, source: str = CONFIG_NAME) -> DrafterConfig:
     for name in ("mask_token_id", "target_layer_ids"):
         if dflash.get(name) is None:
             raise ValueError(f"{source}: missing field 'dflash_config.{name}'")
+    if hf.get("block_size") is None and dflash.get("block_size") is not None:
+        hf = {**hf, "block_size": dflash["block_size"]}  # some drafters keep it there
     for name in ("block_size", "num_target_layers"):
         if hf.get(name) is None:
             raise ValueError(f"{source}: missing field {name!r}")
+    layer_types, window = _attention_layout(hf, base.num_layers, source)
     try:
         return DrafterConfig(
             hidden_size=base.hidden_size,
@@ -108,9 +117,39 @@ def config_from_hf(hf: dict, source: str = CONFIG_NAME) -> DrafterConfig:
             rms_norm_eps=base.rms_norm_eps,
             rope_scaling=base.rope_scaling,
             max_position_embeddings=base.max_position_embeddings,
+            layer_types=layer_types,
+            sliding_window=window,
+            is_causal=bool(hf.get("is_causal") or False),
         )
     except (TypeError, ValueError) as e:
         raise ValueError(f"{source}: {e}") from None
+
+
+def _attention_layout(hf: dict, num_layers: int, source: str) -> tuple[tuple[str, ...], int]:
+    """(layer_types, sliding_window) of a config.json, read as transformers' Qwen3Config reads
+    them: sliding_window counts only with use_sliding_window; without layer_types, the layers
+    from max_window_layers (default 28) on slide. Contradictions are errors."""
+    use = bool(hf.get("use_sliding_window") or False)
+    raw_window = hf.get("sliding_window")
+    if raw_window is not None and (isinstance(raw_window, bool) or not isinstance(raw_window, int)
+                                   or raw_window < 1):
+        raise ValueError(f"{source}: field 'sliding_window' is {raw_window!r}, expected an "
+                         "integer >= 1 or null")
+    window = int(raw_window) if use and raw_window is not None else 0
+    types = hf.get("layer_types")
+    if types is None:
+        first = int(hf.get("max_window_layers", 28))
+        return tuple("sliding_attention" if window and i >= first else "full_attention"
+                     for i in range(num_layers)), window
+    if not isinstance(types, list | tuple) or not all(isinstance(t, str) for t in types):
+        raise ValueError(f"{source}: field 'layer_types' is {types!r}, expected a list of "
+                         "layer type names")
+    if "sliding_attention" in types and not window:
+        raise ValueError(f"{source}: field 'layer_types' has sliding_attention layers but "
+                         f"use_sliding_window={hf.get('use_sliding_window')!r} and "
+                         f"sliding_window={raw_window!r} give them no window (transformers "
+                         "drops sliding_window unless use_sliding_window is true)")
+    return tuple(types), window
 
 
 def _expected_shapes(cfg: DrafterConfig) -> dict[str, tuple[int, ...]]:

@@ -145,7 +145,8 @@ def check_drafter(loaded: LoadedDrafter, target_cfg: ModelConfig, tokenizer=None
                                    f"{src}: target_layer_ids")
     if loaded.expected is not None:
         want = drafter_hf.config_from_hf(loaded.expected, "run_config.json field 'drafter'")
-        for field in ("block_size", "mask_token_id", "target_layer_ids", "hidden_size"):
+        for field in ("block_size", "mask_token_id", "target_layer_ids", "hidden_size",
+                      "layer_types", "sliding_window", "is_causal"):
             if getattr(cfg, field) != getattr(want, field):
                 raise ValueError(f"{src}: {field}={getattr(cfg, field)} but the run that trained "
                                  f"it (run_config.json) has {field}={getattr(want, field)}")

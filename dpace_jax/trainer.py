@@ -65,6 +65,32 @@ def mask_token_id(config, tokenizer, target_cfg: model_lib.ModelConfig) -> int:
     return mask_id
 
 
+def attention_layout(drafter) -> dict:
+    """layer_types / sliding_window / is_causal of the drafter from config.drafter, checked."""
+    window = int(drafter.sliding_window)
+    types = tuple(str(t) for t in drafter.layer_types)
+    if window < 0:
+        raise ValueError(f"drafter.sliding_window={window} must be >= 0 (0: no sliding window)")
+    if types:
+        if len(types) != int(drafter.num_layers):
+            raise ValueError(f"drafter.layer_types has {len(types)} entries; expected one per "
+                             f"layer (drafter.num_layers={drafter.num_layers})")
+        bad = sorted({t for t in types if t not in drafter_lib.LAYER_TYPES})
+        if bad:
+            raise ValueError(f"drafter.layer_types: unknown {bad}; expected "
+                             f"{' or '.join(drafter_lib.LAYER_TYPES)}")
+        sliding = "sliding_attention" in types
+        if sliding and not window:
+            raise ValueError("drafter.layer_types has sliding_attention layers: set "
+                             "drafter.sliding_window >= 1")
+        if window and not sliding:
+            raise ValueError(f"drafter.sliding_window={window} but drafter.layer_types has no "
+                             "sliding_attention layer")
+    elif window:
+        types = ("sliding_attention",) * int(drafter.num_layers)
+    return {"layer_types": types, "sliding_window": window, "is_causal": bool(drafter.is_causal)}
+
+
 def build_drafter_config(config, target_cfg, tokenizer) -> drafter_lib.DrafterConfig:
     if config.drafter.init_from:
         _, dcfg = drafter_hf.import_drafter(config.drafter.init_from)
@@ -78,6 +104,7 @@ def build_drafter_config(config, target_cfg, tokenizer) -> drafter_lib.DrafterCo
             block_size=config.drafter.block_size,
             mask_token_id=mask_token_id(config, tokenizer, target_cfg),
             target_layer_ids=ids,
+            **attention_layout(config.drafter),
         )
     drafter_lib.check_compatible(dcfg, target_cfg, source="drafter config")
     drafter_lib.warn_if_last_layer(dcfg.target_layer_ids, target_cfg.num_layers, field)
@@ -134,13 +161,17 @@ def total_steps(config, num_samples: int) -> int:
 def run_fingerprint(config, dcfg, steps: int) -> dict:
     """Settings a resumed run must share with the run that wrote the checkpoint (the schedule
     depends on the total number of steps)."""
-    return {
+    fingerprint = {
         "total_steps": int(steps), "lr": float(config.train.lr),
         "loss": config.train.loss, "alpha": float(config.train.alpha),
         "gamma": float(config.train.gamma), "batch_size": int(config.train.batch_size),
         "seed": int(config.seed), "block_size": dcfg.block_size,
         "num_layers": dcfg.num_layers, "target_layer_ids": list(dcfg.target_layer_ids),
     }
+    if dcfg.sliding_window or dcfg.is_causal:  # absent for the DFlash mask: older runs resume
+        fingerprint.update(layer_types=list(dcfg.layer_types),
+                           sliding_window=dcfg.sliding_window, is_causal=dcfg.is_causal)
+    return fingerprint
 
 
 def _to_host(metrics: dict) -> dict:

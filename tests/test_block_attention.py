@@ -30,20 +30,26 @@ def _inputs(dtype=jnp.float32, seed=0):
             normal(B, S, G, E), normal(B, S, G, E))
 
 
-def _reference(q, kb, vb, ck, cv, anchors):
-    """Brute force in float64 NumPy: per block, softmax over [visible context ; own block]."""
+def _reference(q, kb, vb, ck, cv, anchors, window=0, causal=False):
+    """Brute force in float64 NumPy, one query row at a time: block position k of the block at
+    anchor a (absolute position a + k) takes a softmax over the context slots p < a (and, with a
+    window W > 0, p > a + k - W) followed by its block's positions (0..k when causal)."""
     q, kb, vb, ck, cv = (np.asarray(t, np.float64) for t in (q, kb, vb, ck, cv))
     out = np.zeros(q.shape)
     r = H // G
     for b in range(B):
         for n in range(N):
             a = int(anchors[b, n])
-            keys = np.concatenate([ck[b, :a], kb[b, n]])  # [a + K, G, E]
-            vals = np.concatenate([cv[b, :a], vb[b, n]])
-            for h in range(H):
-                s = q[b, n, :, h] @ keys[:, h // r].T / np.sqrt(E)
-                p = np.exp(s - s.max(-1, keepdims=True))
-                out[b, n, :, h] = (p / p.sum(-1, keepdims=True)) @ vals[:, h // r]
+            for k in range(K):
+                lo = max(a + k - window + 1, 0) if window > 0 else 0
+                ctx = list(range(lo, min(a, S)))
+                own = list(range(k + 1 if causal else K))
+                keys = np.concatenate([ck[b, ctx], kb[b, n, own]])
+                vals = np.concatenate([cv[b, ctx], vb[b, n, own]])
+                for h in range(H):
+                    s = keys[:, h // r] @ q[b, n, k, h] / np.sqrt(E)
+                    p = np.exp(s - s.max())
+                    out[b, n, k, h] = (p / p.sum()) @ vals[:, h // r]
     return out
 
 
@@ -52,18 +58,30 @@ def _loss(f):
     return lambda *a: jnp.sum(jnp.sin(f(*a, ANCHORS).astype(jnp.float32)) * w)
 
 
-@pytest.mark.parametrize("impl,chunk,tile", [("dense", 0, 0), ("dense", 2, 0), ("flash", 2, 8),
-                                             ("flash", 1, 5), ("flash", 5, 64),
-                                             ("flash", 3, 37)])
-def test_matches_brute_force_and_dense_gradients(impl, chunk, tile):
+# (implementation, chunk, tile, window, causal): the DFlash mask, its causal-block variant and
+# sliding windows wider than, narrower than and as wide as the block (1: no context at all).
+CASES = [("dense", 0, 0, 0, False), ("dense", 2, 0, 0, False), ("flash", 2, 8, 0, False),
+         ("flash", 1, 5, 0, False), ("flash", 5, 64, 0, False), ("flash", 3, 37, 0, False),
+         ("dense", 0, 0, 0, True), ("flash", 2, 8, 0, True), ("dense", 0, 0, 6, True),
+         ("flash", 2, 4, 6, True), ("flash", 1, 5, 3, True), ("flash", 5, 64, 1, True),
+         ("flash", 3, 8, 13, True)]
+
+
+@pytest.mark.parametrize("impl,chunk,tile,window,causal", CASES)
+def test_matches_brute_force_and_dense_gradients(impl, chunk, tile, window, causal):
     args = _inputs()
 
     def f(*a):
-        return ba.attend(*a, implementation=impl, chunk=chunk, tile=tile or 1024)
+        return ba.attend(*a, window=window, causal=causal, implementation=impl, chunk=chunk,
+                         tile=tile or 1024)
+
+    def dense(*a):
+        return ba.dense(*a, window=window, causal=causal)
 
     out = jax.jit(f)(*args, ANCHORS)
-    np.testing.assert_allclose(out, _reference(*args, np.asarray(ANCHORS)), atol=2e-6)
-    g_dense = jax.grad(_loss(ba.dense), argnums=(0, 1, 2, 3, 4))(*args)
+    np.testing.assert_allclose(out, _reference(*args, np.asarray(ANCHORS), window, causal),
+                               atol=2e-6)
+    g_dense = jax.grad(_loss(dense), argnums=(0, 1, 2, 3, 4))(*args)
     g = jax.jit(jax.grad(_loss(f), argnums=(0, 1, 2, 3, 4)))(*args)
     for a, b, name in zip(g, g_dense, ("q", "kb", "vb", "ck", "cv"), strict=True):
         np.testing.assert_allclose(a, b, atol=2e-6, err_msg=name)
@@ -102,6 +120,48 @@ def test_flash_skips_tiles_no_block_can_see():
     np.testing.assert_allclose(out, ba.dense(q, kb, vb, ck[:, :8], cv[:, :8], anchors),
                                atol=2e-6)
     assert not bool(jnp.all(jnp.isfinite(ba.dense(q, kb, vb, ck, cv, anchors))))
+
+
+def test_flash_skips_tiles_before_the_window():
+    """With a sliding window, the context before every row's window is NaN: the flash path
+    starts its tile loop after it (finite output and gradients) and equals the dense path on the
+    same context with those slots zeroed."""
+    q, kb, vb, ck, cv = _inputs()
+    anchors = jnp.asarray([[20, 22, 25, 30, 31], [21, 24, 26, 28, 32]], jnp.int32)
+    window, tile = 4, 8  # the lowest first visible slot is 20 - 4 + 1 = 17: tiles from 16
+    nan_ck, nan_cv = ck.at[:, :16].set(jnp.nan), cv.at[:, :16].set(jnp.nan)
+
+    def f(*a):
+        return ba.flash(*a, anchors, chunk=2, tile=tile, window=window, causal=True)
+
+    out = f(q, kb, vb, nan_ck, nan_cv)
+    ref = ba.dense(q, kb, vb, ck.at[:, :16].set(0), cv.at[:, :16].set(0), anchors,
+                   window=window, causal=True)
+    np.testing.assert_allclose(out, ref, atol=2e-6)
+    grads = jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 3, 4))(q, kb, vb, nan_ck,
+                                                                       nan_cv)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
+    assert bool(jnp.all(grads[1][:, :16] == 0)) and bool(jnp.any(grads[1][:, 17:] != 0))
+
+
+def test_window_and_causal_may_be_traced_per_layer():
+    """One scan over layers with a window and a causal flag per layer (as the drafter runs
+    them) gives each layer's own result."""
+    args = _inputs()
+    windows = jnp.asarray([0, 5, 0], jnp.int32)
+    causals = jnp.asarray([False, True, True])
+
+    def run(impl):
+        def one(_, wc):
+            return None, ba.attend(*args, ANCHORS, window=wc[0], causal=wc[1],
+                                   implementation=impl, chunk=2, tile=8)
+        return jax.lax.scan(one, None, (windows, causals))[1]
+
+    ref = [_reference(*args, np.asarray(ANCHORS), w, c) for w, c in ((0, False), (5, True),
+                                                                      (0, True))]
+    for impl in ("dense", "flash"):
+        np.testing.assert_allclose(jax.jit(run, static_argnums=0)(impl), np.stack(ref),
+                                   atol=2e-6)
 
 
 def test_unknown_implementation_and_bad_sizes():

@@ -1,5 +1,7 @@
 """The drafter's two modes agree, and its attention mask holds (gradients)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,6 +55,16 @@ def test_config_defaults_and_validation():
     with pytest.raises(ValueError, match="target_layer_ids"):
         DrafterConfig.for_target(TARGET, num_layers=2, block_size=4, mask_token_id=5,
                                  target_layer_ids=(1, 6))
+    assert CFG.layer_types == ("full_attention",) * 2 and CFG.layer_windows == (0, 0)
+    assert SLIDING.layer_windows == (5, 0) and SLIDING.layer_causal == (True, True)
+    # a window without sliding layers has no effect and is stored as 0
+    assert dataclasses.replace(CFG, sliding_window=7) == CFG
+    for change, match in [(dict(layer_types=("full_attention",)), "layer_types has 1 entries"),
+                          (dict(layer_types=("full_attention", "chunked")), "'chunked'"),
+                          (dict(layer_types=("sliding_attention",) * 2), "sliding_window=0"),
+                          (dict(sliding_window=-2), "sliding_window=-2")]:
+        with pytest.raises(ValueError, match=match):
+            dataclasses.replace(CFG, **change)
 
 
 def test_check_compatible():
@@ -85,10 +97,15 @@ def test_shapes_and_inputs(setup):
 ANCHORS = jnp.array([[0, 3, 7, 20], [5, 11, 12, 0]])  # row 1: unsorted + a padding anchor
 
 
-def test_packed_training_equals_decoding(setup):
+SLIDING = dataclasses.replace(CFG, layer_types=("sliding_attention", "full_attention"),
+                              sliding_window=5, is_causal=True)
+
+
+@pytest.mark.parametrize("cfg", [CFG, SLIDING], ids=["full", "sliding"])
+def test_packed_training_equals_decoding(setup, cfg):
     """Each packed block equals the same block drafted alone against a cache of its context."""
     target_params, params, features, tokens = setup
-    hidden = jax.jit(train_forward, static_argnums=1)(params, CFG, target_params, features,
+    hidden = jax.jit(train_forward, static_argnums=1)(params, cfg, target_params, features,
                                                       tokens, ANCHORS)
     packed = np.asarray(model.lm_head(target_params, hidden))
     assert packed.shape == (2, 4, 4, 97)
@@ -101,9 +118,9 @@ def test_packed_training_equals_decoding(setup):
             # the context is the features of positions < a; the rows at and past the anchor
             # hold garbage (stale cache rows) that the block must not see
             context = jnp.where(jnp.arange(S)[:, None] < a, features[b], garbage)[None]
-            cache = ext(params, CFG, DrafterCache.zeros(CFG, 1, S, jnp.float32), context,
+            cache = ext(params, cfg, DrafterCache.zeros(cfg, 1, S, jnp.float32), context,
                         jnp.array([0]))
-            logits = draft(params, CFG, target_params, cache, tokens[b:b + 1, a], jnp.array([a]))
+            logits = draft(params, cfg, target_params, cache, tokens[b:b + 1, a], jnp.array([a]))
             assert logits.shape == (1, 4, 97) and logits.dtype == jnp.float32
             np.testing.assert_allclose(logits[0], packed[b, n], atol=2e-5, rtol=1e-5)
     # the blocks genuinely differ, so the comparison above is not vacuous

@@ -1,6 +1,7 @@
 """DFlash HF export/import, checked against an independent PyTorch re-implementation of the drafter
 (written here from REFERENCE.md 1, with an explicit [N*K, S+N*K] mask) loaded from the export."""
 
+import dataclasses
 import json
 import math
 
@@ -157,9 +158,51 @@ def test_import_errors(params, tmp_path):
             import_drafter(rewrite(src, tmp_path / f"bad{i}", **change))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         import_drafter(tmp_path / "nowhere")
+    sliding = {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 8,
+               "use_sliding_window": True}
+    layout_cases = [
+        ({"layer_types": ["full_attention", "local"]}, r"layer_types \['local'\] unknown"),
+        ({"layer_types": ["full_attention"] * 3}, "layer_types has 3 entries.*num_layers=2"),
+        ({**sliding, "sliding_window": 0}, "'sliding_window' is 0, expected an integer >= 1"),
+        ({**sliding, "sliding_window": "8"}, "'sliding_window' is '8'"),
+        ({**sliding, "use_sliding_window": False}, "sliding_attention layers but "
+                                                   "use_sliding_window=False"),
+        ({**sliding, "sliding_window": None}, "sliding_window=None"),
+        ({"layer_types": "full_attention"}, "expected a list of layer type names"),
+    ]
+    for i, (fields, match) in enumerate(layout_cases):
+        with pytest.raises(ValueError, match=match):
+            import_drafter(rewrite(src, tmp_path / f"layout{i}",
+                                   config=lambda c, f=fields: {**c, **f}))
     (tmp_path / "ok" / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         import_drafter(tmp_path / "ok")
+
+
+def test_published_style_layouts(params, tmp_path):
+    """Configs without layer_types read as transformers' Qwen3Config reads them (sliding from
+    max_window_layers on, only with use_sliding_window), block_size inside dflash_config."""
+    src = export_drafter(params, CFG, tmp_path / "ok")
+
+    def published(c, **extra):
+        c = {k: v for k, v in c.items() if k not in ("layer_types", "is_causal", "block_size")}
+        return {**c, "dflash_config": {**c["dflash_config"], "block_size": 4}, **extra}
+
+    cases = {
+        "all": (dict(use_sliding_window=True, sliding_window=16, max_window_layers=0),
+                ("sliding_attention",) * 2, 16),
+        "last": (dict(use_sliding_window=True, sliding_window=16, max_window_layers=1),
+                 ("full_attention", "sliding_attention"), 16),
+        "default-28": (dict(use_sliding_window=True, sliding_window=16),
+                       ("full_attention",) * 2, 0),
+        "window-unused": (dict(use_sliding_window=False, sliding_window=16, max_window_layers=0),
+                          ("full_attention",) * 2, 0),
+    }
+    for name, (extra, types, window) in cases.items():
+        _, cfg = import_drafter(rewrite(src, tmp_path / name,
+                                        config=lambda c, e=extra: published(c, **e)))
+        assert (cfg.layer_types, cfg.sliding_window, cfg.block_size) == (types, window, 4), name
+        assert cfg.is_causal is False
 
 
 # ---- independent PyTorch reference --------------------------------------------------------------
@@ -189,11 +232,21 @@ def torch_drafter(sd, hf, features, block_embeds, anchors):
     block_of = torch.arange(n).repeat_interleave(k)
     pos_block = (anchors[:, None] + torch.arange(k)).reshape(-1)
     pos_all = torch.cat([torch.arange(s), pos_block])
-    mask = torch.cat([torch.arange(s)[None, :] < anchors[block_of][:, None],
-                      block_of[:, None] == block_of[None, :]], dim=1)  # [NK, S+NK]
+    # Per layer: context slots p < anchor (sliding: also p > query position - W), and the own
+    # block (sliding or is_causal: only block positions up to the query's).
+    ctx_seen = torch.arange(s)[None, :] < anchors[block_of][:, None]
+    in_window = torch.arange(s)[None, :] > pos_block[:, None] - (hf["sliding_window"] or 0)
+    same_block = block_of[:, None] == block_of[None, :]
+    up_to_self = pos_block[None, :] <= pos_block[:, None]
+    types = hf.get("layer_types") or ["full_attention"] * hf["num_hidden_layers"]
     for i in range(hf["num_hidden_layers"]):
         def w(name, i=i):
             return sd[f"layers.{i}.{name}.weight"]
+
+        sliding = types[i] == "sliding_attention"
+        causal = sliding or hf.get("is_causal", False)
+        mask = torch.cat([ctx_seen & in_window if sliding else ctx_seen,
+                          same_block & up_to_self if causal else same_block], 1)  # [NK, S+NK]
 
         h = rms(x, w("input_layernorm"))
         q = rope(rms(F.linear(h, w("self_attn.q_proj")).view(n * k, h_, e_),
@@ -214,10 +267,24 @@ def torch_drafter(sd, hf, features, block_embeds, anchors):
     return rms(x, sd["norm.weight"]).view(n, k, d)
 
 
-def test_matches_torch_reference(params, tmp_path):
+# Attention layouts: DFlash's mask, a sliding layer under a full one (window 5 < most anchors),
+# and a sliding layer narrower than the block (window 3 < K = 4) after a causal full layer.
+LAYOUTS = {
+    "full": {},
+    "sliding+full": dict(layer_types=("sliding_attention", "full_attention"), sliding_window=5),
+    "causal-full+sliding": dict(layer_types=("full_attention", "sliding_attention"),
+                                sliding_window=3, is_causal=True),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("attention", ["dense", "flash"])
+def test_matches_torch_reference(params, tmp_path, layout, attention):
     from safetensors.torch import load_file as torch_load
 
-    export_drafter(params, CFG, tmp_path)
+    cfg = dataclasses.replace(CFG, **LAYOUTS[layout])
+    export_drafter(params, cfg, tmp_path)
+    assert import_drafter(tmp_path)[1] == cfg
     sd = torch_load(str(tmp_path / "model.safetensors"))
     hf = json.loads((tmp_path / "config.json").read_text())
     rng = np.random.default_rng(4)
@@ -225,12 +292,19 @@ def test_matches_torch_reference(params, tmp_path):
     features = rng.standard_normal((2, S, 128)).astype(np.float32)
     tokens = rng.integers(0, 96, (2, S))
     anchors = np.array([[0, 3, 7, 20], [5, 11, 12, 0]])
-    ours = train_forward(params, CFG, {"embed": jnp.asarray(embed)}, jnp.asarray(features),
-                         jnp.asarray(tokens), jnp.asarray(anchors))
+    ours = train_forward(params, cfg, {"embed": jnp.asarray(embed)}, jnp.asarray(features),
+                         jnp.asarray(tokens), jnp.asarray(anchors), attention=attention,
+                         attention_chunk=3, attention_tile=8)
     mask_id = hf["dflash_config"]["mask_token_id"]
-    for b in range(2):
+
+    def reference(b, hf):
         ids = np.full((4, 4), mask_id)
         ids[:, 0] = tokens[b, anchors[b]]
-        ref = torch_drafter(sd, hf, torch.from_numpy(features[b]), torch.from_numpy(embed[ids]),
-                            torch.from_numpy(anchors[b]))
-        np.testing.assert_allclose(np.asarray(ours[b]), ref.numpy(), atol=3e-5, rtol=1e-4)
+        return torch_drafter(sd, hf, torch.from_numpy(features[b]),
+                             torch.from_numpy(embed[ids]), torch.from_numpy(anchors[b])).numpy()
+
+    for b in range(2):
+        np.testing.assert_allclose(np.asarray(ours[b]), reference(b, hf), atol=3e-5, rtol=1e-4)
+    if layout != "full":  # the layout changes the result: the reference is not blind to it
+        full = reference(0, {**hf, "layer_types": None, "is_causal": False})
+        assert np.abs(np.asarray(ours[0]) - full).max() > 1e-2

@@ -18,8 +18,9 @@ from dpace_jax import train_step as step_lib
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _trainer(loss, steps, mesh=None, **step_overrides):
+def _trainer(loss, steps, mesh=None, drafter_overrides=None, **step_overrides):
     tcfg, dcfg, target, drafter, step_cfg = tiny_setup(loss=loss, steps=steps)
+    dcfg = dataclasses.replace(dcfg, **(drafter_overrides or {}))
     step_cfg = dataclasses.replace(step_cfg, **step_overrides)
     mesh = mesh or shard_lib.make_mesh((1, 1, 1), jax.devices()[:1])
     opt = step_lib.make_optimizer(step_cfg)
@@ -119,3 +120,24 @@ def test_step_config_names_bad_attention_settings():
         step_lib.StepConfig(attention="flash", attention_tile=0)
     with pytest.raises(ValueError, match="train.target_attention='flash'.*cudnn"):
         step_lib.StepConfig(target_attention="flash")
+
+
+def test_sliding_window_drafter_trains_the_same_dense_and_flash():
+    """A drafter whose layer slides (window 6, anchors >= 24) trains to the same losses and
+    parameters with the dense and the flash block attention (the mask itself is checked against
+    brute force in test_block_attention and test_drafter_hf)."""
+    sliding = dict(layer_types=("sliding_attention",), sliding_window=6)
+    runs = {}
+    for name, overrides, options in (
+            ("dense", sliding, {}),
+            ("flash", sliding, dict(attention="flash", attention_chunk=3, attention_tile=8))):
+        state, target, step = _trainer("dpace", 10, drafter_overrides=overrides, **options)
+        data = batches(seed=3)
+        losses = []
+        for _ in range(4):
+            state, metrics = step(state, target, next(data))
+            losses.append(float(metrics["loss"]))
+        runs[name] = (np.array(losses), jax.tree.map(np.asarray, state.params))
+    np.testing.assert_allclose(runs["flash"][0], runs["dense"][0], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 runs["flash"][1], runs["dense"][1])

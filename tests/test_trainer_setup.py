@@ -76,3 +76,27 @@ def test_feature_layers_with_the_last_target_layer_warn_once():
         warnings.simplefilter("error")
         trainer.build_drafter_config(_config(target_layer_ids=(1, 5)), TARGET, tok)  # once
         trainer.build_drafter_config(_config(target_layer_ids=(1, 4)), TARGET, tok)  # no warning
+
+
+def test_attention_layout_options():
+    tok = make_tiny_tokenizer()
+    dcfg = trainer.build_drafter_config(_config(sliding_window=16), TARGET, tok)
+    assert dcfg.layer_types == ("sliding_attention",) * 2 and dcfg.sliding_window == 16
+    mixed = ("full_attention", "sliding_attention")
+    dcfg = trainer.build_drafter_config(
+        _config(sliding_window=8, layer_types=mixed, is_causal=True), TARGET, tok)
+    assert (dcfg.layer_types, dcfg.layer_windows, dcfg.layer_causal) == (mixed, (0, 8),
+                                                                         (True, True))
+    plain = trainer.build_drafter_config(_config(), TARGET, tok)
+    assert plain.layer_types == ("full_attention",) * 2 and plain.layer_causal == (False,) * 2
+    cases = [(dict(sliding_window=-1), "drafter.sliding_window=-1 must be >= 0"),
+             (dict(layer_types=("full_attention",)), "drafter.layer_types has 1 entries.*"
+                                                     "drafter.num_layers=2"),
+             (dict(layer_types=("full_attention", "swa"), sliding_window=4),
+              r"drafter.layer_types: unknown \['swa'\]"),
+             (dict(layer_types=mixed), "set drafter.sliding_window >= 1"),
+             (dict(layer_types=("full_attention",) * 2, sliding_window=4),
+              "no sliding_attention layer")]
+    for fields, match in cases:
+        with pytest.raises(ValueError, match=match):
+            trainer.build_drafter_config(_config(**fields), TARGET, tok)
