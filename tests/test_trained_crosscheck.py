@@ -1,0 +1,124 @@
+"""A trained drafter, exported, decodes in an independent PyTorch DFlash decoder exactly as in
+evaluate.py: the same tokens and the same acceptance length at every verify step.
+
+A random drafter accepts nothing, so it cannot show a wrong feature or mask. Here a small Qwen3
+target is trained to answer each of 8 "topic" prompts with that topic's fixed string (over an
+alphabet of 6 letters, so the next letters depend on the topic and the position, i.e. on context
+beyond the last token), and drafters are trained on those conversations with train.py's trainer
+until they accept most of each block. The check runs for a full-attention drafter whose features
+include the target's last layer (where HF's feature is after the final norm) and for a drafter
+whose layers all slide over a window (8) shorter than the answers (40).
+
+Sensitivity, measured when the test was written: with the target features of the code before the
+last-layer fix, 4 of the 8 prompts decode with other acceptance lengths in the reference; with a
+reference that ignores the sliding window, all 8 do.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from dflash_reference import Drafter, greedy_decode, load_target
+from hf_fixtures import make_tiny_tokenizer
+
+from dpace_jax import convert, evaluation, model, trainer
+from dpace_jax.config import default_config
+
+TOPICS, ANSWER_LEN, ALPHABET = 8, 40, "abcdef"
+TARGET = model.ModelConfig(vocab_size=272, hidden_size=64, intermediate_size=128, num_layers=4,
+                           num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0,
+                           max_position_embeddings=1024)
+DRAFTERS = {  # name -> config.drafter fields
+    "full": dict(target_layer_ids=(1, 3)),
+    "sliding": dict(target_layer_ids=(1, 2), sliding_window=8),
+}
+
+
+def conversations():
+    rng = np.random.default_rng(0)
+    return [[{"role": "user", "content": f"t{i}"},
+             {"role": "assistant", "content": "".join(rng.choice(list(ALPHABET), ANSWER_LEN))}]
+            for i in range(TOPICS)]
+
+
+def train_target(tokenizer, out_dir, steps=150):
+    """Next-token training on the rendered conversations until the answers are memorized."""
+    texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations()]
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    width = max(map(len, ids))
+    tokens = np.full((len(ids), width), tokenizer.pad_token_id, np.int32)
+    weights = np.zeros((len(ids), width - 1), np.float32)
+    for i, row in enumerate(ids):
+        tokens[i, : len(row)] = row
+        weights[i, : len(row) - 1] = 1
+    params = model.init_params(TARGET, jax.random.PRNGKey(0), jnp.float32, scale=0.05)
+    opt = optax.adamw(optax.warmup_cosine_decay_schedule(0, 5e-3, 15, steps), weight_decay=0.0)
+
+    def loss_fn(p):
+        logits = model.forward(p, TARGET, tokens[:, :-1]).logits
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+        return jnp.sum(ce * weights) / jnp.sum(weights)
+
+    @jax.jit
+    def step(p, s):
+        loss, g = jax.value_and_grad(loss_fn)(p)
+        updates, s = opt.update(g, s, p)
+        return optax.apply_updates(p, updates), s, loss
+
+    state = opt.init(params)
+    for _ in range(steps):
+        params, state, loss = step(params, state)
+    assert float(loss) < 0.2, float(loss)  # nearly memorized: its greedy answers are the strings
+    return convert.save_target(params, TARGET, out_dir, tokenizer=tokenizer)
+
+
+def run_drafter(root, name, target_dir, chats, bench):
+    """Train drafter `name` with the trainer behind train.py and evaluate it as evaluate.py
+    does -> (report, run directory)."""
+    c = default_config()
+    c.workdir = str(root / name)
+    c.target.path, c.target.dtype = str(target_dir), "float32"
+    c.drafter.num_layers, c.drafter.block_size = 2, 8
+    for key, value in DRAFTERS[name].items():
+        setattr(c.drafter, key, value)
+    c.data.paths, c.data.max_length = (str(chats),), 96
+    c.train.batch_size, c.train.num_anchors, c.train.max_steps = 8, 16, 150
+    c.train.lr, c.train.compute_dtype, c.train.loss_chunk_size = 5e-3, "float32", 512
+    c.train.progress = False
+    c.eval.benchmarks, c.eval.num_samples = (f"alpaca={bench}",), TOPICS
+    c.eval.max_new_tokens, c.eval.batch_size = ANSWER_LEN + 8, 8
+    assert trainer.run(c)["finished"]
+    return evaluation.evaluate(c, progress=False), c.workdir
+
+
+def test_reference_decoder_agrees_step_by_step(tmp_path):
+    """One test for both drafters, so that the target is trained once per run (a module
+    fixture would be rebuilt on each xdist worker)."""
+    tokenizer = make_tiny_tokenizer()
+    target_dir = train_target(tokenizer, tmp_path / "target")
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": c}) + "\n" for c in conversations()))
+    bench = tmp_path / "topics.jsonl"
+    bench.write_text("".join(json.dumps({"instruction": c[0]["content"]}) + "\n"
+                             for c in conversations()))
+    target = load_target(target_dir)
+    stops = evaluation.stop_token_ids(tokenizer)
+    for name in DRAFTERS:
+        report, workdir = run_drafter(tmp_path, name, target_dir, chats, bench)
+        result = report["benchmarks"]["alpaca"]
+        assert result["mismatches"] == 0, name  # lossless: speculative == autoregressive
+        assert result["tau"] > 3.0, (name, result["tau"])  # most of each block is accepted
+        drafter = Drafter(f"{workdir}/hf")
+        windows = {layer.window for layer in drafter.layers}
+        assert windows == ({8} if name == "sliding" else {None}), (name, windows)
+        for sample in result["samples"]:
+            tokens, accepted = greedy_decode(target, drafter, sample["prompt_ids"],
+                                             max_new_tokens=report["max_new_tokens"],
+                                             stop_token_ids=stops)
+            assert tokens == sample["output_ids"], (name, sample["id"])
+            assert accepted == sample["acceptance_lengths"], (name, sample["id"], accepted,
+                                                              sample["acceptance_lengths"])
