@@ -76,6 +76,13 @@ def test_round_trip_bit_exact(params, tmp_path, dtype):
     back, cfg = import_drafter(tmp_path)
     assert cfg == CFG
     assert_bit_equal(back, p)
+    sliding = dataclasses.replace(CFG, layer_types=("sliding_attention", "full_attention"),
+                                  sliding_window=5, is_causal=True)
+    export_drafter(p, sliding, tmp_path / "sliding")
+    assert import_drafter(tmp_path / "sliding")[1] == sliding
+    hf = json.loads((tmp_path / "sliding" / "config.json").read_text())
+    assert (hf["layer_types"], hf["sliding_window"], hf["use_sliding_window"],
+            hf["is_causal"]) == (["sliding_attention", "full_attention"], 5, True, True)
     # exporting fp32 master weights as bf16
     export_drafter(params, CFG, tmp_path / "cast", dtype=dtype)
     back, _ = import_drafter(tmp_path / "cast")
