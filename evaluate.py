@@ -26,11 +26,13 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from dpace_jax import evaluation
+    from dpace_jax.demo.prepare import prepare
 
     logging.set_verbosity(logging.WARNING)  # keep Orbax's restore chatter out of the report
 
     try:
-        report = evaluation.evaluate(_CONFIG.value, benchmarks=_BENCHMARKS.value,
+        report = evaluation.evaluate(prepare(_CONFIG.value, build=False),
+                                     benchmarks=_BENCHMARKS.value,
                                      output=_OUTPUT.value, progress=_PROGRESS.value)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None

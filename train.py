@@ -17,12 +17,13 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from dpace_jax import trainer
+    from dpace_jax.demo.prepare import prepare
 
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
 
     try:
-        summary = trainer.run(_CONFIG.value)
+        summary = trainer.run(prepare(_CONFIG.value))
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     final = summary["final_metrics"]

@@ -168,8 +168,9 @@ def main(argv=None) -> None:
     import jax
     from absl import logging
 
-    from dpace_jax import convert, targets, trainer
+    from dpace_jax import convert, trainer
     from dpace_jax.demo.config import get_config
+    from dpace_jax.demo.prepare import prepare
 
     logging.set_verbosity(logging.WARNING)
     base = get_config(args.size)
@@ -185,7 +186,7 @@ def main(argv=None) -> None:
     shared = base.copy_and_resolve_references()
     shared.workdir = str(workdir)
     shared.train.progress = not args.no_progress
-    target = targets.resolve(shared)
+    target = Path(prepare(shared).target.path)
     tokenizer = convert.load_tokenizer(target)
     trainer.load_training_data(shared, workdir, target, tokenizer, base.drafter.block_size)
     data = workdir / "data" / "regenerated.jsonl"

@@ -25,8 +25,6 @@ import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
-from dpace_jax.demo.corpus import make_prompt
-
 MATH_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 
 
@@ -71,6 +69,16 @@ def _first_field(row: Mapping, fields: Sequence[str], where: str) -> str:
         if f in row:
             return f
     raise ValueError(f"{where}: row has keys {sorted(row)}; expected one of {list(fields)}")
+
+
+PROMPT_HEADER = "Complete this Python function:\n"
+
+
+def make_prompt(code: str) -> str:
+    """The user message for a function head (signature + docstring), e.g. a HumanEval prompt;
+    the demo's training prompts use the same wording."""
+    code = code if code.endswith("\n") else code + "\n"
+    return f"{PROMPT_HEADER}```python\n{code}```"
 
 
 def _humaneval(row, where):

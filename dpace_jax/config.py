@@ -11,6 +11,19 @@ import jax.numpy as jnp
 import ml_collections
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
+DEMO_TARGET_PREFIX = "demo:"
+
+
+def target_path(config) -> str:
+    """config.target.path, refused while it still names a demo target (empty or "demo:...":
+    dpace_jax.demo.prepare turns those into a checkpoint directory first)."""
+    path = str(config.target.path)
+    if not path or path.startswith(DEMO_TARGET_PREFIX):
+        raise ValueError(
+            f"target.path={path!r} names the embedded demo's target, which train.py, evaluate.py "
+            "and `python -m dpace_jax.demo` build (dpace_jax.demo.prepare.prepare(config)); "
+            "the library needs an HF checkpoint directory or hub id")
+    return path
 
 
 def parse_dtype(name: str, field: str):
@@ -35,7 +48,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.process_id = -1
 
     c.target = ml_collections.ConfigDict()
-    c.target.path = ""  # local HF checkpoint dir or hub id; "" -> tiny random target in workdir
+    # local HF checkpoint dir or hub id; through train.py / evaluate.py also "" (a tiny random
+    # target in WORKDIR/target) or "demo:cpu" / "demo:gpu" (the demo target): dpace_jax.demo
+    c.target.path = ""
     c.target.dtype = "bfloat16"
 
     c.drafter = ml_collections.ConfigDict()
@@ -53,7 +68,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.paths = ()  # JSONL / JSON / Parquet files or dirs, or hub ids
     c.data.split = "train"
-    c.data.demo = False  # no paths: write function-completion chats from the stdlib corpus
+    c.data.demo = False  # no paths: train.py writes the demo's function-completion chats
     c.data.demo_samples = 512
     c.data.regenerate = False  # replace assistant turns by the target's own answers first
     c.data.regenerate_max_new_tokens = 1024

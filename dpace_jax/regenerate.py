@@ -34,7 +34,7 @@ import jax
 
 from dpace_jax import convert
 from dpace_jax import data as data_lib
-from dpace_jax import evaluation as ev
+from dpace_jax import generation as ev
 from dpace_jax.config import DTYPES, parse_dtype
 
 log = logging.getLogger(__name__)

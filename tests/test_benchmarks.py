@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dpace_jax import benchmarks as bl
-from dpace_jax.demo.corpus import make_prompt
+from dpace_jax.benchmarks import make_prompt
 
 
 def write_jsonl(path, rows):

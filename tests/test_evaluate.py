@@ -13,9 +13,10 @@ import pytest
 from hf_fixtures import make_tiny_hf_target
 
 from dpace_jax import benchmarks as bl
-from dpace_jax import convert, decode, drafter_hf, evaluation, model
+from dpace_jax import convert, decode, drafter_hf, evaluation, generation, model
 from dpace_jax import drafter as drafter_lib
 from dpace_jax.config import default_config
+from dpace_jax.demo.prepare import prepare
 
 MAX_NEW = 8
 
@@ -86,7 +87,7 @@ def eval_config(target_dir, drafter_dir, *, benchmarks=(), batch_size=2, workdir
 
 
 def test_evaluate_results_schema_and_numbers(setup, monkeypatch):
-    monkeypatch.setattr(evaluation, "BUCKET", 128)  # one prompt width: 4 compilations in all
+    monkeypatch.setattr(generation, "BUCKET", 128)  # one prompt width: 4 compilations in all
     root, target_dir, target_cfg, drafter_dir, gsm, mt = setup
     out = root / "R.json"
     config = eval_config(target_dir, drafter_dir, benchmarks=(f"gsm8k={gsm}", f"mt-bench={mt}"))
@@ -97,7 +98,7 @@ def test_evaluate_results_schema_and_numbers(setup, monkeypatch):
     assert "device" in report and "config" in report
 
     tokenizer = convert.load_tokenizer(target_dir)
-    stops = evaluation.stop_token_ids(tokenizer)
+    stops = generation.stop_token_ids(tokenizer)
     assert stops == [256, 258]  # <|endoftext|>, <|im_end|> (eos)
     params, _ = convert.load_target(target_dir, dtype=jnp.float32)
     for name, r in report["benchmarks"].items():
@@ -125,7 +126,7 @@ def test_evaluate_results_schema_and_numbers(setup, monkeypatch):
 
     gsm_samples = report["benchmarks"]["gsm8k"]["samples"]
     assert len(gsm_samples) == 2  # num_samples
-    want_prompt = evaluation.render_prompt(
+    want_prompt = generation.render_prompt(
         tokenizer, [{"role": "user", "content": "1+2?" + bl.MATH_SUFFIX}])
     assert gsm_samples[0]["prompt_ids"] == want_prompt
 
@@ -133,9 +134,9 @@ def test_evaluate_results_schema_and_numbers(setup, monkeypatch):
     mt_samples = report["benchmarks"]["mt-bench"]["samples"]
     assert [(s["id"], s["turn"]) for s in mt_samples] == [("mt-bench/0", 0), ("mt-bench/0", 1),
                                                           ("mt-bench/1", 0)]
-    first = evaluation.answer_text(tokenizer, mt_samples[0]["output_ids"], stops)
+    first = generation.answer_text(tokenizer, mt_samples[0]["output_ids"], stops)
     conv = bl.conversation(bl.Sample("x", ("Hi.", "More?")), [first])
-    assert mt_samples[1]["prompt_ids"] == evaluation.render_prompt(tokenizer, conv)
+    assert mt_samples[1]["prompt_ids"] == generation.render_prompt(tokenizer, conv)
 
 
 def test_generator_batches_match_single_rows(setup):
@@ -143,9 +144,9 @@ def test_generator_batches_match_single_rows(setup):
     _, target_dir, target_cfg, drafter_dir, _, _ = setup
     tokenizer = convert.load_tokenizer(target_dir)
     params, _ = convert.load_target(target_dir, dtype=jnp.float32)
-    stops = evaluation.stop_token_ids(tokenizer)
-    gen = evaluation.Generator(params, target_cfg, stops, 256, MAX_NEW, batch_size=2)
-    prompts = [evaluation.render_prompt(tokenizer, [{"role": "user", "content": q}])
+    stops = generation.stop_token_ids(tokenizer)
+    gen = generation.Generator(params, target_cfg, stops, 256, MAX_NEW, batch_size=2)
+    prompts = [generation.render_prompt(tokenizer, [{"role": "user", "content": q}])
                for q in ("Hello there, model.", "x")]
     key = jax.random.PRNGKey(0)
     both, _ = gen.generate(None, prompts, key)
@@ -166,9 +167,9 @@ def test_drafter_from_run_directory(setup, tmp_path):
     run.mkdir()
     (run / "run_config.json").write_text(json.dumps({"drafter": drafter_hf.config_to_hf(dcfg)}))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        evaluation.load_drafter(run)
+        generation.load_drafter(run)
     shutil.copytree(drafter_dir, run / "hf")
-    loaded = evaluation.load_drafter(run)
+    loaded = generation.load_drafter(run)
     assert loaded.source == str(run / "hf") and loaded.expected is not None
 
     state = {"step": jnp.asarray(7), "params": jax.tree.map(lambda x: x + 1.0, params),
@@ -178,11 +179,11 @@ def test_drafter_from_run_directory(setup, tmp_path):
                                             meta=ocp.args.JsonSave({})))
     manager.wait_until_finished()
     manager.close()
-    loaded = evaluation.load_drafter(run)
+    loaded = generation.load_drafter(run)
     assert loaded.source.endswith("step 7")
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b) + 1.0),
                  loaded.params, params)
-    evaluation.check_drafter(loaded, target_cfg, convert.load_tokenizer(target_dir))
+    generation.check_drafter(loaded, target_cfg, convert.load_tokenizer(target_dir))
 
     # a stale hf/ export whose block size differs from the run's record is refused
     shutil.rmtree(run / "checkpoints")
@@ -190,7 +191,7 @@ def test_drafter_from_run_directory(setup, tmp_path):
     hf["block_size"] = 8
     (run / "hf" / "config.json").write_text(json.dumps(hf))
     with pytest.raises(ValueError, match=r"block_size=8 but the run .* has block_size=4"):
-        evaluation.check_drafter(evaluation.load_drafter(run), target_cfg)
+        generation.check_drafter(generation.load_drafter(run), target_cfg)
 
 
 @pytest.mark.parametrize("case, overrides, message", [
@@ -231,6 +232,8 @@ def test_bad_benchmark_and_missing_target(setup, tmp_path):
     _, target_dir, _, drafter_dir, _, _ = setup
     with pytest.raises(ValueError, match="known benchmarks: humaneval, gsm8k"):
         evaluation.evaluate(eval_config(target_dir, drafter_dir, benchmarks=("nope",)))
-    with pytest.raises(FileNotFoundError, match="target"):
-        evaluation.evaluate(eval_config("", drafter_dir, benchmarks=("humaneval",),
-                                        workdir=tmp_path))
+    no_target = eval_config("", drafter_dir, benchmarks=("humaneval",), workdir=tmp_path)
+    with pytest.raises(ValueError, match="target.path='' names the embedded demo"):
+        evaluation.evaluate(no_target)
+    with pytest.raises(FileNotFoundError, match="target.*does not exist.*train first"):
+        prepare(no_target, build=False)  # what evaluate.py does first

@@ -10,7 +10,7 @@ import pytest
 from hf_fixtures import make_tiny_hf_target
 from test_evaluate import greedy_reference, make_drafter
 
-from dpace_jax import convert, data, evaluation, regenerate
+from dpace_jax import convert, data, generation, regenerate
 
 MAX_NEW = 8
 CONVS = [
@@ -55,7 +55,7 @@ def test_greedy_matches_brute_force_and_loads(setup):
 
     tokenizer = convert.load_tokenizer(target_dir)
     params, _ = convert.load_target(target_dir, dtype=jnp.float32)
-    stops = evaluation.stop_token_ids(tokenizer)
+    stops = generation.stop_token_ids(tokenizer)
     for original, row in zip(CONVS, rows, strict=True):
         msgs = row["messages"]
         assert [m["role"] for m in msgs] == [m["role"] for m in original]
@@ -64,9 +64,9 @@ def test_greedy_matches_brute_force_and_loads(setup):
                 assert new == old
                 continue
             # the answer to the history as regenerated so far (earlier answers included)
-            prompt = evaluation.render_prompt(tokenizer, msgs[:j])
+            prompt = generation.render_prompt(tokenizer, msgs[:j])
             want = greedy_reference(params, target_cfg, prompt, MAX_NEW, stops)
-            assert new["content"] == evaluation.answer_text(tokenizer, want, stops)
+            assert new["content"] == generation.answer_text(tokenizer, want, stops)
 
     convs, stats = data.load_conversations([str(out)])
     assert stats["skipped"] == {} and len(convs) == 5

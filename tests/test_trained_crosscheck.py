@@ -25,7 +25,7 @@ import optax
 from dflash_reference import Drafter, greedy_decode, load_target
 from hf_fixtures import make_tiny_tokenizer
 
-from dpace_jax import convert, evaluation, model, trainer
+from dpace_jax import convert, evaluation, generation, model, trainer
 from dpace_jax.config import default_config
 
 TOPICS, ANSWER_LEN, ALPHABET = 8, 40, "abcdef"
@@ -106,7 +106,7 @@ def test_reference_decoder_agrees_step_by_step(tmp_path):
     bench.write_text("".join(json.dumps({"instruction": c[0]["content"]}) + "\n"
                              for c in conversations()))
     target = load_target(target_dir)
-    stops = evaluation.stop_token_ids(tokenizer)
+    stops = generation.stop_token_ids(tokenizer)
     for name in DRAFTERS:
         report, workdir = run_drafter(tmp_path, name, target_dir, chats, bench)
         result = report["benchmarks"]["alpaca"]

@@ -100,3 +100,22 @@ def test_attention_layout_options():
     for fields, match in cases:
         with pytest.raises(ValueError, match=match):
             trainer.build_drafter_config(_config(**fields), TARGET, tok)
+
+
+def test_training_imports_neither_evaluation_nor_the_demo():
+    import subprocess
+    import sys
+
+    code = ("import sys, dpace_jax.trainer, dpace_jax.regenerate; "
+            "print(sorted(m for m in sys.modules if m.startswith('dpace_jax.demo') "
+            "or m == 'dpace_jax.evaluation'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_demo_targets_need_the_demo_step(tmp_path):
+    c = _config()
+    c.target.path, c.workdir = "demo:cpu", str(tmp_path)
+    with pytest.raises(ValueError, match="target.path='demo:cpu' names the embedded demo"):
+        trainer.run(c)

@@ -25,6 +25,7 @@ def main(argv=None) -> None:
 
     from dpace_jax import evaluation, trainer
     from dpace_jax.demo.config import get_config
+    from dpace_jax.demo.prepare import prepare
 
     logging.set_verbosity(logging.WARNING)
     config = get_config(args.size)
@@ -34,7 +35,7 @@ def main(argv=None) -> None:
 
     t0 = time.perf_counter()
     try:
-        train = trainer.run(config)
+        train = trainer.run(prepare(config))
         t_train = time.perf_counter() - t0
         report = evaluation.evaluate(config, output=f"{args.workdir}/results.json",
                                      progress=not args.no_progress)

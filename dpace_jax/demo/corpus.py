@@ -21,6 +21,8 @@ import sysconfig
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from dpace_jax.benchmarks import PROMPT_HEADER, make_prompt  # noqa: F401
+
 # Directory names never descended into.
 SKIP_DIRS = frozenset({
     "site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test",
@@ -29,7 +31,6 @@ SKIP_DIRS = frozenset({
 })
 SKIP_PREFIXES = ("_sysconfigdata", "config-")
 
-PROMPT_HEADER = "Complete this Python function:\n"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,12 +54,6 @@ class FunctionTask:
     def answer(self) -> str:
         """The reference assistant message: the body in a python code fence."""
         return make_answer(self.body)
-
-
-def make_prompt(code: str) -> str:
-    """The user message for a function head (signature + docstring), e.g. a HumanEval prompt."""
-    code = code if code.endswith("\n") else code + "\n"
-    return f"{PROMPT_HEADER}```python\n{code}```"
 
 
 def make_answer(body: str) -> str:
