@@ -107,8 +107,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.benchmarks = ("humaneval",)
     c.eval.num_samples = 8
     c.eval.max_new_tokens = 256
-    c.eval.temperature = 0.0
-    c.eval.rule = "dflash"  # dflash | speculative
+    c.eval.temperature = 0.0  # 0: greedy
+    c.eval.rule = "dflash"  # dflash | speculative (dpace_jax.sampling.Sampling)
+    c.eval.top_k = 0  # 0: off
+    c.eval.top_p = 1.0  # 1: off
     c.eval.batch_size = 1
     c.eval.drafter = ""  # "" -> WORKDIR (latest checkpoint, else WORKDIR/hf)
     return c

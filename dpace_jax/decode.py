@@ -15,8 +15,9 @@ is plain autoregressive decoding with the same loop (the speedup baseline).
 
 Caches hold P + max_new_tokens + K slots, so no write is ever clamped. The compiled function
 depends only on the shapes (B, P, number of stop ids), the configs and the static options
-(max_new_tokens, temperature, rule, top_k, top_p): prompts of different lengths padded to the same
-P (see pad_prompts) share one compilation. Prefill runs inside the same call; time a call with
+(max_new_tokens, `Sampling.compile_key()`: greedy or not, rule, top_k, top_p; the temperature
+itself is traced): prompts of different lengths padded to the same P (see pad_prompts) share one
+compilation. Prefill runs inside the same call; time a call with
 max_new_tokens=1 to separate it.
 """
 
@@ -33,8 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpace_jax import model, sampling
+from dpace_jax import model
+from dpace_jax import sampling as sampling_lib
 from dpace_jax.model import KVCache, ModelConfig
+from dpace_jax.sampling import Sampling
 
 # Number of times the decode loop has been traced (= compiled), by (B, P, block size).
 TRACE_COUNTS: collections.Counter = collections.Counter()
@@ -164,14 +167,15 @@ def _write_rows(buf: jax.Array, rows: jax.Array, start: jax.Array, count: jax.Ar
     return jax.vmap(one)(buf, rows, start, count)
 
 
-def _decode_impl(target_params, drafter: Drafter, prompts, lengths, stop_token_ids, key, *,
-                 target_cfg, max_new_tokens, temperature, rule, top_k, top_p, pad_token_id):
+def _decode_impl(target_params, drafter: Drafter, prompts, lengths, stop_token_ids, key,
+                 temperature, *, target_cfg, max_new_tokens, sampling_key: Sampling,
+                 pad_token_id):
     batch, prompt_len = prompts.shape
     k_block, n_new = drafter.block_size, max_new_tokens
     TRACE_COUNTS[(batch, prompt_len, k_block)] += 1
     ids = tuple(drafter.target_layer_ids)
     size = prompt_len + n_new + k_block
-    opts = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    sampler = sampling_key.with_temperature(temperature)
     dp, dc = drafter.params, drafter.config
     zeros = jnp.zeros((batch,), jnp.int32)
 
@@ -182,7 +186,7 @@ def _decode_impl(target_params, drafter: Drafter, prompts, lengths, stop_token_i
                         feature_layers=ids, logits=False)
     last_hidden = jnp.take_along_axis(out.hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
     key, sub = jax.random.split(key)
-    first = sampling.choose(sub, model.lm_head(target_params, last_hidden), **opts)
+    first = sampling_lib.choose(sub, model.lm_head(target_params, last_hidden), sampler)
     draft_cache = drafter.extend(dp, dc, drafter.init_cache(dp, dc, batch, size), prompts,
                                  out.features, zeros)
     tokens = jnp.full((batch, n_new + k_block), pad_token_id, jnp.int32).at[:, 0].set(first)
@@ -207,17 +211,17 @@ def _decode_impl(target_params, drafter: Drafter, prompts, lengths, stop_token_i
         key, k_draft, k_verify = jax.random.split(s.key, 3)
         if k_block > 1:
             draft_logits = drafter.draft(dp, dc, target_params, s.draft_cache, s.last, anchors)
-            drafts = sampling.propose(k_draft, draft_logits, rule, **opts)
+            drafts = sampling_lib.propose(k_draft, draft_logits, sampler)
             block = drafts.at[:, 0].set(s.last)
         else:
             block = s.last[:, None]
         verified = model.forward(target_params, target_cfg, block, cache=s.cache, start=anchors,
                                  feature_layers=ids)
         if k_block > 1:
-            acc, emitted = sampling.verify(k_verify, verified.logits, draft_logits, block, rule,
-                                           **opts)
+            acc, emitted = sampling_lib.verify(k_verify, verified.logits, draft_logits, block,
+                                               sampler)
         else:
-            acc, emitted = sampling.verify_match(k_verify, verified.logits, block, **opts)
+            acc, emitted = sampling_lib.verify_match(k_verify, verified.logits, block, sampler)
 
         # How many of the acc + 1 tokens count: up to the first stop token, within max_new.
         j = jnp.arange(k_block, dtype=jnp.int32)[None, :]
@@ -254,26 +258,23 @@ def _decode_impl(target_params, drafter: Drafter, prompts, lengths, stop_token_i
 
 _decode_jit = jax.jit(
     _decode_impl,
-    static_argnames=("target_cfg", "max_new_tokens", "temperature", "rule", "top_k", "top_p",
-                     "pad_token_id"),
+    static_argnames=("target_cfg", "max_new_tokens", "sampling_key", "pad_token_id"),
 )
 
 
 def decode(target_params, target_cfg: ModelConfig, drafter: Drafter | None, prompts, lengths,
-           *, max_new_tokens: int, temperature: float = 0.0, rule: str = "dflash",
-           top_k: int = 0, top_p: float = 1.0, stop_token_ids: Sequence[int] = (),
-           rng: jax.Array | None = None, pad_token_id: int = 0) -> DecodeResult:
+           *, max_new_tokens: int, sampling: Sampling = sampling_lib.GREEDY,
+           stop_token_ids: Sequence[int] = (), rng: jax.Array | None = None,
+           pad_token_id: int = 0) -> DecodeResult:
     """Generate up to max_new_tokens tokens after each right-padded prompt.
 
     prompts [B, P] int, lengths [B] (1 <= lengths <= P). drafter None = autoregressive.
-    temperature 0 is greedy; otherwise `rule` is "dflash" (drafter argmax, accepted while it
-    equals the target's sample) or "speculative" (the drafter samples; min(1, p/q) acceptance,
-    residual resampling). top_k / top_p filter target and drafter alike. Generation stops after
-    the first token in stop_token_ids (kept) or max_new_tokens tokens.
+    `sampling` (dpace_jax.sampling.Sampling): greedy by default; top_k / top_p filter target and
+    drafter alike. Generation stops after the first token in stop_token_ids (kept) or
+    max_new_tokens tokens.
     """
     drafter = autoregressive() if drafter is None else drafter
     drafter.check(target_cfg)
-    sampling.check_sampling(temperature, rule, top_k, top_p)
     if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens}")
     prompts = jnp.asarray(prompts, jnp.int32)
@@ -291,10 +292,11 @@ def decode(target_params, target_cfg: ModelConfig, drafter: Drafter | None, prom
         raise ValueError(f"stop_token_ids {bad} are outside the vocabulary "
                          f"(vocab_size={target_cfg.vocab_size})")
     rng = jax.random.PRNGKey(0) if rng is None else rng
+    temperature = jnp.asarray(0.0 if sampling.greedy else sampling.temperature, jnp.float32)
     return _decode_jit(target_params, drafter, prompts, lengths, jnp.asarray(stops, jnp.int32),
-                       rng, target_cfg=target_cfg, max_new_tokens=int(max_new_tokens),
-                       temperature=float(temperature), rule=rule, top_k=int(top_k),
-                       top_p=float(top_p), pad_token_id=int(pad_token_id))
+                       rng, temperature, target_cfg=target_cfg,
+                       max_new_tokens=int(max_new_tokens), sampling_key=sampling.compile_key(),
+                       pad_token_id=int(pad_token_id))
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], *, bucket: int = 64,

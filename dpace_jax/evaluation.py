@@ -27,6 +27,15 @@ from dpace_jax import benchmarks as bench_lib
 from dpace_jax import convert, decode
 from dpace_jax import generation as gen_lib
 from dpace_jax.config import parse_dtype, target_path
+from dpace_jax.sampling import Sampling
+
+
+def sampling_config(ev) -> Sampling:
+    """The config.eval sampling fields as one Sampling (a bad value names its field)."""
+    try:
+        return Sampling(float(ev.temperature), str(ev.rule), int(ev.top_k), float(ev.top_p))
+    except ValueError as e:
+        raise ValueError(f"eval.{e}") from None
 
 
 def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -124,7 +133,7 @@ def evaluate(config, *, benchmarks: Sequence[str] | None = None, output: str | N
                 "ar": decode.autoregressive()}
     gen = gen_lib.Generator(target_params, target_cfg, gen_lib.stop_token_ids(tokenizer),
                             int(tokenizer.pad_token_id or 0), int(ev.max_new_tokens),
-                            int(ev.batch_size), float(ev.temperature), str(ev.rule),
+                            int(ev.batch_size), sampling_config(ev),
                             bucket=gen_lib.BUCKET)
     num = int(ev.num_samples) if int(ev.num_samples) > 0 else None
     loaded_benches = [bench_lib.load_benchmark(s, num) for s in specs]
@@ -138,15 +147,16 @@ def evaluate(config, *, benchmarks: Sequence[str] | None = None, output: str | N
         bar.set_postfix(benchmark=bench.name)
         runs = run_benchmark(gen, tokenizer, bench, drafters, seed=int(config.seed), bar=bar)
         results[bench.name] = {**summarize(runs, loaded.config.block_size,
-                                           check_lossless=gen.temperature == 0),
+                                           check_lossless=gen.sampling.greedy),
                                "source": bench.source}
     bar.close()
     device = jax.devices()[0]
     report = {
         "benchmarks": results,
         "target": str(target_dir), "drafter": loaded.source,
-        "block_size": loaded.config.block_size, "temperature": gen.temperature,
-        "rule": gen.rule, "max_new_tokens": gen.max_new_tokens, "batch_size": gen.batch_size,
+        "block_size": loaded.config.block_size, "temperature": gen.sampling.temperature,
+        "rule": gen.sampling.rule, "top_k": gen.sampling.top_k, "top_p": gen.sampling.top_p,
+        "max_new_tokens": gen.max_new_tokens, "batch_size": gen.batch_size,
         "device": f"{device.platform}:{getattr(device, 'device_kind', '')}",
         "num_devices": jax.device_count(), "jax_version": jax.__version__,
         "config": config.to_dict(),

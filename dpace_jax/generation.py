@@ -24,6 +24,7 @@ from dpace_jax import decode, drafter_hf
 from dpace_jax import drafter as drafter_lib
 from dpace_jax.chat import TEMPLATE_KWARGS
 from dpace_jax.model import ModelConfig
+from dpace_jax.sampling import GREEDY, Sampling
 
 BUCKET = 64
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
@@ -180,17 +181,14 @@ class Generator:
     pad_id: int
     max_new_tokens: int
     batch_size: int
-    temperature: float = 0.0
-    rule: str = "dflash"
-    top_k: int = 0
-    top_p: float = 1.0
+    sampling: Sampling = GREEDY
     bucket: int = BUCKET
     warm: set = dataclasses.field(default_factory=set)
 
     def _call(self, drafter, prompts, lengths, key, max_new):
         out = decode.decode(self.target_params, self.target_cfg, drafter, prompts, lengths,
-                            max_new_tokens=max_new, temperature=self.temperature, rule=self.rule,
-                            top_k=self.top_k, top_p=self.top_p, stop_token_ids=self.stop_ids,
+                            max_new_tokens=max_new, sampling=self.sampling,
+                            stop_token_ids=self.stop_ids,
                             rng=key, pad_token_id=self.pad_id)
         return jax.block_until_ready(out)
 

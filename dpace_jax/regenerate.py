@@ -36,6 +36,7 @@ from dpace_jax import convert
 from dpace_jax import data as data_lib
 from dpace_jax import generation as ev
 from dpace_jax.config import DTYPES, parse_dtype
+from dpace_jax.sampling import GREEDY, Sampling
 
 log = logging.getLogger(__name__)
 
@@ -105,15 +106,15 @@ def _empty_answers(rows) -> int:
 
 
 def regenerate(target: str, inputs, output: str | Path, *, drafter: str | None = None,
-               temperature: float = 0.0, rule: str = "dflash", top_k: int = 0,
-               top_p: float = 1.0, max_new_tokens: int = 1024, batch_size: int = 8,
+               sampling: Sampling = GREEDY, max_new_tokens: int = 1024, batch_size: int = 8,
                max_samples: int | None = None, seed: int = 0, dtype: str = "bfloat16",
                split: str = "train", progress: bool = True) -> dict:
     """Regenerate `inputs` into `output` (resuming it); returns counts."""
     settings = dict(target=str(target), drafter=str(drafter) if drafter else None,
-                    temperature=float(temperature), rule=rule, top_k=int(top_k),
-                    top_p=float(top_p), max_new_tokens=int(max_new_tokens),
-                    batch_size=int(batch_size), seed=int(seed), dtype=dtype, split=split)
+                    temperature=float(sampling.temperature), rule=sampling.rule,
+                    top_k=int(sampling.top_k), top_p=float(sampling.top_p),
+                    max_new_tokens=int(max_new_tokens), batch_size=int(batch_size),
+                    seed=int(seed), dtype=dtype, split=split)
     if settings["batch_size"] < 1 or settings["max_new_tokens"] < 1:
         raise ValueError(f"--batch-size={batch_size} and --max-new-tokens={max_new_tokens} "
                          "must be >= 1")
@@ -147,7 +148,7 @@ def regenerate(target: str, inputs, output: str | Path, *, drafter: str | None =
     target_params, _ = convert.load_target(target_dir, dtype=jdtype)
     gen = ev.Generator(target_params, target_cfg, ev.stop_token_ids(tokenizer),
                        int(tokenizer.pad_token_id or 0), int(max_new_tokens), int(batch_size),
-                       float(temperature), rule, int(top_k), float(top_p))
+                       sampling)
     base_key = jax.random.PRNGKey(int(seed))
 
     from tqdm import tqdm
@@ -193,8 +194,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     try:
-        stats = regenerate(a.target, a.input, a.output, drafter=a.drafter,
-                           temperature=a.temperature, rule=a.rule, top_k=a.top_k, top_p=a.top_p,
+        try:
+            sampling = Sampling(a.temperature, a.rule, a.top_k, a.top_p)
+        except ValueError as e:
+            raise ValueError(f"--{str(e).replace('_', '-')}") from None
+        stats = regenerate(a.target, a.input, a.output, drafter=a.drafter, sampling=sampling,
                            max_new_tokens=a.max_new_tokens, batch_size=a.batch_size,
                            max_samples=a.max_samples, seed=a.seed, dtype=a.dtype,
                            split=a.split, progress=not a.no_progress)

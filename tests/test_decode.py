@@ -14,6 +14,7 @@ from test_sampling import np_filtered_probs
 
 from dpace_jax import decode, model
 from dpace_jax.model import ModelConfig
+from dpace_jax.sampling import Sampling
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=8, rope_theta=10000.0)
@@ -176,6 +177,19 @@ def test_compiles_once_per_bucket_and_block_size_one_is_autoregressive():
     assert decode.TRACE_COUNTS[shape] - before == 1
 
 
+def test_a_new_temperature_does_not_recompile():
+    shape = (2, 16, 1)  # a bucket used only here
+    params = random_target(8)
+    prompts = np.random.RandomState(8).randint(0, CFG.vocab_size, (2, 16))
+    before = decode.TRACE_COUNTS[shape]
+    outs = [np.asarray(decode.decode(params, CFG, None, prompts, [16, 9], max_new_tokens=6,
+                                     sampling=Sampling(t, top_k=5),
+                                     rng=jax.random.PRNGKey(1)).tokens)
+            for t in (0.5, 0.9, 2.0)]
+    assert decode.TRACE_COUNTS[shape] - before == 1
+    assert not np.array_equal(outs[0], outs[2])  # the traced temperature is used
+
+
 def test_matches_transformers_generate_with_dflash_drafter(tmp_path):
     torch = pytest.importorskip("torch")
     from hf_fixtures import make_tiny_hf_target
@@ -267,8 +281,8 @@ def test_sampling_is_lossless(rule, temperature, top_k, top_p):
     p0, p1, p2 = exact_conditionals(params, temperature, top_k, top_p)
     drafter = near_target_drafter(p1, p2, seed=3)
     res = decode.decode(params, SCFG, drafter, np.tile(SPROMPT, (n, 1)), [len(SPROMPT)] * n,
-                        max_new_tokens=3, temperature=temperature, rule=rule, top_k=top_k,
-                        top_p=top_p, rng=jax.random.PRNGKey(5))
+                        max_new_tokens=3, sampling=Sampling(temperature, rule, top_k, top_p),
+                        rng=jax.random.PRNGKey(5))
     tokens = np.asarray(res.tokens)
     assert np.all(np.asarray(res.num_tokens) == 3)
     counts = np.bincount(tokens[:, 0] * v * v + tokens[:, 1] * v + tokens[:, 2],
@@ -316,9 +330,6 @@ def test_bad_input_fails_before_decoding():
         (dict(lengths=[2]), "lengths"),
         (dict(max_new_tokens=0), "max_new_tokens"),
         (dict(stop_token_ids=(64,)), "stop_token_ids"),
-        (dict(rule="greedy"), "rule"),
-        (dict(temperature=-0.5), "temperature"),
-        (dict(top_p=1.5), "top_p"),
     ]
     for kw, field in cases:
         args = dict(lengths=lengths, max_new_tokens=4) | kw

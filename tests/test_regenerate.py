@@ -11,6 +11,7 @@ from hf_fixtures import make_tiny_hf_target
 from test_evaluate import greedy_reference, make_drafter
 
 from dpace_jax import convert, data, generation, regenerate
+from dpace_jax.sampling import Sampling
 
 MAX_NEW = 8
 CONVS = [
@@ -87,7 +88,7 @@ def test_greedy_matches_brute_force_and_loads(setup):
 
 def test_interrupted_run_resumes_to_the_same_file(setup, monkeypatch):
     root = setup[0]
-    kw = {"temperature": 1.0, "seed": 3, "max_samples": 5}
+    kw = {"sampling": Sampling(1.0), "seed": 3, "max_samples": 5}
     whole = root / "whole.jsonl"
     run(setup, whole, **kw)
 

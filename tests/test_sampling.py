@@ -33,15 +33,16 @@ def np_filtered_probs(logits, temperature, top_k=0, top_p=1.0):
                                                      (1.3, 0, 0.7), (0.8, 5, 0.5)])
 def test_filtered_log_probs_match_numpy(temperature, top_k, top_p):
     logits = np.random.RandomState(0).normal(0, 2, (3, 4, 11)).astype(np.float32)
-    got = np.exp(np.asarray(sampling.filtered_log_probs(jnp.asarray(logits), temperature,
-                                                        top_k, top_p)))
+    s = sampling.Sampling(temperature, "dflash", top_k, top_p)
+    got = np.exp(np.asarray(sampling.filtered_log_probs(jnp.asarray(logits), s)))
     np.testing.assert_allclose(got, np_filtered_probs(logits, temperature, top_k, top_p),
                                atol=1e-6)
 
 
 def test_choose_greedy_is_argmax():
     logits = jnp.asarray(np.random.RandomState(1).normal(size=(5, 9)), jnp.float32)
-    got = sampling.choose(jax.random.PRNGKey(0), logits, 0.0, top_k=2, top_p=0.3)
+    got = sampling.choose(jax.random.PRNGKey(0), logits, sampling.Sampling(0.0, top_k=2,
+                                                                            top_p=0.3))
     np.testing.assert_array_equal(got, np.argmax(np.asarray(logits), -1))
 
 
@@ -50,7 +51,7 @@ def test_verify_match_accounting():
     chosen = np.array([[5, 6, 7, 1], [2, 2, 2, 2], [3, 4, 5, 6]])
     logits = jnp.asarray(np.eye(8)[chosen] * 4.0, jnp.float32)
     drafts = jnp.asarray([[9, 5, 6, 0], [9, 1, 2, 2], [9, 3, 4, 5]], jnp.int32)
-    acc, tokens = sampling.verify_match(jax.random.PRNGKey(0), logits, drafts, 0.0)
+    acc, tokens = sampling.verify_match(jax.random.PRNGKey(0), logits, drafts, sampling.GREEDY)
     np.testing.assert_array_equal(acc, [2, 0, 3])
     np.testing.assert_array_equal(tokens, [[5, 6, 7, 0], [2, 0, 0, 0], [3, 4, 5, 6]])
 
@@ -65,8 +66,9 @@ def test_speculative_first_token_follows_target_and_exact_drafter_accepts_all():
     def run(keys, t_logits, d_logits):
         def one(key):
             k1, k2 = jax.random.split(key)
-            drafts = sampling.propose(k1, d_logits, "speculative", 1.0)
-            return sampling.verify(k2, t_logits, d_logits, drafts, "speculative", 1.0)
+            s = sampling.Sampling(1.0, "speculative")
+            drafts = sampling.propose(k1, d_logits, s)
+            return sampling.verify(k2, t_logits, d_logits, drafts, s)
 
         return jax.vmap(one)(keys)
 
@@ -86,12 +88,18 @@ def test_speculative_first_token_follows_target_and_exact_drafter_accepts_all():
     assert np.all(np.asarray(acc_same) == k_block - 1)
 
 
-def test_check_sampling_rejects_bad_arguments():
+def test_sampling_rejects_bad_arguments_and_keys_compilations():
     with pytest.raises(ValueError, match="temperature"):
-        sampling.check_sampling(-1.0, "dflash", 0, 1.0)
+        sampling.Sampling(-1.0, "dflash", 0, 1.0)
     with pytest.raises(ValueError, match="rule"):
-        sampling.check_sampling(1.0, "eagle", 0, 1.0)
+        sampling.Sampling(1.0, "eagle", 0, 1.0)
     with pytest.raises(ValueError, match="top_k"):
-        sampling.check_sampling(1.0, "dflash", -2, 1.0)
+        sampling.Sampling(1.0, "dflash", -2, 1.0)
     with pytest.raises(ValueError, match="top_p"):
-        sampling.check_sampling(1.0, "dflash", 0, 0.0)
+        sampling.Sampling(1.0, "dflash", 0, 0.0)
+    # temperatures above 0 share a compile key; greedy and the other fields do not
+    def key(t, top_k=3):
+        return sampling.Sampling(t, "speculative", top_k, 0.9).compile_key()
+
+    keys = {key(t) for t in (0.3, 0.7, 1.5)}
+    assert len(keys) == 1 and key(0.0) not in keys and key(0.7, top_k=4) not in keys
