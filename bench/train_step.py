@@ -41,12 +41,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import common
-from dpace_jax import block_attention
+from dpace_jax import block_attention, chunked_loss
 from dpace_jax import drafter as drafter_lib
 from dpace_jax import loss as loss_lib
 from dpace_jax import model as model_lib
 from dpace_jax import sharding as shard_lib
 from dpace_jax import train_step as step_lib
+from dpace_jax.config import default_config
 
 LOSSES = ("dflash", "dpace")
 
@@ -66,7 +67,8 @@ def parse_args(argv):
                    help="context columns per flash step")
     p.add_argument("--target-attention", default="xla", choices=model_lib.TRAIN_ATTENTION,
                    help="target forward attention (cudnn: fused, NVIDIA GPUs)")
-    p.add_argument("--loss-chunk-size", type=int, default=2048, help="rows per LM-head chunk")
+    p.add_argument("--loss-chunk-size", type=int, default=chunked_loss.DEFAULT_CHUNK_SIZE,
+                   help="draft positions per LM-head chunk")
     p.add_argument("--losses", default=",".join(LOSSES), help="comma-separated loss names")
     p.add_argument("--seq-len", type=int, help="override the shape's sequence length")
     p.add_argument("--num-anchors", type=int, help="override the shape's anchors per sequence")
@@ -171,12 +173,14 @@ def mean_anchor_position(loss_mask: np.ndarray, block_size: int) -> float:
 
 
 def _step_config(args, loss: str) -> step_lib.StepConfig:
-    return step_lib.StepConfig(loss=loss, num_anchors=args.num_anchors, total_steps=100_000,
-                               compute_dtype=jnp.bfloat16, loss_chunk_size=args.loss_chunk_size,
-                               remat=args.remat, attention=args.attention,
-                               attention_chunk=args.attention_chunk,
-                               attention_tile=args.attention_tile,
-                               target_attention=args.target_attention)
+    """The paper recipe of the run config's defaults, with this benchmark's options."""
+    c = default_config()
+    t = c.train
+    t.loss, t.num_anchors, t.compute_dtype = loss, args.num_anchors, "bfloat16"
+    t.loss_chunk_size, t.remat, t.attention = args.loss_chunk_size, args.remat, args.attention
+    t.attention_chunk, t.attention_tile = args.attention_chunk, args.attention_tile
+    t.target_attention = args.target_attention
+    return step_lib.StepConfig.from_config(c, 100_000)
 
 
 def bench_loss(args, loss, tcfg, dcfg, target, t_shard, drafter_params, batch, mesh) -> dict:

@@ -1,12 +1,12 @@
-"""A tiny run for this CPU: a random Qwen3 target built in WORKDIR/target, demo chat data from the
-standard library, a 2-layer drafter with block 8. About a minute end to end."""
+"""A tiny run for this CPU: a random Qwen3 target built in WORKDIR/target (target.path "", the
+default), demo chat data from the standard library, a 2-layer drafter with block 8. About a
+minute end to end."""
 
 from dpace_jax.config import default_config
 
 
 def get_config():
     c = default_config()
-    c.target.path = ""
     c.target.dtype = "float32"
     c.drafter.num_layers = 2
     c.drafter.block_size = 8
@@ -14,7 +14,6 @@ def get_config():
     c.data.demo = True
     c.data.demo_samples = 256
     c.data.max_length = 256
-    c.train.loss = "dpace"
     c.train.gamma = 4.0
     c.train.batch_size = 4
     c.train.num_anchors = 16
@@ -22,9 +21,7 @@ def get_config():
     c.train.lr = 1e-3
     c.train.compute_dtype = "float32"
     c.train.loss_chunk_size = 512
-    c.train.log_every = 10
     c.train.save_every = 30
-    c.mesh.shape = (1, -1, 1)
     c.eval.num_samples = 4
     c.eval.max_new_tokens = 48
     return c

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from dpace_jax.loss import (
+    DEFAULT_ALPHA,
     check_alpha,
     check_gamma,
     check_name,
@@ -29,7 +30,7 @@ from dpace_jax.loss import (
     token_stats,
 )
 
-DEFAULT_CHUNK_SIZE = 1024
+DEFAULT_CHUNK_SIZE = 2048  # draft positions per LM-head chunk (the run config's default)
 
 
 def _check_hidden(hidden, head, targets, mask, chunk_size) -> None:
@@ -70,8 +71,8 @@ def token_stats_from_hidden(hidden, head, targets, mask, *, chunk_size=DEFAULT_C
     return ce.reshape(-1)[:rows].reshape(lead), correct.reshape(-1)[:rows].reshape(lead)
 
 
-def dpace_loss_from_hidden(hidden, head, targets, mask, *, alpha=0.5, variant: str = "dpace",
-                           chunk_size: int = DEFAULT_CHUNK_SIZE):
+def dpace_loss_from_hidden(hidden, head, targets, mask, *, alpha=DEFAULT_ALPHA,
+                           variant: str = "dpace", chunk_size: int = DEFAULT_CHUNK_SIZE):
     """``dpace_jax.loss.dpace_loss`` of ``hidden @ head`` -> (loss, aux), computed in chunks."""
     check_alpha(alpha)
     check_variant(variant)
@@ -89,8 +90,8 @@ def dflash_loss_from_hidden(hidden, head, targets, mask, *, gamma=None,
     return loss_from_stats("dflash", ce, correct, mask, gamma=gamma)
 
 
-def objective_from_hidden(name: str, hidden, head, targets, mask, *, alpha=0.5, gamma=None,
-                          chunk_size: int = DEFAULT_CHUNK_SIZE):
+def objective_from_hidden(name: str, hidden, head, targets, mask, *, alpha=DEFAULT_ALPHA,
+                          gamma=None, chunk_size: int = DEFAULT_CHUNK_SIZE):
     """Dispatch by name (one of ``dpace_jax.loss.LOSS_NAMES``) -> (loss, aux)."""
     check_name(name)
     if name == "dflash":

@@ -10,6 +10,10 @@ from __future__ import annotations
 import jax.numpy as jnp
 import ml_collections
 
+from dpace_jax.block_attention import DEFAULT_FLASH_TILE
+from dpace_jax.chunked_loss import DEFAULT_CHUNK_SIZE
+from dpace_jax.loss import DEFAULT_ALPHA
+
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 DEMO_TARGET_PREFIX = "demo:"
 
@@ -78,8 +82,8 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     c.train.loss = "dpace"  # dflash | dpace | dpace-cumulative-confidence-only | ...
-    c.train.alpha = 0.5
-    c.train.gamma = 7.0
+    c.train.alpha = DEFAULT_ALPHA
+    c.train.gamma = 7.0  # DFlash's decay for block 16 (5 for 10, 4 for 8); 0: no decay
     c.train.batch_size = 16
     c.train.num_anchors = 512
     c.train.epochs = 6
@@ -89,11 +93,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.warmup_ratio = 0.04
     c.train.grad_clip = 1.0
     c.train.compute_dtype = "bfloat16"
-    c.train.loss_chunk_size = 2048
+    c.train.loss_chunk_size = DEFAULT_CHUNK_SIZE  # draft positions per LM-head chunk
     c.train.remat = False  # recompute drafter layers in the backward pass (saves memory)
     c.train.attention = "dense"  # drafter block attention: dense | flash (block_attention.py)
     c.train.attention_chunk = 0  # blocks per group (dense: 0 = all at once; flash: 0 = 64)
-    c.train.attention_tile = 1024  # context columns per flash step
+    c.train.attention_tile = DEFAULT_FLASH_TILE  # context columns per flash step
     c.train.target_attention = "xla"  # target forward: xla | cudnn (GPU, bf16 target only)
     c.train.log_every = 10
     c.train.save_every = 1000

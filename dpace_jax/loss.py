@@ -11,7 +11,7 @@ the label, and ``m_k`` is the mask.
 
 DFlash decayed CE::
 
-    w_k = exp(-(k - 1) / gamma)            (gamma None or <= 0: w_k = 1)
+    w_k = exp(-(k - 1) / gamma)            (gamma > 0; None: no decay, w_k = 1)
     loss = sum(m * w * ce) / sum(m * w)    (0 when nothing is unmasked)
 
 D-PACE. The expected number of accepted draft tokens under independent per-position acceptance
@@ -40,6 +40,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+DEFAULT_ALPHA = 0.5  # D-PACE's smoothing (the paper's and the run config's default)
 DPACE_VARIANTS = ("dpace", "dpace-cumulative-confidence-only", "dpace-continuation-value-only")
 LOSS_NAMES = ("dflash",) + DPACE_VARIANTS
 
@@ -74,14 +75,18 @@ def check_name(name: str) -> str:
 
 
 def check_gamma(gamma):
+    """gamma as a float > 0, or None (no decay); a traced gamma is passed through unchecked."""
     if gamma is None:
         return None
     try:
-        return float(gamma)
+        g = float(gamma)
     except TypeError:  # traced
         return gamma
     except ValueError as e:
-        raise ValueError(f"gamma must be None or a number, got {gamma!r}") from e
+        raise ValueError(f"gamma must be None (no decay) or a number > 0, got {gamma!r}") from e
+    if not g > 0:
+        raise ValueError(f"gamma must be None (no decay) or a number > 0, got {gamma!r}")
+    return g
 
 
 def check_targets_mask(targets, mask, lead: tuple, what: str) -> None:
@@ -106,7 +111,7 @@ def _check_logits(logits, targets, mask) -> None:
 # weights
 
 
-def dpace_weights(q, mask, *, alpha=0.5, variant: str = "dpace") -> jax.Array:
+def dpace_weights(q, mask, *, alpha=DEFAULT_ALPHA, variant: str = "dpace") -> jax.Array:
     """D-PACE position weights ``w [..., K]`` (fp32, no gradient) from q and mask ``[..., K]``.
 
     ``s_k = (1 - alpha) q_k + alpha`` (1 where masked), ``P_k = prod_{j<=k} s_j``;
@@ -142,15 +147,13 @@ def dpace_weights(q, mask, *, alpha=0.5, variant: str = "dpace") -> jax.Array:
 
 
 def dflash_weights(k: int, gamma=None) -> jax.Array:
-    """DFlash decay ``w [K]``: ``exp(-(k - 1) / gamma)`` per block position k (1 if gamma is None
-    or <= 0)."""
+    """DFlash decay ``w [K]``: ``exp(-(k - 1) / gamma)`` per block position k (1 if gamma is
+    None)."""
     gamma = check_gamma(gamma)
     if gamma is None:
         return jnp.ones((k,), jnp.float32)
     pos = jnp.arange(k, dtype=jnp.float32)
-    positive = jnp.asarray(gamma, jnp.float32) > 0
-    safe = jnp.where(positive, jnp.asarray(gamma, jnp.float32), 1.0)
-    return jnp.where(positive, jnp.exp(-(pos - 1.0) / safe), 1.0)
+    return jnp.exp(-(pos - 1.0) / jnp.asarray(gamma, jnp.float32))
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,7 +201,7 @@ def _aux(ce, correct, m, w) -> dict:
     return jax.tree_util.tree_map(jax.lax.stop_gradient, aux)
 
 
-def loss_from_stats(name: str, ce, correct, mask, *, alpha=0.5, gamma=None):
+def loss_from_stats(name: str, ce, correct, mask, *, alpha=DEFAULT_ALPHA, gamma=None):
     """The objective ``name`` from per-token ce / correct / mask ``[B, N, K]`` -> (loss, aux).
 
     Shared by the logits path here and the chunked hidden-state path (``dpace_jax.chunked_loss``).
@@ -218,7 +221,7 @@ def loss_from_stats(name: str, ce, correct, mask, *, alpha=0.5, gamma=None):
     return loss, _aux(ce, correct, m, w)
 
 
-def dpace_loss(logits, targets, mask, *, alpha=0.5, variant: str = "dpace"):
+def dpace_loss(logits, targets, mask, *, alpha=DEFAULT_ALPHA, variant: str = "dpace"):
     """D-PACE loss ``sum(m * w * ce) / B`` and aux from logits ``[B, N, K, V]``.
 
     aux: ``num_tokens``, ``ce`` (masked mean), ``accuracy`` (masked argmax == target),
@@ -241,7 +244,7 @@ def dflash_loss(logits, targets, mask, *, gamma=None):
     return loss_from_stats("dflash", ce, correct, mask, gamma=gamma)
 
 
-def objective(name: str, logits, targets, mask, *, alpha=0.5, gamma=None):
+def objective(name: str, logits, targets, mask, *, alpha=DEFAULT_ALPHA, gamma=None):
     """Dispatch by name (one of ``LOSS_NAMES``) -> (loss, aux); alpha is used by the D-PACE
     objectives, gamma by "dflash"."""
     check_name(name)

@@ -22,6 +22,7 @@ from dpace_jax import drafter as drafter_lib
 from dpace_jax import loss as loss_lib
 from dpace_jax import model as model_lib
 from dpace_jax import sharding as shard_lib
+from dpace_jax.config import parse_dtype
 
 
 class TrainState(NamedTuple):
@@ -33,27 +34,52 @@ class TrainState(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-    loss: str = "dpace"
-    alpha: float = 0.5
-    gamma: float | None = 7.0
-    num_anchors: int = 512
-    lr: float = 6e-4
-    warmup_ratio: float = 0.04
-    total_steps: int = 1000
-    grad_clip: float = 1.0
-    compute_dtype: Any = jnp.bfloat16
-    loss_chunk_size: int = 2048
-    remat: bool = False  # recompute drafter layers in the backward pass (less memory)
-    attention: str = "dense"  # drafter block attention: dense | flash
-    attention_chunk: int = 0  # blocks per group (dense: 0 = all at once; flash: 0 = 64)
-    attention_tile: int = block_attention.DEFAULT_FLASH_TILE  # flash: columns/step
-    target_attention: str = "xla"  # target forward attention: xla | cudnn (GPU)
+    """What the compiled step depends on: the `train.*` fields of the run config (whose defaults
+    are the only ones; build with `from_config`) and the schedule's length. Checked on creation,
+    each error naming its config field."""
+
+    loss: str
+    alpha: float
+    gamma: float | None  # None: no decay (train.gamma = 0)
+    num_anchors: int
+    lr: float
+    warmup_ratio: float
+    total_steps: int
+    grad_clip: float
+    compute_dtype: Any
+    loss_chunk_size: int
+    remat: bool  # recompute drafter layers in the backward pass (less memory)
+    attention: str  # drafter block attention: dense | flash
+    attention_chunk: int  # blocks per group (dense: 0 = all at once; flash: 0 = 64)
+    attention_tile: int  # flash: context columns per step
+    target_attention: str  # target forward attention: xla | cudnn (GPU)
+
+    @classmethod
+    def from_config(cls, config, total_steps: int) -> StepConfig:
+        """The step settings of a run config (`config.train`) for a schedule of total_steps."""
+        t = config.train
+        return cls(
+            loss=str(t.loss), alpha=float(t.alpha), gamma=float(t.gamma) if t.gamma else None,
+            num_anchors=int(t.num_anchors), lr=float(t.lr), warmup_ratio=float(t.warmup_ratio),
+            total_steps=int(total_steps), grad_clip=float(t.grad_clip),
+            compute_dtype=parse_dtype(t.compute_dtype, "train.compute_dtype"),
+            loss_chunk_size=int(t.loss_chunk_size), remat=bool(t.remat),
+            attention=str(t.attention), attention_chunk=int(t.attention_chunk),
+            attention_tile=int(t.attention_tile), target_attention=str(t.target_attention))
 
     def __post_init__(self):
         if self.loss not in loss_lib.LOSS_NAMES:
             raise ValueError(f"train.loss={self.loss!r}; expected one of {loss_lib.LOSS_NAMES}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"train.alpha={self.alpha} must lie in [0, 1]")
+        if self.gamma is not None and not self.gamma > 0:
+            raise ValueError(f"train.gamma={self.gamma} must be > 0 (0: no decay)")
+        if self.num_anchors < 1 or self.loss_chunk_size < 1:
+            raise ValueError(f"train.num_anchors={self.num_anchors} and train.loss_chunk_size="
+                             f"{self.loss_chunk_size} must be >= 1")
+        if not self.lr > 0 or not 0 <= self.warmup_ratio < 1 or not self.grad_clip > 0:
+            raise ValueError(f"train.lr={self.lr} and train.grad_clip={self.grad_clip} must be "
+                             f"> 0, train.warmup_ratio={self.warmup_ratio} in [0, 1)")
         if self.total_steps < 1:
             raise ValueError(f"total steps must be >= 1, got {self.total_steps}")
         check_attention_options(self.attention, self.attention_chunk, self.attention_tile,

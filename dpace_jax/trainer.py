@@ -201,10 +201,7 @@ def run(config) -> dict:
     if not config.workdir:
         raise ValueError("--config.workdir is required (the run directory)")
     maybe_initialize_distributed(config)
-    step_lib.check_attention_options(str(config.train.attention),
-                                     int(config.train.attention_chunk),
-                                     int(config.train.attention_tile),
-                                     str(config.train.target_attention))
+    step_lib.StepConfig.from_config(config, 1)  # every train.* setting checked before any work
     if config.train.target_attention == "cudnn" and jax.default_backend() != "gpu":
         raise ValueError(f"train.target_attention=cudnn needs an NVIDIA GPU; this run's backend "
                          f"is {jax.default_backend()!r} (use train.target_attention=xla)")
@@ -220,18 +217,7 @@ def run(config) -> dict:
                                              dcfg.block_size)
     steps = total_steps(config, len(dataset))
 
-    step_cfg = step_lib.StepConfig(
-        loss=config.train.loss, alpha=float(config.train.alpha),
-        gamma=float(config.train.gamma) if config.train.gamma else None,
-        num_anchors=int(config.train.num_anchors), lr=float(config.train.lr),
-        warmup_ratio=float(config.train.warmup_ratio), total_steps=steps,
-        grad_clip=float(config.train.grad_clip),
-        compute_dtype=parse_dtype(config.train.compute_dtype, "train.compute_dtype"),
-        loss_chunk_size=int(config.train.loss_chunk_size), remat=bool(config.train.remat),
-        attention=str(config.train.attention), attention_chunk=int(config.train.attention_chunk),
-        attention_tile=int(config.train.attention_tile),
-        target_attention=str(config.train.target_attention),
-    )
+    step_cfg = step_lib.StepConfig.from_config(config, steps)
     mesh = shard_lib.make_mesh(tuple(config.mesh.shape))
     if config.train.batch_size % shard_lib.num_batch_shards(mesh):
         raise ValueError(

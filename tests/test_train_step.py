@@ -14,6 +14,7 @@ from train_fixtures import batches, tiny_setup
 
 from dpace_jax import sharding as shard_lib
 from dpace_jax import train_step as step_lib
+from dpace_jax.config import default_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -113,13 +114,24 @@ def test_one_device_and_2x2x2_mesh_agree():
     assert "MESH-OK" in out.stdout
 
 
-def test_step_config_names_bad_attention_settings():
-    with pytest.raises(ValueError, match="train.attention='splash'"):
-        step_lib.StepConfig(attention="splash")
-    with pytest.raises(ValueError, match="train.attention_tile=0"):
-        step_lib.StepConfig(attention="flash", attention_tile=0)
-    with pytest.raises(ValueError, match="train.target_attention='flash'.*cudnn"):
-        step_lib.StepConfig(target_attention="flash")
+def test_step_config_comes_from_the_run_config_and_names_bad_fields():
+    c = default_config()
+    base = step_lib.StepConfig.from_config(c, 100)
+    assert (base.loss, base.alpha, base.gamma, base.lr, base.total_steps) == (
+        c.train.loss, c.train.alpha, c.train.gamma, c.train.lr, 100)
+    assert (base.loss_chunk_size, base.attention_tile) == (c.train.loss_chunk_size,
+                                                           c.train.attention_tile)
+    c.train.gamma = 0.0
+    assert step_lib.StepConfig.from_config(c, 100).gamma is None  # 0: no decay
+    cases = [(dict(attention="splash"), "train.attention='splash'"),
+             (dict(attention="flash", attention_tile=0), "train.attention_tile=0"),
+             (dict(target_attention="flash"), "train.target_attention='flash'.*cudnn"),
+             (dict(alpha=1.5), "train.alpha=1.5"), (dict(gamma=-1.0), "train.gamma=-1.0"),
+             (dict(num_anchors=0), "train.num_anchors=0"), (dict(lr=0.0), "train.lr=0.0"),
+             (dict(warmup_ratio=1.0), "train.warmup_ratio=1.0")]
+    for change, match in cases:
+        with pytest.raises(ValueError, match=match):
+            dataclasses.replace(base, **change)
 
 
 def test_sliding_window_drafter_trains_the_same_dense_and_flash():

@@ -7,6 +7,7 @@ import numpy as np
 from dpace_jax import drafter as drafter_lib
 from dpace_jax import model as model_lib
 from dpace_jax import train_step as step_lib
+from dpace_jax.config import default_config
 
 VOCAB, SEQ, BLOCK = 64, 48, 4
 
@@ -20,9 +21,10 @@ def tiny_setup(loss="dpace", steps=100, lr=1e-2, num_anchors=8):
                                                 target_layer_ids=(0, 2))
     target = model_lib.init_params(tcfg, jax.random.PRNGKey(0), jnp.float32, scale=0.2)
     drafter = drafter_lib.init_drafter_params(dcfg, jax.random.PRNGKey(1))
-    step_cfg = step_lib.StepConfig(loss=loss, alpha=0.5, gamma=4.0, num_anchors=num_anchors,
-                                   lr=lr, warmup_ratio=0.05, total_steps=steps,
-                                   compute_dtype=jnp.float32, loss_chunk_size=64)
+    c = default_config()
+    c.train.loss, c.train.gamma, c.train.num_anchors, c.train.lr = loss, 4.0, num_anchors, lr
+    c.train.warmup_ratio, c.train.compute_dtype, c.train.loss_chunk_size = 0.05, "float32", 64
+    step_cfg = step_lib.StepConfig.from_config(c, steps)
     return tcfg, dcfg, target, drafter, step_cfg
 
 

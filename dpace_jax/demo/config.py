@@ -27,22 +27,16 @@ def get_config(size: str = "cpu"):
     c.data.regenerate_batch_size = 32 if size == "cpu" else 128
     c.data.max_length = 384 if size == "cpu" else 768
 
-    c.train.loss = "dpace"
-    c.train.alpha = 0.5
     c.train.gamma = 4.0  # DFlash's decay for block 8 (when train.loss=dflash)
     c.train.batch_size = 8 if size == "cpu" else 32
     c.train.num_anchors = 32 if size == "cpu" else 64
-    c.train.epochs = 6
     c.train.max_steps = 300 if size == "cpu" else 3000
     c.train.lr = 2e-3 if size == "cpu" else 1e-3
     c.train.compute_dtype = "float32" if size == "cpu" else "bfloat16"
     c.train.loss_chunk_size = 1024
-    c.train.log_every = 10
     c.train.save_every = 100
 
-    c.eval.benchmarks = ("humaneval",)
     c.eval.num_samples = 16 if size == "cpu" else 164
     c.eval.max_new_tokens = 128 if size == "cpu" else 256
     c.eval.batch_size = 8
-    c.eval.temperature = 0.0
     return c
