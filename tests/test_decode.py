@@ -2,7 +2,6 @@
 generate on the PyTorch twin, and exact target distributions of the first tokens."""
 
 import dataclasses
-import functools
 import itertools
 import math
 
@@ -10,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import references
 from test_sampling import np_filtered_probs
 
 from dpace_jax import decode, model
@@ -38,27 +38,11 @@ def random_target(seed, cfg=CFG, scale=0.3):
     return numpy_params(lambda key: model.init_params(cfg, key), seed, scale)
 
 
-@functools.lru_cache
-def _full_logits(cfg):
-    return jax.jit(lambda params, tokens: model.forward(params, cfg, tokens).logits)
-
-
-def greedy_reference(params, prompts, lengths, n, cfg=CFG):
-    """Brute force: each new token is the argmax of a fresh full causal forward (no cache)."""
-    batch = len(lengths)
-    seqs = np.zeros((REF_BATCH, REF_WIDTH), np.int32)
-    lens = np.ones(REF_BATCH, np.int64)
-    for b in range(batch):
-        seqs[b, : lengths[b]] = prompts[b, : lengths[b]]
-        lens[b] = lengths[b]
-    out = np.zeros((batch, n), np.int64)
-    for i in range(n):
-        logits = np.asarray(_full_logits(cfg)(params, seqs))
-        nxt = np.argmax(logits[np.arange(REF_BATCH), lens - 1], axis=-1)
-        seqs[np.arange(REF_BATCH), lens] = nxt
-        lens += 1
-        out[:, i] = nxt[:batch]
-    return out
+def greedy_reference(params, prompts, lengths, n):
+    """Brute force (tests/references.py) as an array [B, n], one compilation for every test."""
+    rows = [prompts[b, : lengths[b]] for b in range(len(lengths))]
+    return np.asarray(references.greedy_reference(params, CFG, rows, n, rows=REF_BATCH,
+                                                  width=REF_WIDTH))
 
 
 def mid_stop(row):
@@ -241,7 +225,7 @@ def exact_conditionals(params, temperature, top_k, top_p):
     v, n = SCFG.vocab_size, len(SPROMPT)
     pairs = np.array(list(itertools.product(range(v), repeat=2)))
     seqs = np.concatenate([np.tile(SPROMPT, (len(pairs), 1)), pairs], axis=1)
-    logits = np.asarray(_full_logits(SCFG)(params, seqs), np.float64)
+    logits = np.asarray(references.full_logits(SCFG)(params, seqs), np.float64)
     p0 = np_filtered_probs(logits[0, n - 1], temperature, top_k, top_p)
     p1 = np_filtered_probs(logits[:, n], temperature, top_k, top_p).reshape(v, v, v)[:, 0]
     p2 = np_filtered_probs(logits[:, n + 1], temperature, top_k, top_p).reshape(v, v, v)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import ast
 import functools
 import json
-import time
 
 import jax
 import jax.numpy as jnp
@@ -149,9 +148,7 @@ def _logits_match(path, text_ids):
 
 
 def test_random_target_loads_in_flax_and_torch(tmp_path):
-    t0 = time.perf_counter()
     path = target_lib.build_random_target(tmp_path / "rnd", seed=3, **DIMS)
-    assert time.perf_counter() - t0 < 20
     hf_cfg = json.loads((path / "config.json").read_text())
     assert hf_cfg["architectures"] == ["Qwen3ForCausalLM"]
     tok = AutoTokenizer.from_pretrained(path)
@@ -165,9 +162,7 @@ def test_random_target_loads_in_flax_and_torch(tmp_path):
 
 def test_demo_build_loads_caches_and_survives_interruption(tmp_path, monkeypatch):
     out = tmp_path / "demo"
-    t0 = time.perf_counter()
     path = target_lib.build_demo_target(out, SMALL, seed=0, steps=4, progress=False)
-    assert time.perf_counter() - t0 < 40
     record = target_lib.read_marker(path)
     assert record["settings"]["steps"] == 4 and np.isfinite(record["final_loss"])
     assert record["chat_tasks"] > 0
@@ -190,9 +185,7 @@ def test_demo_build_loads_caches_and_survives_interruption(tmp_path, monkeypatch
         raise AssertionError("rebuilt a cached target")
 
     monkeypatch.setattr(target_lib, "train", boom)
-    t0 = time.perf_counter()
     assert target_lib.build_demo_target(out, SMALL, seed=0, steps=4, progress=False) == path
-    assert time.perf_counter() - t0 < 5
     monkeypatch.undo()
 
     # an interrupted rebuild (other settings) leaves the old complete build and no debris;

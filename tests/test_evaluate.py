@@ -2,7 +2,6 @@
 forward per token, no cache), the two-turn flow, drafter loading from a run directory, and
 drafter/target mismatches failing before anything is decoded."""
 
-import functools
 import json
 import shutil
 
@@ -10,10 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import references
 from hf_fixtures import make_tiny_hf_target
 
 from dpace_jax import benchmarks as bl
-from dpace_jax import convert, decode, drafter_hf, evaluation, generation, model
+from dpace_jax import convert, decode, drafter_hf, evaluation, generation
 from dpace_jax import drafter as drafter_lib
 from dpace_jax.config import default_config
 from dpace_jax.demo.prepare import prepare
@@ -21,25 +21,9 @@ from dpace_jax.demo.prepare import prepare
 MAX_NEW = 8
 
 
-@functools.lru_cache
-def _full_logits(cfg):
-    return jax.jit(lambda params, tokens: model.forward(params, cfg, tokens).logits)
-
-
 def greedy_reference(params, cfg, prompt, max_new, stop_ids):
-    """Brute force: every token is the argmax of a fresh causal forward over the whole sequence;
-    stops after a stop token (kept) or max_new tokens."""
-    seq = np.zeros((1, 128 * -(-(len(prompt) + max_new) // 128)), np.int32)
-    seq[0, : len(prompt)] = prompt
-    n, out = len(prompt), []
-    while len(out) < max_new:
-        nxt = int(np.argmax(np.asarray(_full_logits(cfg)(params, seq))[0, n - 1]))
-        out.append(nxt)
-        seq[0, n] = nxt
-        n += 1
-        if nxt in stop_ids:
-            break
-    return out
+    """Brute force (tests/references.py) for one prompt."""
+    return references.greedy_reference(params, cfg, [prompt], max_new, stop_ids)[0]
 
 
 def make_drafter(target_cfg, out_dir, *, block_size=4, mask=259, seed=0, **overrides):
