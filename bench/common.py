@@ -209,7 +209,7 @@ def parse_int_list(text: str, flag: str) -> list[int]:
     return values
 
 
-# Benchmark shapes. `qwen3-4b` is REFERENCE.md 1 (the paper recipe's target, 5-layer drafter,
+# Benchmark shapes. `qwen3-4b` is docs/design.md §2 (the paper recipe's target, 5-layer drafter,
 # seq 3072, 512 anchors, block 16); `tiny` runs in seconds on a CPU.
 SHAPES: dict[str, dict[str, Any]] = {
     "qwen3-4b": {

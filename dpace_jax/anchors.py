@@ -1,4 +1,4 @@
-"""Anchor sampling and block labels for DFlash training (REFERENCE.md 2), jit-friendly.
+"""Anchor sampling and block labels for DFlash training (docs/design.md §4), jit-friendly.
 
 Per sequence, up to N distinct anchors are drawn uniformly from positions a with loss_mask[a] = 1
 and a <= S - K, sorted ascending; missing ones are padded (anchor 0, keep False). Block n covers

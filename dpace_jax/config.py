@@ -39,7 +39,7 @@ def parse_dtype(name: str, field: str):
 
 def default_config() -> ml_collections.ConfigDict:
     """All fields with their defaults; the model, data and train defaults are the D-PACE paper's
-    recipe (REFERENCE.md 2: 5-layer drafter, block 16, AdamW lr 6e-4, 512 anchors, ...)."""
+    recipe (docs/design.md §4: 5-layer drafter, block 16, AdamW lr 6e-4, 512 anchors, ...)."""
     c = ml_collections.ConfigDict()
     c.workdir = ""  # run directory: checkpoints, metrics.jsonl, hf/ export, caches
     c.seed = 0

@@ -1,4 +1,4 @@
-"""Batched speculative decoding (REFERENCE.md 4) as one jitted `lax.while_loop`.
+"""Batched speculative decoding (docs/design.md §6) as one jitted `lax.while_loop`.
 
 Positions: sequence b's prompt fills positions 0..lengths[b]-1 of a right-padded [B, P] array;
 generated token j sits at position lengths[b] + j. Before each step the last emitted token sits at

@@ -1,4 +1,4 @@
-"""Anchor sampling and block labels against a direct NumPy reading of REFERENCE.md 2."""
+"""Anchor sampling and block labels against a direct NumPy reading of docs/design.md §4."""
 
 import jax
 import numpy as np

@@ -1,5 +1,5 @@
 """DFlash HF export/import, checked against an independent PyTorch re-implementation of the drafter
-(written here from REFERENCE.md 1, with an explicit [N*K, S+N*K] mask) loaded from the export."""
+(written here from docs/design.md §3, with an explicit [N*K, S+N*K] mask) loaded from the export."""
 
 import dataclasses
 import json

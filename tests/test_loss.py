@@ -1,4 +1,4 @@
-"""dpace_jax.loss against an independent float64 NumPy loop re-derivation of REFERENCE.md 3."""
+"""dpace_jax.loss against an independent float64 NumPy loop re-derivation of docs/design.md §5."""
 
 import math
 
