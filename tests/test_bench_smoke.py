@@ -17,6 +17,8 @@ from bench import common  # noqa: E402
 from bench import decode as bench_decode  # noqa: E402
 from bench import train_step as bench_train  # noqa: E402
 
+pytestmark = pytest.mark.slow  # subprocesses or long compiles: `-m "not slow"` skips them
+
 
 def _finite(x):
     return isinstance(x, (int, float)) and math.isfinite(x)

@@ -10,6 +10,8 @@ from dpace_jax import block_attention as ba
 from dpace_jax import model
 from dpace_jax.drafter import DrafterConfig, init_drafter_params, train_forward
 
+pytestmark = pytest.mark.slow  # subprocesses or long compiles: `-m "not slow"` skips them
+
 TARGET = model.ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=4,
                            num_heads=4, num_kv_heads=2, head_dim=8, rope_theta=10000.0)
 CFG = DrafterConfig.for_target(TARGET, num_layers=2, block_size=4, mask_token_id=96,

@@ -25,6 +25,7 @@ def full_logits(hidden, head):
                       preferred_element_type=jnp.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, chunk_size", [(name, 7) for name in L.LOSS_NAMES]
                          + [("dpace", 1), ("dpace", 1000)])  # 30 rows: ragged, tiny, one chunk
 def test_values_and_grads_match_logits_path(name, chunk_size):
@@ -50,6 +51,7 @@ def test_values_and_grads_match_logits_path(name, chunk_size):
                                    rtol=1e-6, atol=1e-6, err_msg=key)
 
 
+@pytest.mark.slow
 def test_named_functions_and_jit():
     hidden, head, targets, mask = make_inputs(seed=2, v=50)
     f = jax.jit(lambda h, w: C.dpace_loss_from_hidden(
@@ -62,6 +64,7 @@ def test_named_functions_and_jit():
     np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_bf16_and_fully_masked():
     hidden, head, targets, mask = make_inputs(seed=3)
     hb, wb = hidden.astype(jnp.bfloat16), head.astype(jnp.bfloat16)

@@ -160,6 +160,7 @@ def test_tokenizer(base, tmp_path):
         convert.load_tokenizer(base["tied"][0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["untied", "tied", "sharded"])
 def test_save_load_round_trip(base, tmp_path, name):
     from transformers import AutoModelForCausalLM

@@ -113,6 +113,7 @@ def check_greedy(result, ref, stops, pad=0):
         assert np.all(tokens[b, num[b]:] == pad)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch,k_block,seeds", [(4, 5, (0, 1, 2)), (1, 16, (3, 4)),
                                                  (4, 2, (5, 6))])
 def test_greedy_equals_brute_force_and_oracle_accepts_whole_blocks(batch, k_block, seeds):
@@ -174,6 +175,7 @@ def test_a_new_temperature_does_not_recompile():
     assert not np.array_equal(outs[0], outs[2])  # the traced temperature is used
 
 
+@pytest.mark.slow
 def test_matches_transformers_generate_with_dflash_drafter(tmp_path):
     torch = pytest.importorskip("torch")
     from hf_fixtures import make_tiny_hf_target
@@ -257,6 +259,7 @@ def chi_square_z(counts, probs, min_expected=5.0):
     return ((stat / df) ** (1 / 3) - (1 - 2 / (9 * df))) / math.sqrt(2 / (9 * df))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule,temperature,top_k,top_p", [("dflash", 1.0, 0, 1.0),
                                                            ("speculative", 0.7, 4, 0.9)])
 def test_sampling_is_lossless(rule, temperature, top_k, top_p):

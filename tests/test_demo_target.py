@@ -22,6 +22,8 @@ from dpace_jax.demo import corpus as corpus_lib
 from dpace_jax.demo import target as target_lib
 from dpace_jax.demo.tokenizer import build_tokenizer
 
+pytestmark = pytest.mark.slow  # subprocesses or long compiles: `-m "not slow"` skips them
+
 DIMS = dict(vocab_size=384, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
             num_kv_heads=2, head_dim=8)  # shared by both builds, so jitted code is reused
 SMALL = target_lib.DemoSize(**DIMS, seq_len=192, batch_size=2, steps=3, learning_rate=3e-3,

@@ -101,6 +101,7 @@ SLIDING = dataclasses.replace(CFG, layer_types=("sliding_attention", "full_atten
                               sliding_window=5, is_causal=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cfg", [CFG, SLIDING], ids=["full", "sliding"])
 def test_packed_training_equals_decoding(setup, cfg):
     """Each packed block equals the same block drafted alone against a cache of its context."""
@@ -127,6 +128,7 @@ def test_packed_training_equals_decoding(setup, cfg):
     assert np.abs(packed[0, 1] - packed[0, 2]).max() > 1e-2
 
 
+@pytest.mark.slow
 def test_extend_cache_in_pieces(setup):
     """Writing the context in chunks at per-sequence starts equals one write."""
     _, params, features, _ = setup
@@ -146,6 +148,7 @@ def test_extend_cache_in_pieces(setup):
     np.testing.assert_allclose(shifted.k[:, 1, 3:11], k[:, 0], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_mask_gradients(setup):
     """One block's output depends on context before its anchor only, and on no other block."""
     target_params, params, features, tokens = setup
@@ -180,6 +183,7 @@ def test_mask_gradients(setup):
             assert np.all(g == 0), (b, n)
 
 
+@pytest.mark.slow
 def test_remat_bf16_and_jit(setup):
     target_params, params, features, tokens = setup
     f = jax.jit(train_forward, static_argnums=1, static_argnames="remat")

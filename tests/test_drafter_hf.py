@@ -284,6 +284,7 @@ LAYOUTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("attention", ["dense", "flash"])
 def test_matches_torch_reference(params, tmp_path, layout, attention):

@@ -70,6 +70,7 @@ def eval_config(target_dir, drafter_dir, *, benchmarks=(), batch_size=2, workdir
     return c
 
 
+@pytest.mark.slow
 def test_evaluate_results_schema_and_numbers(setup, monkeypatch):
     monkeypatch.setattr(generation, "BUCKET", 128)  # one prompt width: 4 compilations in all
     root, target_dir, target_cfg, drafter_dir, gsm, mt = setup

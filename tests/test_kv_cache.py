@@ -7,6 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from dpace_jax.model import KVCache, ModelConfig, forward, init_params
 
@@ -59,6 +60,7 @@ def _params(cfg, seed=0):
 SCHEDULE = [(0, 16), (16, 5), (18, 16), (34, 1), (25, 5), (30, 1), (31, 16), (44, 1)]
 
 
+@pytest.mark.slow
 def test_blocks_with_rollbacks_match_full_forward():
     cfg = CONFIGS["qwen3"]
     params = _params(cfg)
@@ -84,6 +86,7 @@ def test_blocks_with_rollbacks_match_full_forward():
     np.testing.assert_allclose(np.asarray(logits[:, 0]), final[:, -1], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_per_sequence_starts():
     """Sequences in one batch at different lengths (one rolled back further) stay independent."""
     cfg = CONFIGS["qwen3"]
@@ -105,6 +108,7 @@ def test_per_sequence_starts():
                                        err_msg=f"sequence {b}, start {s}")
 
 
+@pytest.mark.slow
 def test_cached_step_does_not_recompile_per_start():
     cfg = CONFIGS["llama"]  # (llama3 rope scaling: positions feed a scaled table)
     params = _params(cfg)

@@ -207,6 +207,7 @@ def test_gradient_holds_weights_constant(name):
     np.testing.assert_allclose(np.asarray(grad), scale[..., None] * (softmax - onehot), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_jit_and_vmap():
     stacks = [make_inputs(seed=s)[:3] for s in range(3)]
     logits, targets, mask = (jnp.stack(x) for x in zip(*stacks, strict=True))
@@ -242,6 +243,7 @@ def test_fully_masked_batch(name):
         assert np.all(np.isfinite(np.asarray(v)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", L.LOSS_NAMES)
 @pytest.mark.parametrize("alpha", [0.0, 0.5])
 def test_underflowing_q_and_extreme_logits(name, alpha):

@@ -14,6 +14,8 @@ import pytest
 from dpace_jax.demo import data as demo_data
 from dpace_jax.demo import target as demo_target
 
+pytestmark = pytest.mark.slow  # subprocesses or long compiles: `-m "not slow"` skips them
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

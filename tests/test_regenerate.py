@@ -47,6 +47,7 @@ def run(setup, out, **kw):
     return regenerate.regenerate(str(target_dir), [str(src)], out, **kw)
 
 
+@pytest.mark.slow
 def test_greedy_matches_brute_force_and_loads(setup):
     root, target_dir, target_cfg, drafter_dir, _ = setup
     out = root / "greedy.jsonl"

@@ -33,6 +33,7 @@ def _tokens(batch=2, length=24, seed=0):
     return jnp.asarray(np.random.default_rng(seed).integers(0, CFG.vocab_size, (batch, length)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ids", [(0, 2), (1,), (2, 0, 2), (3,)])
 def test_early_stopped_features_equal_full_forward(ids):
     params, tokens = _params(), _tokens()
@@ -47,6 +48,7 @@ def test_early_stopped_features_equal_full_forward(ids):
     np.testing.assert_array_equal(np.asarray(plain.logits), np.asarray(full.logits))
 
 
+@pytest.mark.slow
 def test_early_stop_skips_the_layers_after_the_last_feature_layer():
     params = _params()
     poisoned = dict(params, layers=jax.tree.map(lambda a: a.at[2:].set(jnp.nan), params["layers"]))
@@ -66,6 +68,7 @@ def _scans(fn, *args):
     return [e for e in jax.make_jaxpr(fn)(*args).jaxpr.eqns if e.primitive.name == "scan"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ids", [(1, 0), (2,)])
 def test_early_stop_program_scans_only_the_needed_layers(ids):
     """One scan of max(ids) + 1 steps that takes the whole stacked weights (not a sliced copy)
@@ -91,6 +94,7 @@ def test_no_feature_layers_and_cached_forward_keep_hidden():
     assert cached.hidden is not None and cached.cache is not None
 
 
+@pytest.mark.slow
 def test_causal_attention_matches_einsum_path():
     b, t, h, g, e = 2, 13, 4, 2, 16
     kq, kk, kv = jax.random.split(jax.random.key(1), 3)
@@ -109,6 +113,7 @@ def test_causal_attention_matches_einsum_path():
                            atol=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("logits", [True, False])
 def test_forward_with_dot_product_attention_matches_xla(logits):
     params, tokens = _params(), _tokens()

@@ -19,6 +19,8 @@ from dpace_jax import convert
 from dpace_jax.layers import rope_inv_freq
 from dpace_jax.model import KVCache, forward
 
+pytestmark = pytest.mark.slow  # subprocesses or long compiles: `-m "not slow"` skips them
+
 LAYERS = 3
 # Every layer id, the last one included (HF's hidden_states[L] is after the final norm), in an
 # order with a repeat.

@@ -16,6 +16,8 @@ from dpace_jax import sharding as shard_lib
 from dpace_jax import train_step as step_lib
 from dpace_jax.config import default_config
 
+pytestmark = pytest.mark.slow  # subprocesses or long compiles: `-m "not slow"` skips them
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -22,11 +22,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from dflash_reference import Drafter, greedy_decode, load_target
 from hf_fixtures import make_tiny_tokenizer
 
 from dpace_jax import convert, evaluation, generation, model, trainer
 from dpace_jax.config import default_config
+
+pytestmark = pytest.mark.slow  # subprocesses or long compiles: `-m "not slow"` skips them
 
 TOPICS, ANSWER_LEN, ALPHABET = 8, 40, "abcdef"
 TARGET = model.ModelConfig(vocab_size=272, hidden_size=64, intermediate_size=128, num_layers=4,
