@@ -65,7 +65,7 @@ def parse_args(argv):
                    help="blocks per attention group (dense: 0 = all at once; flash: 0 = 64)")
     p.add_argument("--attention-tile", type=int, default=block_attention.DEFAULT_FLASH_TILE,
                    help="context columns per flash step")
-    p.add_argument("--target-attention", default="xla", choices=model_lib.TRAIN_ATTENTION,
+    p.add_argument("--target-attention", default="einsum", choices=model_lib.TRAIN_ATTENTION,
                    help="target forward attention (cudnn: fused, NVIDIA GPUs)")
     p.add_argument("--loss-chunk-size", type=int, default=chunked_loss.DEFAULT_CHUNK_SIZE,
                    help="draft positions per LM-head chunk")
@@ -121,7 +121,7 @@ def layer_matmul_params(c) -> int:
 
 def train_flops(tcfg, dcfg, batch: int, seq: int, num_anchors: int, mean_anchor: float,
                 remat: bool = False, attention: str = "dense",
-                target_attention: str = "xla") -> dict:
+                target_attention: str = "einsum") -> dict:
     """The analytic matmul FLOPs of one train step (module docstring), term by term. The target
     runs only up to its deepest feature layer (L_t = max(target_layer_ids) + 1)."""
     t, r = batch * seq, batch * num_anchors * dcfg.block_size

@@ -98,7 +98,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.attention = "dense"  # drafter block attention: dense | flash (block_attention.py)
     c.train.attention_chunk = 0  # blocks per group (dense: 0 = all at once; flash: 0 = 64)
     c.train.attention_tile = DEFAULT_FLASH_TILE  # context columns per flash step
-    c.train.target_attention = "xla"  # target forward: xla | cudnn (GPU, bf16 target only)
+    c.train.target_attention = "einsum"  # target forward: einsum | cudnn (GPU, bf16 target)
     c.train.log_every = 10
     c.train.save_every = 1000
     c.train.keep_checkpoints = 3

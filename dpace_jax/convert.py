@@ -1,20 +1,10 @@
-"""Hugging Face checkpoints <-> the target's Flax parameter tree (layout in dpace_jax.model).
+"""Hugging Face checkpoints <-> the target's parameters (`dpace_jax.params.TargetParams`).
 
 A checkpoint is a directory (or an HF hub id resolved through the HF cache) holding config.json and
-either model.safetensors or shards listed in model.safetensors.index.json. The key map (HF PyTorch
-Linear weights are [out, in]; ours are [in, ...]):
-
-  model.embed_tokens.weight [V, D]                  -> embed [V, D]
-  model.layers.{i}.input_layernorm.weight [D]       -> layers.attn_norm [L, D]
-  model.layers.{i}.self_attn.q_proj.weight [H*E, D] -> layers.q [L, D, H, E]
-  model.layers.{i}.self_attn.{k,v}_proj.weight [G*E, D] -> layers.{k,v} [L, D, G, E]
-  model.layers.{i}.self_attn.o_proj.weight [D, H*E] -> layers.o [L, H, E, D]
-  model.layers.{i}.self_attn.{q,k}_norm.weight [E]  -> layers.{q,k}_norm [L, E]  (Qwen3 only)
-  model.layers.{i}.post_attention_layernorm.weight  -> layers.mlp_norm [L, D]
-  model.layers.{i}.mlp.{gate,up}_proj.weight [F, D] -> layers.{gate,up} [L, D, F]
-  model.layers.{i}.mlp.down_proj.weight [D, F]      -> layers.down [L, F, D]
-  model.norm.weight [D]                             -> final_norm [D]
-  lm_head.weight [V, D]                             -> lm_head [D, V]  (absent when tied)
+either model.safetensors or shards listed in model.safetensors.index.json. The key map (each
+parameter's HF name and layout) is declared once in dpace_jax.params; here it is enforced
+strictly: missing, unexpected or misshapen tensors are errors that name them, and tied
+embeddings are checked.
 
 Loading reads tensor by tensor and fills each stacked [L, ...] host array layer by layer, so at
 most one parameter's host copy exists besides what is already on the devices.
@@ -28,7 +18,6 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +29,7 @@ from safetensors import SafetensorError, safe_open
 
 from dpace_jax.atomic import atomic_path
 from dpace_jax.model import ModelConfig
+from dpace_jax.params import TARGET_SCHEMA, Param, dims, flatten, get
 
 HF_ALLOW_PATTERNS = [
     "config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
@@ -126,65 +116,13 @@ def load_config(path_or_id: str | os.PathLike) -> ModelConfig:
 # ----------------------------------------------------------------------------- the key map
 
 
-@dataclasses.dataclass(frozen=True)
-class Entry:
-    """One Flax parameter and its HF tensor(s). `hf` holds "{i}" for stacked layer params."""
-
-    path: tuple[str, ...]
-    hf: str
-    hf_shape: tuple[int, ...]  # per layer for stacked params
-    to_flax: Callable[[np.ndarray], np.ndarray]
-    to_hf: Callable[[np.ndarray], np.ndarray]
-
-    @property
-    def stacked(self) -> bool:
-        return "{i}" in self.hf
-
-    def hf_keys(self, num_layers: int) -> list[str]:
-        return [self.hf.format(i=i) for i in range(num_layers)] if self.stacked else [self.hf]
+def key_map(cfg: ModelConfig) -> list[Param]:
+    """Every parameter of `cfg`'s tree with its HF key and layout (declared in dpace_jax.params)."""
+    return TARGET_SCHEMA.params(cfg)
 
 
-def key_map(cfg: ModelConfig) -> list[Entry]:
-    """Every parameter of `cfg`'s tree, with its HF key, HF shape and the two layout transforms."""
-    d, h, g, e, f, v = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                        cfg.intermediate_size, cfg.vocab_size)
-
-    def same(x):
-        return x
-
-    def linear(heads: int):  # [heads*E, D] <-> [D, heads, E]
-        return (lambda w: w.T.reshape(d, heads, e), lambda p: p.reshape(d, heads * e).T)
-
-    def dense(x):  # [out, in] <-> [in, out]
-        return x.T
-
-    layer = "model.layers.{i}."
-    entries = [
-        Entry(("embed",), "model.embed_tokens.weight", (v, d), same, same),
-        Entry(("layers", "attn_norm"), layer + "input_layernorm.weight", (d,), same, same),
-        Entry(("layers", "q"), layer + "self_attn.q_proj.weight", (h * e, d), *linear(h)),
-        Entry(("layers", "k"), layer + "self_attn.k_proj.weight", (g * e, d), *linear(g)),
-        Entry(("layers", "v"), layer + "self_attn.v_proj.weight", (g * e, d), *linear(g)),
-        Entry(("layers", "o"), layer + "self_attn.o_proj.weight", (d, h * e),
-              lambda w: w.T.reshape(h, e, d), lambda p: p.reshape(h * e, d).T),
-        Entry(("layers", "mlp_norm"), layer + "post_attention_layernorm.weight", (d,), same, same),
-        Entry(("layers", "gate"), layer + "mlp.gate_proj.weight", (f, d), dense, dense),
-        Entry(("layers", "up"), layer + "mlp.up_proj.weight", (f, d), dense, dense),
-        Entry(("layers", "down"), layer + "mlp.down_proj.weight", (d, f), dense, dense),
-        Entry(("final_norm",), "model.norm.weight", (d,), same, same),
-    ]
-    if cfg.qk_norm:
-        entries += [
-            Entry(("layers", "q_norm"), layer + "self_attn.q_norm.weight", (e,), same, same),
-            Entry(("layers", "k_norm"), layer + "self_attn.k_norm.weight", (e,), same, same),
-        ]
-    if not cfg.tie_word_embeddings:
-        entries.append(Entry(("lm_head",), "lm_head.weight", (v, d), dense, dense))
-    return entries
-
-
-def flax_shape(entry: Entry, cfg: ModelConfig) -> tuple[int, ...]:
-    shape = entry.to_flax(np.empty(entry.hf_shape, np.int8)).shape
+def flax_shape(entry: Param, cfg: ModelConfig) -> tuple[int, ...]:
+    shape = entry.shape(dims(cfg))
     return (cfg.num_layers, *shape) if entry.stacked else shape
 
 
@@ -226,8 +164,9 @@ def _index_tensors(ckpt: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
     return tensors
 
 
-def _check_keys(ckpt: Path, cfg: ModelConfig, entries: list[Entry], tensors: dict) -> None:
-    expected = {k: e.hf_shape for e in entries for k in e.hf_keys(cfg.num_layers)}
+def _check_keys(ckpt: Path, cfg: ModelConfig, entries: list[Param], tensors: dict) -> None:
+    d = dims(cfg)
+    expected = {k: e.hf_shape(d) for e in entries for k in e.hf_keys(cfg.num_layers)}
     allowed = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
     missing = [k for k in expected if k not in tensors]
     unexpected = sorted(k for k in tensors if k not in expected and k not in allowed
@@ -254,15 +193,12 @@ def _check_keys(ckpt: Path, cfg: ModelConfig, entries: list[Entry], tensors: dic
 def _sharding_for(shardings: Any, path: tuple[str, ...]):
     if shardings is None or isinstance(shardings, jax.sharding.Sharding):
         return shardings
-    if callable(shardings):
+    if callable(shardings) and not dataclasses.is_dataclass(shardings):
         return shardings(path)
-    node = shardings
-    for part in path:
-        try:
-            node = node[part]
-        except (KeyError, IndexError, TypeError):
-            raise ValueError(f"shardings has no entry for parameter {'/'.join(path)}") from None
-    return node
+    try:
+        return get(shardings, path)
+    except (KeyError, AttributeError, TypeError):
+        raise ValueError(f"shardings has no entry for parameter {'/'.join(path)}") from None
 
 
 def _place(host: np.ndarray, sharding) -> jax.Array:
@@ -303,27 +239,24 @@ def load_target(path_or_id: str | os.PathLike, *, dtype=jnp.bfloat16, shardings=
                 raise ValueError(f"{ckpt}: tie_word_embeddings is true but lm_head.weight differs "
                                  "from model.embed_tokens.weight")
 
-        params: dict[str, Any] = {"layers": {}}
+        leaves = {}
+        d = dims(cfg)
         for entry in entries:
             keys = entry.hf_keys(cfg.num_layers)
             if entry.stacked:
-                first = entry.to_flax(read(keys[0]))
+                first = entry.from_hf(read(keys[0]), d)
                 host = np.empty((len(keys), *first.shape),
                                 first.dtype if target is None else target)
                 host[0] = first.astype(host.dtype, copy=False)
                 del first
                 for i, key in enumerate(keys[1:], start=1):
-                    host[i] = entry.to_flax(read(key)).astype(host.dtype, copy=False)
+                    host[i] = entry.from_hf(read(key), d).astype(host.dtype, copy=False)
             else:
-                host = entry.to_flax(read(keys[0]))
+                host = entry.from_hf(read(keys[0]), d)
                 host = np.ascontiguousarray(host if target is None else host.astype(target))
-            leaf = _place(host, _sharding_for(shardings, entry.path))
+            leaves[entry.path] = _place(host, _sharding_for(shardings, entry.path))
             del host
-            node = params
-            for part in entry.path[:-1]:
-                node = node[part]
-            node[entry.path[-1]] = leaf
-    return params, cfg
+    return TARGET_SCHEMA.build(leaves), cfg
 
 
 # ----------------------------------------------------------------------------- saving
@@ -365,7 +298,7 @@ def save_target(params, cfg: ModelConfig, out_dir: str | os.PathLike, *, tokeniz
     out.mkdir(parents=True, exist_ok=True)
     entries = key_map(cfg)
     want = {e.path: flax_shape(e, cfg) for e in entries}
-    have = {path: tuple(leaf.shape) for path, leaf in _flatten(params)}
+    have = {path: tuple(leaf.shape) for path, leaf in flatten(params).items()}
     problems = [f"{'/'.join(p)}: missing" for p in want if p not in have]
     problems += [f"{'/'.join(p)}: unexpected" for p in have if p not in want]
     problems += [f"{'/'.join(p)}: {list(have[p])}, expected {list(s)}"
@@ -373,24 +306,18 @@ def save_target(params, cfg: ModelConfig, out_dir: str | os.PathLike, *, tokeniz
     if problems:
         raise ValueError("params do not match the config:\n  " + "\n  ".join(problems))
 
-    def leaf_of(path):
-        node = params
-        for part in path:
-            node = node[part]
-        return node
-
     # (key, dtype, hf shape, thunk producing the tensor) in file order
-    plan = []
+    plan, d = [], dims(cfg)
     for e in entries:
-        leaf = leaf_of(e.path)
+        leaf = get(params, e.path)
         dt = np.dtype(dtype if dtype is not None else leaf.dtype)
         if dt.name not in _SAFETENSORS_DTYPES:
             raise ValueError(f"cannot store {'/'.join(e.path)} as {dt.name}; "
                              f"expected one of {sorted(_SAFETENSORS_DTYPES)}")
         for i, key in enumerate(e.hf_keys(cfg.num_layers)):
             part = (lambda leaf=leaf, i=i: leaf[i]) if e.stacked else (lambda leaf=leaf: leaf)
-            plan.append((key, dt, e.hf_shape, lambda e=e, part=part, dt=dt:
-                         e.to_hf(np.asarray(part())).astype(dt)))
+            plan.append((key, dt, e.hf_shape(d), lambda e=e, part=part, dt=dt:
+                         e.to_hf(np.asarray(part()), d).astype(dt)))
 
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for key, dt, shape, _ in plan:
@@ -410,7 +337,7 @@ def save_target(params, cfg: ModelConfig, out_dir: str | os.PathLike, *, tokeniz
             fh.write(arr.reshape(-1).view(np.uint8).data)
 
     names = {np.dtype(dtype if dtype is not None else leaf.dtype).name
-             for _, leaf in _flatten(params)}
+             for leaf in flatten(params).values()}
     dtype_name = "bfloat16" if "bfloat16" in names else sorted(names)[0]
     with atomic_path(out / WEIGHTS_NAME) as tmp, open(tmp, "wb") as fh:
         write_weights(fh)
@@ -425,14 +352,6 @@ def save_target(params, cfg: ModelConfig, out_dir: str | os.PathLike, *, tokeniz
             tokenizer = load_tokenizer(tokenizer)
         tokenizer.save_pretrained(str(out))
     return out
-
-
-def _flatten(tree, prefix=()):
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from _flatten(value, (*prefix, key))
-        else:
-            yield (*prefix, key), value
 
 
 # ----------------------------------------------------------------------------- tokenizer

@@ -103,9 +103,7 @@ def autoregressive() -> Drafter:
 
 
 def _dflash_init(params, cfg, batch, length):
-    from dpace_jax import drafter as dflash
-
-    return dflash.DrafterCache.zeros(cfg, batch, length, params["fc"].dtype)
+    return KVCache.zeros(cfg, batch, length, params.fc.dtype)
 
 
 def _dflash_extend(params, cfg, cache, tokens, features, start):
@@ -181,9 +179,9 @@ def _decode_impl(target_params, drafter: Drafter, prompts, lengths, stop_token_i
 
     # Prefill: the prompt fills slots 0..P-1; pad rows are garbage no query sees before the
     # first block overwrites them.
-    cache = KVCache.zeros(target_cfg, batch, size, target_params["embed"].dtype)
-    out = model.forward(target_params, target_cfg, prompts, cache=cache, start=zeros,
-                        feature_layers=ids, logits=False)
+    cache = KVCache.zeros(target_cfg, batch, size, target_params.embed.dtype)
+    out = model.forward_cached(target_params, target_cfg, prompts, cache, zeros,
+                               feature_layers=ids, logits=False)
     last_hidden = jnp.take_along_axis(out.hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
     key, sub = jax.random.split(key)
     first = sampling_lib.choose(sub, model.lm_head(target_params, last_hidden), sampler)
@@ -215,8 +213,8 @@ def _decode_impl(target_params, drafter: Drafter, prompts, lengths, stop_token_i
             block = drafts.at[:, 0].set(s.last)
         else:
             block = s.last[:, None]
-        verified = model.forward(target_params, target_cfg, block, cache=s.cache, start=anchors,
-                                 feature_layers=ids)
+        verified = model.forward_cached(target_params, target_cfg, block, s.cache, anchors,
+                                        feature_layers=ids)
         if k_block > 1:
             acc, emitted = sampling_lib.verify(k_verify, verified.logits, draft_logits, block,
                                                sampler)

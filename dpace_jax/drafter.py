@@ -1,15 +1,14 @@
 """The DFlash drafter: N Qwen3-style decoder layers over a block of K positions, conditioned on the
 frozen target's hidden features, using the target's embedding and LM head.
 
-Parameters (layer keys as in dpace_jax.layers, stacked on a leading L = drafter depth):
+Parameters: `dpace_jax.params.DrafterParams` (fc [X, D] with X = n * D, hidden_norm, the stacked
+decoder layers the target uses too, final_norm). Shape letters: docs/design.md §1; the masks:
+§3.
 
-  fc [n*D, D]   hidden_norm [D]   layers {attn_norm, q, k, v, o, q_norm, k_norm, mlp_norm, gate,
-  up, down}   final_norm [D]
-
-Context: target features [B, S, n*D] (the outputs of the target's decoder layers
-`target_layer_ids`, concatenated) -> fc -> hidden_norm = c [B, S, D]. Every drafter layer projects
-the same c to keys/values (k_norm, RoPE at the context positions) and prepends them to the keys and
-values of the block; queries come from the block only.
+Context: target features [B, S, X] (the features of the target layers `target_layer_ids`,
+concatenated) -> fc -> hidden_norm = c [B, S, D]. Every drafter layer (`model.decoder_layer`)
+projects the same c to keys/values (k_norm, RoPE at the context positions) and puts them before
+the keys and values of the block; queries come from the block only.
 
 A block at anchor a holds [token a, MASK, ..., MASK] at absolute positions a..a+K-1. It sees the
 context slots s < a and all K positions of its own block (bidirectional), never another block.
@@ -20,13 +19,12 @@ a + k - sliding_window < s < a from block position k, and block positions 0..k (
 Two modes share the weights:
   training  `train_forward`: all N blocks of a sequence at once, context = the whole sequence.
   decoding  `extend_cache` + `draft_logits`: one block per sequence against a cached context
-            (`DrafterCache`, k/v [L, B, S, G, E]; slots at or past the anchor are never seen, so
-            rolling back is just writing the next features at an earlier `start`).
+            (the target's `KVCache` type, k/v [L, B, S, G, E]; slots at or past the anchor are
+            never seen, so rolling back is just writing the next features at an earlier
+            `start`).
 """
 
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,22 +37,18 @@ from dpace_jax.drafter_config import (  # noqa: F401  (the drafter's public name
     default_target_layer_ids,
     warn_if_last_layer,
 )
-from dpace_jax.model import init_layers, lm_head, write_at
+from dpace_jax.model import KVCache, decoder_layer, lm_head, write_at
+from dpace_jax.params import DRAFTER_SCHEMA, DrafterParams, TargetParams
 
 
 def init_drafter_params(cfg: DrafterConfig, key: jax.Array, dtype=jnp.float32,
-                        scale: float = 0.02):
-    """Random parameters: normal(0, scale) matrices, unit norms."""
-    k_layers, k_fc = jax.random.split(key)
-    d = cfg.hidden_size
-    fc = (scale * jax.random.normal(k_fc, (cfg.feature_size, d), jnp.float32)).astype(dtype)
-    return {"fc": fc, "hidden_norm": jnp.ones((d,), dtype),
-            "layers": init_layers(cfg.layer_config(), k_layers, dtype, scale),
-            "final_norm": jnp.ones((d,), dtype)}
+                        scale: float = 0.02) -> DrafterParams:
+    """Random parameters: normal(0, scale) matrices, unit norms (dpace_jax.params)."""
+    return DRAFTER_SCHEMA.init(cfg, key, dtype, scale)
 
 
-def _dtype(params):
-    return params["fc"].dtype
+def _dtype(params: DrafterParams):
+    return params.fc.dtype
 
 
 def _inv_freq(cfg: DrafterConfig) -> jax.Array:
@@ -62,13 +56,13 @@ def _inv_freq(cfg: DrafterConfig) -> jax.Array:
     return layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta, scaling)
 
 
-def project_context(params, cfg: DrafterConfig, features: jax.Array) -> jax.Array:
-    """Target features [B, S, F] -> context hidden c [B, S, D] (fc, then hidden_norm)."""
+def project_context(params: DrafterParams, cfg: DrafterConfig, features: jax.Array) -> jax.Array:
+    """Target features [B, S, X] -> context hidden c [B, S, D] (fc, then hidden_norm)."""
     if features.shape[-1] != cfg.feature_size:
         raise ValueError(f"target features have width {features.shape[-1]}, expected "
                          f"{cfg.feature_size} = {cfg.num_features} layers x {cfg.hidden_size}")
-    c = jnp.einsum("...f,fd->...d", features.astype(_dtype(params)), params["fc"])
-    return layers.rms_norm(c, params["hidden_norm"], cfg.rms_norm_eps)
+    c = jnp.einsum("...x,xd->...d", features.astype(_dtype(params)), params.fc)
+    return layers.rms_norm(c, params.hidden_norm, cfg.rms_norm_eps)
 
 
 def _layer_context_kv(p, cfg: DrafterConfig, c, cos, sin):
@@ -76,28 +70,25 @@ def _layer_context_kv(p, cfg: DrafterConfig, c, cos, sin):
     return layers.apply_rope(k, cos, sin), v
 
 
-def context_kv(params, cfg: DrafterConfig, c: jax.Array,
+def context_kv(params: DrafterParams, cfg: DrafterConfig, c: jax.Array,
                positions: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Every layer's keys/values of the context: c [B, S, D] at positions [B, S] ->
     k, v [L, B, S, G, E] (k_norm and RoPE applied to k)."""
     cos, sin = layers.rope_cos_sin(positions, _inv_freq(cfg))
-    return jax.vmap(lambda p: _layer_context_kv(p, cfg, c, cos, sin))(params["layers"])
+    return jax.vmap(lambda p: _layer_context_kv(p, cfg, c, cos, sin))(params.layers)
 
 
 def _drafter_layer(x, p, cfg: DrafterConfig, cos, sin, ck, cv, anchors, mask, attention: dict):
-    """One drafter layer on block hidden x [B, N, K, D] with this layer's context ck/cv and
-    mask = (window, causal) (scalars, see block_attention); `attention` holds the remaining
-    keyword arguments of `block_attention.attend`."""
-    h = layers.rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
-    q = layers.apply_rope(layers.project_q(h, p, cfg.rms_norm_eps), cos, sin)
-    kb, vb = layers.project_kv(h, p, cfg.rms_norm_eps)
-    kb = layers.apply_rope(kb, cos, sin)
+    """One drafter layer (the target's decoder layer) on block hidden x [B, N, K, D], its block
+    attention reading this layer's context ck/cv with mask = (window, causal) (scalars, see
+    block_attention); `attention` holds the remaining options of `block_attention.attend`."""
     window, causal = mask
-    attn = block_attention.attend(q, kb, vb, ck.astype(x.dtype), cv.astype(x.dtype), anchors,
-                                  window=window, causal=causal, **attention)
-    x = x + layers.output_projection(attn, p)
-    h = layers.rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
-    return x + layers.mlp(h, p)
+
+    def attend(q, kb, vb):
+        return block_attention.attend(q, kb, vb, ck.astype(x.dtype), cv.astype(x.dtype),
+                                      anchors, window=window, causal=causal, **attention), None
+
+    return decoder_layer(x, p, cos, sin, cfg, attend)[0]
 
 
 def _run_blocks(params, cfg: DrafterConfig, x, anchors, context, remat: bool,
@@ -118,7 +109,7 @@ def _run_blocks(params, cfg: DrafterConfig, x, anchors, context, remat: bool,
             p, ck, cv, mask = inputs
             return _drafter_layer(x, p, cfg, cos, sin, ck, cv, anchors, mask, attention), None
 
-        xs = (params["layers"], ctx_k, ctx_v, masks)
+        xs = (params.layers, ctx_k, ctx_v, masks)
     else:
         _, c, ctx_pos = context
         ccos, csin = layers.rope_cos_sin(ctx_pos, _inv_freq(cfg))
@@ -128,11 +119,11 @@ def _run_blocks(params, cfg: DrafterConfig, x, anchors, context, remat: bool,
             ck, cv = _layer_context_kv(p, cfg, c, ccos, csin)
             return _drafter_layer(x, p, cfg, cos, sin, ck, cv, anchors, mask, attention), None
 
-        xs = (params["layers"], masks)
+        xs = (params.layers, masks)
     if remat:
         step = jax.checkpoint(step)
     x, _ = jax.lax.scan(step, x, xs)
-    return layers.rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    return layers.rms_norm(x, params.final_norm, cfg.rms_norm_eps)
 
 
 def _check_block(x, cfg: DrafterConfig):
@@ -141,7 +132,7 @@ def _check_block(x, cfg: DrafterConfig):
                          f"{cfg.block_size}, {cfg.hidden_size}]")
 
 
-def block_forward(params, cfg: DrafterConfig, x: jax.Array, anchors: jax.Array,
+def block_forward(params: DrafterParams, cfg: DrafterConfig, x: jax.Array, anchors: jax.Array,
                   ctx_k: jax.Array, ctx_v: jax.Array) -> jax.Array:
     """Blocks x [B, N, K, D] at anchors [B, N] against context k/v [L, B, S, G, E] ->
     hidden [B, N, K, D] after the final norm. Block n of sequence b sees context slots
@@ -159,20 +150,9 @@ def block_inputs(embed: jax.Array, anchor_tokens: jax.Array, cfg: DrafterConfig)
     return jnp.concatenate([first, mask], axis=-2)
 
 
-class DrafterCache(NamedTuple):
-    k: jax.Array  # [L, B, S, G, E]
-    v: jax.Array  # [L, B, S, G, E]
-
-    @classmethod
-    def zeros(cls, cfg: DrafterConfig, batch: int, length: int,
-              dtype=jnp.bfloat16) -> DrafterCache:
-        shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
-
-
-def extend_cache(params, cfg: DrafterConfig, cache: DrafterCache, features: jax.Array,
-                 start: jax.Array) -> DrafterCache:
-    """Write the context k/v of target features [B, T, F] at positions start[b]..start[b]+T-1.
+def extend_cache(params: DrafterParams, cfg: DrafterConfig, cache: KVCache, features: jax.Array,
+                 start: jax.Array) -> KVCache:
+    """Write the context k/v of target features [B, T, X] at positions start[b]..start[b]+T-1.
     Rows past the live length stay stale; draft_logits masks them by s < anchor. Callers keep
     start + T <= S (XLA clamps out-of-range writes)."""
     t = features.shape[1]
@@ -180,24 +160,26 @@ def extend_cache(params, cfg: DrafterConfig, cache: DrafterCache, features: jax.
     positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
     k, v = context_kv(params, cfg, project_context(params, cfg, features), positions)
     write = jax.vmap(write_at, in_axes=(0, 0, None))
-    return DrafterCache(write(cache.k, k, start), write(cache.v, v, start))
+    return KVCache(write(cache.k, k, start), write(cache.v, v, start))
 
 
-def draft_logits(params, cfg: DrafterConfig, target_params, cache: DrafterCache,
-                 anchor_tokens: jax.Array, anchors: jax.Array) -> jax.Array:
+def draft_logits(params: DrafterParams, cfg: DrafterConfig, target_params: TargetParams,
+                 cache: KVCache, anchor_tokens: jax.Array, anchors: jax.Array) -> jax.Array:
     """Decoding: one block [anchor_tokens[b], MASK...] per sequence at positions anchors[b]..
     anchors[b]+K-1 against the cached context (slots < anchors[b]) -> fp32 logits [B, K, V].
     Position 0 is the given token; positions 1..K-1 are the draft."""
-    x = block_inputs(target_params["embed"], anchor_tokens[:, None], cfg)
-    hidden = block_forward(params, cfg, x, anchors[:, None], cache.k, cache.v)
-    return lm_head(target_params, hidden[:, 0])
+    with jax.named_scope("draft"):
+        x = block_inputs(target_params.embed, anchor_tokens[:, None], cfg)
+        hidden = block_forward(params, cfg, x, anchors[:, None], cache.k, cache.v)
+        return lm_head(target_params, hidden[:, 0])
 
 
-def train_forward(params, cfg: DrafterConfig, target_params, features: jax.Array,
+def train_forward(params: DrafterParams, cfg: DrafterConfig, target_params: TargetParams,
+                  features: jax.Array,
                   tokens: jax.Array, anchors: jax.Array, *, remat: bool = False,
                   attention: str = "dense", attention_chunk: int = 0,
                   attention_tile: int = block_attention.DEFAULT_FLASH_TILE) -> jax.Array:
-    """Training: target features [B, S, F] and tokens [B, S] of whole sequences, N blocks per
+    """Training: target features [B, S, X] and tokens [B, S] of whole sequences, N blocks per
     sequence at anchors [B, N] (any order; padding anchors give blocks whose output the loss
     ignores) -> hidden [B, N, K, D] after the final norm. `remat` recomputes each layer in the
     backward pass instead of storing its activations. `attention` ("dense" or "flash"),
@@ -205,12 +187,13 @@ def train_forward(params, cfg: DrafterConfig, target_params, features: jax.Array
     `attention_tile` (context columns per flash step) choose how the blocks attend: the same
     result, different memory and speed (see dpace_jax.block_attention)."""
     b, s = tokens.shape
-    c = project_context(params, cfg, features)
-    positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    anchors = anchors.astype(jnp.int32)
-    anchor_tokens = jnp.take_along_axis(tokens, anchors, axis=1)
-    x = block_inputs(target_params["embed"], anchor_tokens, cfg)
-    _check_block(x, cfg)
-    options = {"implementation": attention, "chunk": attention_chunk, "tile": attention_tile}
-    return _run_blocks(params, cfg, x, anchors, ("c", c, positions), remat=remat,
-                       attention=options)
+    with jax.named_scope("drafter"):
+        c = project_context(params, cfg, features)
+        positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        anchors = anchors.astype(jnp.int32)
+        anchor_tokens = jnp.take_along_axis(tokens, anchors, axis=1)
+        x = block_inputs(target_params.embed, anchor_tokens, cfg)
+        _check_block(x, cfg)
+        options = {"implementation": attention, "chunk": attention_chunk, "tile": attention_tile}
+        return _run_blocks(params, cfg, x, anchors, ("c", c, positions), remat=remat,
+                           attention=options)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any
 
 from dpace_jax.model import ModelConfig
 
@@ -31,23 +30,15 @@ def default_target_layer_ids(num_target_layers: int, num_features: int) -> tuple
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
-@dataclasses.dataclass(frozen=True)
-class DrafterConfig:
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DrafterConfig(ModelConfig):
+    """The drafter's layer stack as a ModelConfig (its widths, depth `num_layers`, rope, eps;
+    Qwen3-style, q/k norm) plus what makes it a DFlash drafter."""
+
     block_size: int
     mask_token_id: int
     target_layer_ids: tuple[int, ...]
     num_target_layers: int
-    rope_theta: float = 1e6
-    rms_norm_eps: float = 1e-6
-    rope_scaling: tuple[tuple[str, Any], ...] | None = None  # hashable form, as in ModelConfig
-    max_position_embeddings: int = 40960
     layer_types: tuple[str, ...] = ()  # per layer, from LAYER_TYPES; () = all full_attention
     sliding_window: int = 0  # W of the sliding_attention layers (0: none)
     is_causal: bool = False  # full_attention layers causal inside the block as well
@@ -71,6 +62,9 @@ class DrafterConfig:
             object.__setattr__(self, "sliding_window", 0)
         object.__setattr__(self, "sliding_window", int(self.sliding_window))
         object.__setattr__(self, "is_causal", bool(self.is_causal))
+        if not self.qk_norm or self.tie_word_embeddings:
+            raise ValueError("drafter config: a DFlash drafter's layers are Qwen3-style (qk_norm, "
+                             "no embedding of its own)")
         positive = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                     "head_dim", "vocab_size", "num_target_layers")
         for name in positive:
@@ -139,25 +133,6 @@ class DrafterConfig:
     def feature_size(self) -> int:
         """F = n * D, the width of the concatenated target features."""
         return self.num_features * self.hidden_size
-
-    def layer_config(self) -> ModelConfig:
-        """A ModelConfig describing the drafter's layer stack (Qwen3-style, q/k norm)."""
-        return ModelConfig(
-            vocab_size=self.vocab_size,
-            hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size,
-            num_layers=self.num_layers,
-            num_heads=self.num_heads,
-            num_kv_heads=self.num_kv_heads,
-            head_dim=self.head_dim,
-            rope_theta=self.rope_theta,
-            rms_norm_eps=self.rms_norm_eps,
-            tie_word_embeddings=False,
-            qk_norm=True,
-            rope_scaling=self.rope_scaling,
-            max_position_embeddings=self.max_position_embeddings,
-            arch="qwen3",
-        )
 
 
 _WARNED_LAST_LAYER: set = set()

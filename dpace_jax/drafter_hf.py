@@ -20,7 +20,6 @@ import json
 from pathlib import Path
 
 import jax  # noqa: F401  (registers bfloat16 with numpy before safetensors.numpy is used)
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from safetensors.numpy import load_file, save_file
@@ -29,6 +28,7 @@ from dpace_jax.atomic import atomic_path
 from dpace_jax.convert import read_config_json
 from dpace_jax.drafter import DrafterConfig
 from dpace_jax.model import ModelConfig
+from dpace_jax.params import DRAFTER_SCHEMA
 
 ARCHITECTURE = "DFlashDraftModel"
 CONFIG_NAME = "config.json"
@@ -152,101 +152,16 @@ def _attention_layout(hf: dict, num_layers: int, source: str) -> tuple[tuple[str
     return tuple(types), window
 
 
-def _expected_shapes(cfg: DrafterConfig) -> dict[str, tuple[int, ...]]:
-    d, h, g, e, f = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                     cfg.intermediate_size)
-    shapes = {"fc.weight": (d, cfg.feature_size), "hidden_norm.weight": (d,), "norm.weight": (d,)}
-    for i in range(cfg.num_layers):
-        pre = f"layers.{i}."
-        shapes.update({
-            pre + "self_attn.q_proj.weight": (h * e, d),
-            pre + "self_attn.k_proj.weight": (g * e, d),
-            pre + "self_attn.v_proj.weight": (g * e, d),
-            pre + "self_attn.o_proj.weight": (d, h * e),
-            pre + "self_attn.q_norm.weight": (e,),
-            pre + "self_attn.k_norm.weight": (e,),
-            pre + "mlp.gate_proj.weight": (f, d),
-            pre + "mlp.up_proj.weight": (f, d),
-            pre + "mlp.down_proj.weight": (d, f),
-            pre + "input_layernorm.weight": (d,),
-            pre + "post_attention_layernorm.weight": (d,),
-        })
-    return shapes
-
-
 def params_to_hf(params, cfg: DrafterConfig, dtype=None) -> dict[str, np.ndarray]:
-    """Drafter parameters -> {HF key: [out, in] numpy array}."""
-    def np_(x):
-        x = np.asarray(x)
-        return x.astype(dtype) if dtype is not None else x
-
-    d, h, g, e = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    lp = {k: np_(v) for k, v in params["layers"].items()}
-    out = {"fc.weight": np_(params["fc"]).T, "hidden_norm.weight": np_(params["hidden_norm"]),
-           "norm.weight": np_(params["final_norm"])}
-    for i in range(cfg.num_layers):
-        pre = f"layers.{i}."
-        out.update({
-            pre + "self_attn.q_proj.weight": lp["q"][i].reshape(d, h * e).T,
-            pre + "self_attn.k_proj.weight": lp["k"][i].reshape(d, g * e).T,
-            pre + "self_attn.v_proj.weight": lp["v"][i].reshape(d, g * e).T,
-            pre + "self_attn.o_proj.weight": lp["o"][i].reshape(h * e, d).T,
-            pre + "self_attn.q_norm.weight": lp["q_norm"][i],
-            pre + "self_attn.k_norm.weight": lp["k_norm"][i],
-            pre + "mlp.gate_proj.weight": lp["gate"][i].T,
-            pre + "mlp.up_proj.weight": lp["up"][i].T,
-            pre + "mlp.down_proj.weight": lp["down"][i].T,
-            pre + "input_layernorm.weight": lp["attn_norm"][i],
-            pre + "post_attention_layernorm.weight": lp["mlp_norm"][i],
-        })
-    expected = _expected_shapes(cfg)
-    for key, arr in out.items():
-        if arr.shape != expected[key]:
-            raise ValueError(f"parameter for {key} has shape {arr.shape}, expected "
-                             f"{expected[key]} for this drafter config")
-    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+    """Drafter parameters -> {HF key: [out, in] numpy array} (key map: dpace_jax.params)."""
+    return DRAFTER_SCHEMA.to_hf(cfg, params, dtype)
 
 
 def params_from_hf(tensors: dict[str, np.ndarray], cfg: DrafterConfig, source: str = WEIGHTS_NAME):
     """{HF key: array} (optionally "model."-prefixed) -> drafter parameters; strict about keys
     and shapes."""
     tensors = {k.removeprefix("model."): v for k, v in tensors.items()}
-    expected = _expected_shapes(cfg)
-    missing = sorted(set(expected) - set(tensors))
-    if missing:
-        raise ValueError(f"{source}: missing key(s) {missing[:8]}"
-                         f"{' ...' if len(missing) > 8 else ''}")
-    unexpected = sorted(set(tensors) - set(expected))
-    if unexpected:
-        raise ValueError(f"{source}: unexpected key(s) {unexpected[:8]}"
-                         f"{' ...' if len(unexpected) > 8 else ''}")
-    for key, shape in expected.items():
-        if tuple(tensors[key].shape) != shape:
-            raise ValueError(f"{source}: key {key} has shape {tuple(tensors[key].shape)}, "
-                             f"expected {shape}")
-
-    d, h, g, e = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-
-    def stack(name, fn):
-        return jnp.asarray(np.stack([fn(tensors[f"layers.{i}.{name}"])
-                                     for i in range(cfg.num_layers)]))
-
-    layers = {
-        "attn_norm": stack("input_layernorm.weight", lambda w: w),
-        "q": stack("self_attn.q_proj.weight", lambda w: w.T.reshape(d, h, e)),
-        "k": stack("self_attn.k_proj.weight", lambda w: w.T.reshape(d, g, e)),
-        "v": stack("self_attn.v_proj.weight", lambda w: w.T.reshape(d, g, e)),
-        "o": stack("self_attn.o_proj.weight", lambda w: w.T.reshape(h, e, d)),
-        "q_norm": stack("self_attn.q_norm.weight", lambda w: w),
-        "k_norm": stack("self_attn.k_norm.weight", lambda w: w),
-        "mlp_norm": stack("post_attention_layernorm.weight", lambda w: w),
-        "gate": stack("mlp.gate_proj.weight", lambda w: w.T),
-        "up": stack("mlp.up_proj.weight", lambda w: w.T),
-        "down": stack("mlp.down_proj.weight", lambda w: w.T),
-    }
-    return {"fc": jnp.asarray(tensors["fc.weight"].T), "hidden_norm":
-            jnp.asarray(tensors["hidden_norm.weight"]), "layers": layers,
-            "final_norm": jnp.asarray(tensors["norm.weight"])}
+    return DRAFTER_SCHEMA.from_hf(cfg, tensors, source)
 
 
 def export_drafter(params, cfg: DrafterConfig, out_dir, *, dtype=None) -> Path:

@@ -1,16 +1,6 @@
-"""Building blocks shared by the target model and the drafter.
-
-Plain functions over arrays and parameter dicts. Shape letters used throughout the package:
-
-  B batch, T query length, S key/value length (context or cache), D hidden size,
-  H query heads, G kv heads, R = H // G (queries per kv head), E head dim, F MLP width,
-  V vocabulary, L layers, N blocks per sequence, K block size.
-
-A decoder layer's parameters (one layer; stacked layers carry a leading L axis):
-
-  attn_norm [D]      q [D, H, E]   k [D, G, E]   v [D, G, E]   o [H, E, D]
-  q_norm [E], k_norm [E]  (Qwen3 only)
-  mlp_norm [D]       gate [D, F]   up [D, F]     down [F, D]
+"""Building blocks shared by the target model and the drafter: plain functions over arrays and
+a decoder layer's parameters (`dpace_jax.params.LayerParams`, one layer's slice). Shape letters:
+docs/design.md §1.
 """
 
 from __future__ import annotations
@@ -20,8 +10,6 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
-
-Params = Mapping[str, jax.Array]
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -70,18 +58,18 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def project_q(x: jax.Array, p: Params, eps: float) -> jax.Array:
+def project_q(x: jax.Array, p, eps: float) -> jax.Array:
     """[..., T, D] -> queries [..., T, H, E], with the per-head q_norm when the layer has one."""
-    q = jnp.einsum("...td,dhe->...the", x, p["q"])
-    return rms_norm(q, p["q_norm"], eps) if "q_norm" in p else q
+    q = jnp.einsum("...td,dhe->...the", x, p.q)
+    return rms_norm(q, p.q_norm, eps) if p.q_norm is not None else q
 
 
-def project_kv(x: jax.Array, p: Params, eps: float) -> tuple[jax.Array, jax.Array]:
+def project_kv(x: jax.Array, p, eps: float) -> tuple[jax.Array, jax.Array]:
     """[..., S, D] -> keys and values [..., S, G, E] (keys k_norm-ed when the layer has one)."""
-    k = jnp.einsum("...sd,dge->...sge", x, p["k"])
-    v = jnp.einsum("...sd,dge->...sge", x, p["v"])
-    if "k_norm" in p:
-        k = rms_norm(k, p["k_norm"], eps)
+    k = jnp.einsum("...sd,dge->...sge", x, p.k)
+    v = jnp.einsum("...sd,dge->...sge", x, p.v)
+    if p.k_norm is not None:
+        k = rms_norm(k, p.k_norm, eps)
     return k, v
 
 
@@ -113,11 +101,11 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     if implementation == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
         raise ValueError(
             f"cuDNN attention needs bf16 or fp16 inputs, got {q.dtype}; load the target in "
-            "bf16 or use attention='xla'"
+            "bf16 or use attention='einsum'"
         )
     if implementation == "cudnn" and jax.default_backend() != "gpu":
         raise ValueError(f"cuDNN attention needs an NVIDIA GPU; this process runs on "
-                         f"{jax.default_backend()!r}: use attention='xla'")
+                         f"{jax.default_backend()!r}: use attention='einsum'")
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
 
 
@@ -131,13 +119,13 @@ def masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
     return e / jnp.where(denom > 0, denom, 1.0)
 
 
-def mlp(x: jax.Array, p: Params) -> jax.Array:
+def mlp(x: jax.Array, p) -> jax.Array:
     """SwiGLU feed-forward: down(silu(gate x) * up x)."""
-    gate = jnp.einsum("...d,df->...f", x, p["gate"])
-    up = jnp.einsum("...d,df->...f", x, p["up"])
-    return jnp.einsum("...f,fd->...d", jax.nn.silu(gate) * up, p["down"])
+    gate = jnp.einsum("...d,df->...f", x, p.gate)
+    up = jnp.einsum("...d,df->...f", x, p.up)
+    return jnp.einsum("...f,fd->...d", jax.nn.silu(gate) * up, p.down)
 
 
-def output_projection(attn: jax.Array, p: Params) -> jax.Array:
+def output_projection(attn: jax.Array, p) -> jax.Array:
     """[..., T, H, E] -> [..., T, D]."""
-    return jnp.einsum("...the,hed->...td", attn, p["o"])
+    return jnp.einsum("...the,hed->...td", attn, p.o)

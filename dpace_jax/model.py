@@ -1,11 +1,9 @@
-"""The frozen target: a Qwen3 / Llama-3.1 causal LM as pure functions over a parameter pytree.
+"""The frozen target: a Qwen3 / Llama-3.1 causal LM as pure functions over `TargetParams`
+(dpace_jax.params: embed, stacked decoder layers run with `lax.scan`, final_norm, lm_head or tied).
 
-Parameters (layers stacked on a leading L axis, run with `lax.scan`):
-
-  embed [V, D]   layers {see dpace_jax.layers, each with a leading L}   final_norm [D]
-  lm_head [D, V] (absent when the embeddings are tied: the head is embed.T)
-
-KV cache: `KVCache(k, v)` with k, v [L, B, S, G, E], S fixed. The cache holds no length: the caller
+Three forwards: `features` (training: the feature layers only), `forward` (the whole model, no
+cache) and `forward_cached` (decoding). KV cache: `KVCache(k, v)` with k, v [L, B, S, G, E], S
+fixed (the drafter uses the same type for its context). The cache holds no length: the caller
 says where each sequence's new tokens go (`start` [B]); a query at absolute position p sees cache
 slots 0..p. Rolling back is therefore just writing the next block at an earlier `start`; slots
 past the live length hold stale entries that no query can see until they are overwritten.
@@ -21,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from dpace_jax import layers
+from dpace_jax.params import TARGET_SCHEMA, LayerParams, TargetParams
 
 SUPPORTED_ARCHITECTURES = {"Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama"}
 
@@ -113,16 +112,18 @@ class KVCache(NamedTuple):
 
 class Output(NamedTuple):
     logits: jax.Array | None  # [B, T, V] fp32
-    features: jax.Array | None  # [B, T, len(feature_layers) * D] in the compute dtype
-    cache: KVCache | None
-    # [B, T, D] after the final norm; None from the early-stopped forward (no cache,
-    # logits=False, feature_layers given), which stops after the last feature layer
-    hidden: jax.Array | None
+    features: jax.Array | None  # [B, T, n * D] in the compute dtype
+    cache: KVCache | None  # forward_cached only
+    hidden: jax.Array | None  # [B, T, D] after the final norm
 
 
-# forward's `attention` choices -> layers.causal_attention's implementation ("xla": our einsum).
-ATTENTION = {"xla": None, "cudnn": "cudnn", "dot_product_xla": "xla"}
-TRAIN_ATTENTION = ("xla", "cudnn")  # the choices meant for training (the rest is for tests)
+# The cache-free forwards' `attention` -> layers.causal_attention's implementation.
+ATTENTION = {
+    "einsum": None,  # our einsum attention (layers.attention_logits / masked_softmax)
+    "cudnn": "cudnn",  # jax.nn.dot_product_attention's fused cuDNN kernel (NVIDIA, bf16/fp16)
+    "dot_product": "xla",  # jax.nn.dot_product_attention's XLA implementation (tests)
+}
+TRAIN_ATTENTION = ("einsum", "cudnn")  # the choices meant for training
 
 
 def write_at(buf: jax.Array, update: jax.Array, start: jax.Array) -> jax.Array:
@@ -134,17 +135,18 @@ def write_at(buf: jax.Array, update: jax.Array, start: jax.Array) -> jax.Array:
     return jax.vmap(one)(buf, update, start)
 
 
-def decoder_layer(x, p, cos, sin, cfg: ModelConfig, attend):
-    """One pre-norm decoder layer. `attend(q, k, v)` returns (attention output [B, T, H, E],
-    new_kv) given this layer's queries [B, T, H, E] and new k, v [B, T, G, E]."""
-    h = layers.rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
+def decoder_layer(x, p: LayerParams, cos, sin, cfg: ModelConfig, attend):
+    """One pre-norm decoder layer on x [..., T, D] (the target's and the drafter's). `attend(q, k,
+    v)` returns (attention output [..., T, H, E], extra) given this layer's queries [..., T, H, E]
+    and new keys / values [..., T, G, E]; extra is passed back (e.g. an updated cache)."""
+    h = layers.rms_norm(x, p.attn_norm, cfg.rms_norm_eps)
     q = layers.apply_rope(layers.project_q(h, p, cfg.rms_norm_eps), cos, sin)
     k, v = layers.project_kv(h, p, cfg.rms_norm_eps)
     k = layers.apply_rope(k, cos, sin)
-    attn, new_kv = attend(q, k, v)
+    attn, extra = attend(q, k, v)
     x = x + layers.output_projection(attn, p)
-    h = layers.rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
-    return x + layers.mlp(h, p), new_kv
+    h = layers.rms_norm(x, p.mlp_norm, cfg.rms_norm_eps)
+    return x + layers.mlp(h, p), extra
 
 
 def _einsum_attention(q, keys, values, mask):
@@ -152,109 +154,119 @@ def _einsum_attention(q, keys, values, mask):
     return layers.attention_output(probs, values)
 
 
-def _early_stopped_features(stacked, x, cos, sin, cfg: ModelConfig, attend, ids):
-    """Outputs of decoder layers `ids` running only layers 0..max(ids): a scan over layer
-    indices reads each layer's weights in place (no copy of a slice of the stack) and writes its
-    output into a buffer [U + 1, B, T, D] with a slot per distinct id and a last, trash slot."""
-    distinct = sorted(set(ids))
-    slot_of = [len(distinct)] * (distinct[-1] + 1)
-    for slot, j in enumerate(distinct):
-        slot_of[j] = slot
-    slots = jnp.asarray(slot_of, jnp.int32)
-    buf = jnp.zeros((len(distinct) + 1, *x.shape), x.dtype)
+def _check(cfg: ModelConfig, feature_layers, attention: str) -> None:
+    if attention not in ATTENTION:
+        raise ValueError(f"attention={attention!r}; choose one of {sorted(ATTENTION)}")
+    bad = [j for j in feature_layers if not 0 <= j < cfg.num_layers]
+    if bad:
+        raise ValueError(f"feature_layers {bad} outside the target's {cfg.num_layers} layers")
 
-    def step(carry, i):
-        x, buf = carry
-        p = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), stacked)
-        x, _ = decoder_layer(x, p, cos, sin, cfg, attend)
-        buf = jax.lax.dynamic_update_index_in_dim(buf, x, slots[i], axis=0)
-        return (x, buf), None
 
-    n = len(slot_of)
-    (_, buf), _ = jax.lax.scan(step, (x, buf), jnp.arange(n, dtype=jnp.int32))
-    return [buf[distinct.index(j)] for j in ids]
+def _embed_and_rope(params: TargetParams, cfg: ModelConfig, tokens, start):
+    """Embeddings [B, T, D], positions [B, T] and their RoPE cos, sin [B, T, E]."""
+    positions = start[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
+    inv_freq = layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.scaling_dict)
+    cos, sin = layers.rope_cos_sin(positions, inv_freq)
+    return jnp.take(params.embed, tokens, axis=0), positions, cos, sin
+
+
+def _causal(positions, attention: str):
+    """attend(q, k, v) of the cache-free forwards: query t sees keys 0..t."""
+    mask = (positions[:, :, None] >= positions[:, None, :])[:, None, None]  # [B, 1, 1, T, T]
+
+    def attend(q, k, v):
+        if ATTENTION[attention] is None:
+            return _einsum_attention(q, k, v, mask), None
+        return layers.causal_attention(q, k, v, ATTENTION[attention]), None
+
+    return attend
 
 
 def _features(layer_outputs, ids, final_norm, cfg: ModelConfig) -> jax.Array:
     """Concatenate the features of layer ids `ids` from their decoder-layer outputs: HF's
-    `output_hidden_states[j + 1]`, which for the last layer is the state after the final norm."""
+    `output_hidden_states[j + 1]`, which for the last layer is the state after the final norm
+    (docs/design.md §2)."""
     last = cfg.num_layers - 1
     return jnp.concatenate(
         [layers.rms_norm(x, final_norm, cfg.rms_norm_eps) if j == last else x
          for j, x in zip(ids, layer_outputs, strict=True)], axis=-1)
 
 
-def forward(
-    params,
-    cfg: ModelConfig,
-    tokens: jax.Array,
-    *,
-    cache: KVCache | None = None,
-    start: jax.Array | None = None,
-    feature_layers: tuple[int, ...] = (),
-    logits: bool = True,
-    attention: str = "xla",
-) -> Output:
-    """Run the target on tokens [B, T].
+def _finish(params: TargetParams, cfg: ModelConfig, x, per_layer, feature_layers, logits: bool,
+            cache) -> Output:
+    features = None
+    if feature_layers:
+        features = _features([per_layer[j] for j in feature_layers], feature_layers,
+                             params.final_norm, cfg)
+    hidden = layers.rms_norm(x, params.final_norm, cfg.rms_norm_eps)
+    return Output(lm_head(params, hidden) if logits else None, features, cache, hidden)
 
-    Without a cache: a causal forward at positions 0..T-1. With a cache: sequence b's tokens sit
-    at positions start[b]..start[b]+T-1, are written into the cache there, and attend to cache
-    slots up to their own position. `feature_layers` are decoder-layer ids (0-based; any order,
-    repeats allowed) whose features are concatenated into `features`. The feature of layer j is
-    HF's `output_hidden_states[j + 1]`: the output of decoder layer j, and for the last layer the
-    state after the final norm (what DFlash's reference decoder and the serving engines feed the
-    drafter).
 
-    Without a cache, with logits=False and feature_layers given (the training step), only layers
-    0..max(feature_layers) run and `hidden` is None.
+def features(params: TargetParams, cfg: ModelConfig, tokens: jax.Array,
+             feature_layers: tuple[int, ...], *, attention: str = "einsum") -> jax.Array:
+    """The training forward: target features [B, T, n * D] of layers `feature_layers` (any
+    order, repeats allowed) for tokens [B, T] at positions 0..T-1, running only the layers up to
+    the deepest one. A scan over layer indices reads each layer's weights in place (no copy of a
+    slice of the stack) and writes its output into a buffer [U + 1, B, T, D] with a slot per
+    distinct id and a last, trash slot."""
+    _check(cfg, feature_layers, attention)
+    if not feature_layers:
+        raise ValueError("features: feature_layers is empty")
+    with jax.named_scope("target_features"):
+        x, positions, cos, sin = _embed_and_rope(params, cfg, tokens,
+                                                 jnp.zeros((tokens.shape[0],), jnp.int32))
+        attend = _causal(positions, attention)
+        distinct = sorted(set(feature_layers))
+        slot_of = [len(distinct)] * (distinct[-1] + 1)
+        for slot, j in enumerate(distinct):
+            slot_of[j] = slot
+        slots = jnp.asarray(slot_of, jnp.int32)
+        buf = jnp.zeros((len(distinct) + 1, *x.shape), x.dtype)
 
-    `attention` (cache-free forward only; the cached forward always uses "xla"):
-      "xla"             our einsum attention (layers.attention_logits / masked_softmax);
-      "cudnn"           jax.nn.dot_product_attention's fused cuDNN kernel (NVIDIA GPUs, bf16 or
-                        fp16 params; fp32 raises ValueError);
-      "dot_product_xla" jax.nn.dot_product_attention's XLA implementation; for tests and
-                        TPU/CPU comparisons.
-    """
-    if attention not in ATTENTION:
-        raise ValueError(f"attention={attention!r}; choose one of {sorted(ATTENTION)}")
-    if cache is not None and attention != "xla":
-        raise ValueError(
-            f"attention={attention!r} is only for the cache-free forward; the cached forward "
-            "(decode, verification) uses attention='xla'"
-        )
-    bad = [j for j in feature_layers if not 0 <= j < cfg.num_layers]
-    if bad:
-        raise ValueError(f"feature_layers {bad} outside the target's {cfg.num_layers} layers")
-    batch, t = tokens.shape
-    if start is None:
-        start = jnp.zeros((batch,), jnp.int32)
-    positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-    inv_freq = layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.scaling_dict)
-    cos, sin = layers.rope_cos_sin(positions, inv_freq)
-    x = jnp.take(params["embed"], tokens, axis=0)
+        def step(carry, i):
+            x, buf = carry
+            p = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False),
+                             params.layers)
+            x, _ = decoder_layer(x, p, cos, sin, cfg, attend)
+            return (x, jax.lax.dynamic_update_index_in_dim(buf, x, slots[i], axis=0)), None
 
-    if cache is None:
-        causal = positions[:, :, None] >= positions[:, None, :]  # [B, T, T]
-        mask = causal[:, None, None]
+        (_, buf), _ = jax.lax.scan(step, (x, buf), jnp.arange(len(slot_of), dtype=jnp.int32))
+        outs = [buf[distinct.index(j)] for j in feature_layers]
+        return _features(outs, feature_layers, params.final_norm, cfg)
 
-        def attend(q, k, v):
-            if ATTENTION[attention] is None:
-                return _einsum_attention(q, k, v, mask), None
-            return layers.causal_attention(q, k, v, ATTENTION[attention]), None
 
-        if feature_layers and not logits:
-            outs = _early_stopped_features(params["layers"], x, cos, sin, cfg, attend,
-                                           tuple(feature_layers))
-            features = _features(outs, feature_layers, params["final_norm"], cfg)
-            return Output(None, features, None, None)
+def forward(params: TargetParams, cfg: ModelConfig, tokens: jax.Array, *,
+            feature_layers: tuple[int, ...] = (), logits: bool = True,
+            attention: str = "einsum") -> Output:
+    """The whole target over tokens [B, T] at positions 0..T-1, causal, no cache: logits (when
+    `logits`), the features of `feature_layers` (docs/design.md §2) and the final hidden state.
+
+    `attention`: "einsum" (ours), "cudnn" (jax.nn.dot_product_attention's fused kernel; NVIDIA
+    GPUs, bf16 or fp16 params) or "dot_product" (its XLA implementation; tests)."""
+    _check(cfg, feature_layers, attention)
+    with jax.named_scope("target_forward"):
+        x, positions, cos, sin = _embed_and_rope(params, cfg, tokens,
+                                                 jnp.zeros((tokens.shape[0],), jnp.int32))
+        attend = _causal(positions, attention)
 
         def step(x, p):
             x, _ = decoder_layer(x, p, cos, sin, cfg, attend)
             return x, (x if feature_layers else None)
 
-        x, per_layer = jax.lax.scan(step, x, params["layers"])
-        new_cache = None
-    else:
+        x, per_layer = jax.lax.scan(step, x, params.layers)
+        return _finish(params, cfg, x, per_layer, feature_layers, logits, None)
+
+
+def forward_cached(params: TargetParams, cfg: ModelConfig, tokens: jax.Array, cache: KVCache,
+                   start: jax.Array, *, feature_layers: tuple[int, ...] = (),
+                   logits: bool = True) -> Output:
+    """Decoding: sequence b's tokens [B, T] sit at positions start[b]..start[b]+T-1, are written
+    into the cache there, and attend to cache slots up to their own position (slots past the
+    live length are stale and never seen, so writing at an earlier start rolls back)."""
+    _check(cfg, feature_layers, "einsum")
+    with jax.named_scope("target_cached"):
+        start = start.astype(jnp.int32)
+        x, positions, cos, sin = _embed_and_rope(params, cfg, tokens, start)
         slots = jnp.arange(cache.k.shape[2], dtype=jnp.int32)
         mask = (slots[None, None, :] <= positions[:, :, None])[:, None, None]  # [B,1,1,T,S]
 
@@ -268,65 +280,24 @@ def forward(
             x, (ck2, cv2) = decoder_layer(x, p, cos, sin, cfg, attend)
             return x, (x if feature_layers else None, ck2, cv2)
 
-        x, (per_layer, ks, vs) = jax.lax.scan(step, x, (params["layers"], cache.k, cache.v))
-        new_cache = KVCache(ks, vs)
-
-    features = None
-    if feature_layers:
-        features = _features([per_layer[j] for j in feature_layers], feature_layers,
-                             params["final_norm"], cfg)
-    hidden = layers.rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
-    out_logits = lm_head(params, hidden) if logits else None
-    return Output(out_logits, features, new_cache, hidden)
+        x, (per_layer, ks, vs) = jax.lax.scan(step, x, (params.layers, cache.k, cache.v))
+        return _finish(params, cfg, x, per_layer, feature_layers, logits, KVCache(ks, vs))
 
 
-def lm_head_matrix(params) -> jax.Array:
+def lm_head_matrix(params: TargetParams) -> jax.Array:
     """The output projection [D, V] (embed.T when embeddings are tied)."""
-    return params["lm_head"] if "lm_head" in params else params["embed"].T
+    return params.lm_head if params.lm_head is not None else params.embed.T
 
 
-def lm_head(params, hidden: jax.Array) -> jax.Array:
+def lm_head(params: TargetParams, hidden: jax.Array) -> jax.Array:
     """hidden [..., D] -> fp32 logits [..., V]."""
     w = lm_head_matrix(params)
     return jnp.einsum("...d,dv->...v", hidden.astype(w.dtype), w,
                       preferred_element_type=jnp.float32)
 
 
-def init_layers(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: float = 0.02):
-    """Random stacked decoder-layer parameters [L, ...]: normal(0, scale) matrices, unit norms."""
-    d, h, g, e, f, n = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                        cfg.intermediate_size, cfg.num_layers)
-    keys = iter(jax.random.split(key, 7))
-
-    def normal(shape):
-        return (scale * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
-
-    stacked = {
-        "attn_norm": jnp.ones((n, d), dtype),
-        "q": normal((n, d, h, e)),
-        "k": normal((n, d, g, e)),
-        "v": normal((n, d, g, e)),
-        "o": normal((n, h, e, d)),
-        "mlp_norm": jnp.ones((n, d), dtype),
-        "gate": normal((n, d, f)),
-        "up": normal((n, d, f)),
-        "down": normal((n, f, d)),
-    }
-    if cfg.qk_norm:
-        stacked["q_norm"] = jnp.ones((n, e), dtype)
-        stacked["k_norm"] = jnp.ones((n, e), dtype)
-    return stacked
-
-
-def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: float = 0.02):
-    """Random parameters with the layout above (tests, benchmarks and the demo target)."""
-    k_layers, k_embed, k_head = jax.random.split(key, 3)
-    d = cfg.hidden_size
-    params = {
-        "embed": (scale * jax.random.normal(k_embed, (cfg.vocab_size, d))).astype(dtype),
-        "layers": init_layers(cfg, k_layers, dtype, scale),
-        "final_norm": jnp.ones((d,), dtype),
-    }
-    if not cfg.tie_word_embeddings:
-        params["lm_head"] = (scale * jax.random.normal(k_head, (d, cfg.vocab_size))).astype(dtype)
-    return params
+def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32,
+                scale: float = 0.02) -> TargetParams:
+    """Random parameters (tests, benchmarks and the demo target): normal(0, scale) matrices, unit
+    norms (dpace_jax.params)."""
+    return TARGET_SCHEMA.init(cfg, key, dtype, scale)

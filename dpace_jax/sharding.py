@@ -15,6 +15,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from dpace_jax.params import AXES
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -30,25 +32,9 @@ LOGICAL_RULES: dict[str, str | None] = {
     "features": "tensor",  # the drafter's fc input (n * D)
 }
 
-# Parameter name (last path element) -> logical axes, without the stacked `layers` axis.
-PARAM_AXES: dict[str, tuple[str | None, ...]] = {
-    "embed": ("vocab", "embed"),
-    "lm_head": ("embed", "vocab"),
-    "final_norm": (None,),
-    "hidden_norm": (None,),
-    "fc": ("features", "embed"),
-    "attn_norm": (None,),
-    "mlp_norm": (None,),
-    "q": ("embed", "heads", "head_dim"),
-    "k": ("embed", "kv_heads", "head_dim"),
-    "v": ("embed", "kv_heads", "head_dim"),
-    "o": ("heads", "head_dim", "embed"),
-    "q_norm": (None,),
-    "k_norm": (None,),
-    "gate": ("embed", "mlp"),
-    "up": ("embed", "mlp"),
-    "down": ("mlp", "embed"),
-}
+# Parameter name (last path element) -> logical axes, without the stacked `layers` axis: declared
+# with each parameter in dpace_jax.params.
+PARAM_AXES: dict[str, tuple[str | None, ...]] = AXES
 
 
 def make_mesh(shape: Sequence[int] | None = None, devices=None) -> Mesh:
@@ -90,11 +76,12 @@ def _spec_for(name: str, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
 
 def param_shardings(params, mesh: Mesh):
     """NamedShardings for a target or drafter parameter tree (or an optimizer state holding
-    such trees: leaves are matched by their last dict key)."""
+    such trees: leaves are matched by their parameter name, the last named path element)."""
 
     def one(path, leaf):
         shape = tuple(getattr(leaf, "shape", ()))
-        names = [p.key for p in path if isinstance(p, jax.tree_util.DictKey)]
+        names = [getattr(p, "name", getattr(p, "key", None)) for p in path]
+        names = [n for n in names if isinstance(n, str)]
         if not shape or not names or names[-1] not in PARAM_AXES:
             return NamedSharding(mesh, PartitionSpec())
         return NamedSharding(mesh, _spec_for(names[-1], shape, mesh))

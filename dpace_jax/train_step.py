@@ -52,7 +52,7 @@ class StepConfig:
     attention: str  # drafter block attention: dense | flash
     attention_chunk: int  # blocks per group (dense: 0 = all at once; flash: 0 = 64)
     attention_tile: int  # flash: context columns per step
-    target_attention: str  # target forward attention: xla | cudnn (GPU)
+    target_attention: str  # target forward attention: einsum | cudnn (GPU)
 
     @classmethod
     def from_config(cls, config, total_steps: int) -> StepConfig:
@@ -136,12 +136,9 @@ def loss_fn(
 ):
     """Loss and aux metrics of one batch {input_ids [B, S], loss_mask [B, S]}."""
     tokens, loss_mask = batch["input_ids"], batch["loss_mask"]
-    target_out = model_lib.forward(
-        target_params, target_cfg, tokens,
-        feature_layers=drafter_cfg.target_layer_ids, logits=False,
-        attention=cfg.target_attention,
-    )
-    features = jax.lax.stop_gradient(target_out.features).astype(cfg.compute_dtype)
+    features = model_lib.features(target_params, target_cfg, tokens,
+                                  drafter_cfg.target_layer_ids, attention=cfg.target_attention)
+    features = jax.lax.stop_gradient(features).astype(cfg.compute_dtype)
     anchors, keep = anchor_lib.sample_anchors(
         key, loss_mask, cfg.num_anchors, drafter_cfg.block_size
     )

@@ -204,7 +204,7 @@ def run(config) -> dict:
     step_lib.StepConfig.from_config(config, 1)  # every train.* setting checked before any work
     if config.train.target_attention == "cudnn" and jax.default_backend() != "gpu":
         raise ValueError(f"train.target_attention=cudnn needs an NVIDIA GPU; this run's backend "
-                         f"is {jax.default_backend()!r} (use train.target_attention=xla)")
+                         f"is {jax.default_backend()!r} (use train.target_attention=einsum)")
     workdir = Path(config.workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0

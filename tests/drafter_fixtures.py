@@ -22,7 +22,7 @@ def random_like(init, cfg, seed, scale):
 
     def fill(path, leaf):
         noise = rng.standard_normal(leaf.shape).astype(np.float32)
-        return jnp.asarray(1 + 0.2 * noise if path[-1].key in NORMS else scale * noise)
+        return jnp.asarray(1 + 0.2 * noise if path[-1].name in NORMS else scale * noise)
 
     shapes = jax.eval_shape(lambda k: init(cfg, k), jax.random.PRNGKey(0))
     return jax.tree_util.tree_map_with_path(fill, shapes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -131,8 +132,8 @@ def test_tied_lm_head(base, tmp_path):
     embed = "model.embed_tokens.weight"
     _edit_weights(path, lambda t: t.update({"lm_head.weight": t[embed].copy()}))
     params, cfg = convert.load_target(path, dtype=jnp.float32)  # equal copy: accepted
-    assert cfg.tie_word_embeddings and "lm_head" not in params
-    np.testing.assert_array_equal(params["embed"], params0["embed"])
+    assert cfg.tie_word_embeddings and params.lm_head is None
+    np.testing.assert_array_equal(params.embed, params0.embed)
     _edit_weights(path, lambda t: t.update({"lm_head.weight": t[embed] + 1.0}))
     with pytest.raises(ValueError, match="lm_head.weight differs from model.embed_tokens"):
         convert.load_target(path)
@@ -203,22 +204,25 @@ def test_save_rejects_bad_params_and_crashes_leave_no_partial_file(base, tmp_pat
     out = convert.save_target(params, cfg, tmp_path / "out")
     before = (out / convert.WEIGHTS_NAME).read_bytes()
 
-    broken = {**params, "layers": {**params["layers"], "up": params["layers"]["up"][:, :, :-1]}}
+    def with_layer(**change):
+        return dataclasses.replace(params, layers=dataclasses.replace(params.layers, **change))
+
+    broken = with_layer(up=params.layers.up[:, :, :-1])
     with pytest.raises(ValueError, match=r"layers/up: \[2, 64, 127\], expected \[2, 64, 128\]"):
         convert.save_target(broken, cfg, out)
-    missing = {k: v for k, v in params.items() if k != "lm_head"}
+    missing = dataclasses.replace(params, lm_head=None)
     with pytest.raises(ValueError, match="lm_head: missing"):
         convert.save_target(missing, cfg, out)
 
     class Exploding:  # a leaf that fails while its layers are being written
-        shape, dtype = params["layers"]["down"].shape, params["layers"]["down"].dtype
+        shape, dtype = params.layers.down.shape, params.layers.down.dtype
 
         def __getitem__(self, i):
             if i == 1:
                 raise RuntimeError("device lost")
-            return params["layers"]["down"][i]
+            return params.layers.down[i]
 
-    crashing = {**params, "layers": {**params["layers"], "down": Exploding()}}
+    crashing = with_layer(down=Exploding())
     with pytest.raises(RuntimeError, match="device lost"):
         convert.save_target(crashing, cfg, out)
     assert (out / convert.WEIGHTS_NAME).read_bytes() == before

@@ -27,7 +27,7 @@ def numpy_params(init, seed, scale):
     rs = np.random.RandomState(seed)
 
     def fill(path, leaf):
-        if str(path[-1].key).endswith("norm"):
+        if str(path[-1].name).endswith("norm"):
             return jnp.ones(leaf.shape, leaf.dtype)
         return jnp.asarray(scale * rs.standard_normal(leaf.shape), leaf.dtype)
 

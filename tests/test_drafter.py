@@ -10,7 +10,6 @@ from drafter_fixtures import CFG, TARGET, S, random_like
 
 from dpace_jax import model
 from dpace_jax.drafter import (
-    DrafterCache,
     DrafterConfig,
     block_forward,
     block_inputs,
@@ -43,8 +42,8 @@ def test_config_defaults_and_validation():
     assert default_target_layer_ids(36, 1) == (18,)
     assert CFG.target_layer_ids == (1, 3) and CFG.feature_size == 128
     assert CFG.hidden_size == 64 and CFG.num_target_layers == 6
-    lc = CFG.layer_config()
-    assert lc.num_layers == 2 and lc.qk_norm and lc.hidden_size == 64
+    assert isinstance(CFG, model.ModelConfig)  # the drafter's layer stack is a ModelConfig
+    assert CFG.num_layers == 2 and CFG.qk_norm and CFG.hidden_size == 64
     hash(CFG)
     with pytest.raises(ValueError, match="target_layer_ids"):
         default_target_layer_ids(2, 3)
@@ -81,12 +80,12 @@ def test_check_compatible():
 
 def test_shapes_and_inputs(setup):
     target_params, params, features, tokens = setup
-    assert params["fc"].shape == (128, 64) and params["layers"]["q"].shape == (2, 64, 4, 16)
-    assert params["layers"]["k_norm"].shape == (2, 16)
-    x = block_inputs(target_params["embed"], jnp.array([[3, 5]]), CFG)
+    assert params.fc.shape == (128, 64) and params.layers.q.shape == (2, 64, 4, 16)
+    assert params.layers.k_norm.shape == (2, 16)
+    x = block_inputs(target_params.embed, jnp.array([[3, 5]]), CFG)
     assert x.shape == (1, 2, 4, 64)
-    np.testing.assert_array_equal(x[0, 1, 0], target_params["embed"][5])
-    np.testing.assert_array_equal(x[0, 0, 2], target_params["embed"][96])
+    np.testing.assert_array_equal(x[0, 1, 0], target_params.embed[5])
+    np.testing.assert_array_equal(x[0, 0, 2], target_params.embed[96])
     c = project_context(params, CFG, features)
     k, v = context_kv(params, CFG, c, jnp.broadcast_to(jnp.arange(S), (2, S)))
     assert k.shape == v.shape == (2, 2, S, 2, 16)
@@ -119,7 +118,7 @@ def test_packed_training_equals_decoding(setup, cfg):
             # the context is the features of positions < a; the rows at and past the anchor
             # hold garbage (stale cache rows) that the block must not see
             context = jnp.where(jnp.arange(S)[:, None] < a, features[b], garbage)[None]
-            cache = ext(params, cfg, DrafterCache.zeros(cfg, 1, S, jnp.float32), context,
+            cache = ext(params, cfg, model.KVCache.zeros(cfg, 1, S, jnp.float32), context,
                         jnp.array([0]))
             logits = draft(params, cfg, target_params, cache, tokens[b:b + 1, a], jnp.array([a]))
             assert logits.shape == (1, 4, 97) and logits.dtype == jnp.float32
@@ -133,15 +132,15 @@ def test_extend_cache_in_pieces(setup):
     """Writing the context in chunks at per-sequence starts equals one write."""
     _, params, features, _ = setup
     ext = jax.jit(extend_cache, static_argnums=1)
-    whole = ext(params, CFG, DrafterCache.zeros(CFG, 2, S, jnp.float32), features,
+    whole = ext(params, CFG, model.KVCache.zeros(CFG, 2, S, jnp.float32), features,
                          jnp.array([0, 0]))
-    cache = DrafterCache.zeros(CFG, 2, S, jnp.float32)
+    cache = model.KVCache.zeros(CFG, 2, S, jnp.float32)
     cache = ext(params, CFG, cache, features[:, :10], jnp.array([0, 0]))
     cache = ext(params, CFG, cache, features[:, 10:], jnp.array([10, 10]))
     np.testing.assert_allclose(cache.k, whole.k, atol=1e-6)
     np.testing.assert_allclose(cache.v, whole.v, atol=1e-6)
     # ragged starts: sequence 1 written 3 rows later lands 3 rows later
-    shifted = ext(params, CFG, DrafterCache.zeros(CFG, 2, S + 3, jnp.float32),
+    shifted = ext(params, CFG, model.KVCache.zeros(CFG, 2, S + 3, jnp.float32),
                            features[:, :8], jnp.array([0, 3]))
     c = project_context(params, CFG, features[1:, :8])
     k, _ = context_kv(params, CFG, c, jnp.arange(3, 11)[None])
@@ -169,7 +168,7 @@ def test_mask_gradients(setup):
 
     c = project_context(params, CFG, features)
     ck, cv = context_kv(params, CFG, c, jnp.broadcast_to(jnp.arange(S), (2, S)))
-    x = block_inputs(target_params["embed"], jnp.take_along_axis(tokens, ANCHORS, 1), CFG)
+    x = block_inputs(target_params.embed, jnp.take_along_axis(tokens, ANCHORS, 1), CFG)
 
     def per_block_x(x):
         return jnp.sum(block_forward(params, CFG, x, ANCHORS, ck, cv) * weights, axis=(-2, -1))

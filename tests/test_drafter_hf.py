@@ -4,6 +4,7 @@
 import dataclasses
 import json
 import math
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -50,8 +51,8 @@ def test_export_keys_shapes_and_config(params, tmp_path):
     assert {k: v.shape for k, v in tensors.items()} == expected_keys(2)
     # [out, in] layout: q_proj.weight[h*E + e, d] == q[d, h, e]
     np.testing.assert_array_equal(tensors["layers.1.self_attn.q_proj.weight"][2 * 16 + 5, 7],
-                                  params["layers"]["q"][1, 7, 2, 5])
-    np.testing.assert_array_equal(tensors["fc.weight"][3, 100], params["fc"][100, 3])
+                                  params.layers.q[1, 7, 2, 5])
+    np.testing.assert_array_equal(tensors["fc.weight"][3, 100], params.fc[100, 3])
     hf = json.loads((tmp_path / "config.json").read_text())
     assert hf["architectures"] == ["DFlashDraftModel"] and hf["model_type"] == "qwen3"
     assert hf["dflash_config"] == {"mask_token_id": 96, "target_layer_ids": [1, 3]}
@@ -300,9 +301,10 @@ def test_matches_torch_reference(params, tmp_path, layout, attention):
     features = rng.standard_normal((2, S, 128)).astype(np.float32)
     tokens = rng.integers(0, 96, (2, S))
     anchors = np.array([[0, 3, 7, 20], [5, 11, 12, 0]])
-    ours = train_forward(params, cfg, {"embed": jnp.asarray(embed)}, jnp.asarray(features),
-                         jnp.asarray(tokens), jnp.asarray(anchors), attention=attention,
-                         attention_chunk=3, attention_tile=8)
+    target = SimpleNamespace(embed=jnp.asarray(embed))  # all train_forward reads of the target
+    ours = train_forward(params, cfg, target, jnp.asarray(features), jnp.asarray(tokens),
+                         jnp.asarray(anchors), attention=attention, attention_chunk=3,
+                         attention_tile=8)
     mask_id = hf["dflash_config"]["mask_token_id"]
 
     def reference(b, hf):

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpace_jax.model import KVCache, ModelConfig, forward, init_params
+from dpace_jax.model import KVCache, ModelConfig, forward, forward_cached, init_params
 
 CACHE_LEN = 48
 CONFIGS = {
@@ -41,7 +41,7 @@ def padded_logits(params, cfg, seqs):
 def cached_step(cfg):
     @jax.jit
     def step(params, cache, tokens, start):
-        out = forward(params, cfg, tokens, cache=cache, start=start)
+        out = forward_cached(params, cfg, tokens, cache, start)
         return out.logits, out.cache
 
     return step
@@ -117,7 +117,7 @@ def test_cached_step_does_not_recompile_per_start():
     @jax.jit
     def step(params, cache, tokens, start):
         traces.append(start.shape)  # runs only while tracing
-        out = forward(params, cfg, tokens, cache=cache, start=start)
+        out = forward_cached(params, cfg, tokens, cache, start)
         return out.logits, out.cache
 
     cache = KVCache.zeros(cfg, 2, CACHE_LEN, jnp.float32)

@@ -17,7 +17,7 @@ from hf_fixtures import make_tiny_hf_target, torch_outputs
 
 from dpace_jax import convert
 from dpace_jax.layers import rope_inv_freq
-from dpace_jax.model import KVCache, forward
+from dpace_jax.model import KVCache, features, forward, forward_cached
 
 pytestmark = pytest.mark.slow  # subprocesses or long compiles: `-m "not slow"` skips them
 
@@ -58,7 +58,7 @@ def _tokens(cfg, batch=3, length=48, seed=0):
 def test_logits_and_features_match_pytorch(build, name):
     path, torch_model, params, cfg = build(name)
     assert cfg.tie_word_embeddings == CASES[name]["tie"]
-    assert ("lm_head" in params) == (not cfg.tie_word_embeddings)
+    assert (params.lm_head is not None) == (not cfg.tie_word_embeddings)
     if CASES[name].get("sharded"):
         weight_map = json.loads((path / convert.INDEX_NAME).read_text())["weight_map"]
         assert len(set(weight_map.values())) > 1 and not (path / convert.WEIGHTS_NAME).exists()
@@ -74,15 +74,15 @@ def test_logits_and_features_match_pytorch(build, name):
 
     # The training forward (stops after the deepest feature layer, no logits) and the cached
     # forward (prefill of 30 tokens, then a block of 18) make the same features.
-    early = jit_forward(params, cfg, jnp.asarray(tokens), feature_layers=FEATURE_LAYERS,
-                        logits=False)
-    np.testing.assert_allclose(np.asarray(early.features), ref_features, atol=1e-4, rtol=0)
+    early = jax.jit(features, static_argnums=(1, 3))(params, cfg, jnp.asarray(tokens),
+                                                     FEATURE_LAYERS)
+    np.testing.assert_allclose(np.asarray(early), ref_features, atol=1e-4, rtol=0)
     cache = KVCache.zeros(cfg, tokens.shape[0], 64, jnp.float32)
     parts = []
     for lo, hi in ((0, 30), (30, 48)):
         start = jnp.full((tokens.shape[0],), lo, jnp.int32)
-        step = forward(params, cfg, jnp.asarray(tokens[:, lo:hi]), cache=cache, start=start,
-                       feature_layers=FEATURE_LAYERS)
+        step = forward_cached(params, cfg, jnp.asarray(tokens[:, lo:hi]), cache, start,
+                              feature_layers=FEATURE_LAYERS)
         cache = step.cache
         parts.append(np.asarray(step.features))
     np.testing.assert_allclose(np.concatenate(parts, axis=1), ref_features, atol=1e-4, rtol=0)
@@ -116,7 +116,7 @@ SHARDING_SCRIPT = textwrap.dedent("""
     import sys
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from dpace_jax import convert
+    from dpace_jax import convert, params as P_
 
     path = sys.argv[1]
     assert jax.device_count() == 4, jax.devices()
@@ -134,21 +134,19 @@ SHARDING_SCRIPT = textwrap.dedent("""
         return NamedSharding(mesh, node if node is not None else P())
 
     ref, _ = convert.load_target(path, dtype=jnp.float32)
-    tree = {k: ({kk: spec_for((k, kk)) for kk in v} if isinstance(v, dict) else spec_for((k,)))
-            for k, v in ref.items()}
+    # a pytree of shardings shaped like the parameters, and the callable form
+    tree = P_.TARGET_SCHEMA.build({p: spec_for(p) for p in P_.flatten(ref)})
     for shardings in (spec_for, tree):
         params, _ = convert.load_target(path, dtype=jnp.float32, shardings=shardings)
-        flat = jax.tree_util.tree_flatten_with_path(params)[0]
-        for keypath, arr in flat:
-            names = tuple(k.key for k in keypath)
+        for names, arr in P_.flatten(params).items():
             want = spec_for(names)
             assert arr.sharding.is_equivalent_to(want, arr.ndim), (names, arr.sharding)
-            expect = np.asarray(ref[names[0]] if len(names) == 1 else ref[names[0]][names[1]])
+            expect = np.asarray(P_.get(ref, names))
             for shard in arr.addressable_shards:
                 assert shard.data.shape == want.shard_shape(arr.shape), names
                 np.testing.assert_array_equal(np.asarray(shard.data), expect[shard.index])
             np.testing.assert_array_equal(np.asarray(arr), expect)
-    q = params["layers"]["q"]
+    q = params.layers.q
     assert q.addressable_shards[0].data.shape[2] == q.shape[2] // 2
     print("SHARDING_OK")
 """)

@@ -97,7 +97,7 @@ def test_one_device_and_2x2x2_mesh_agree():
                 losses.append(float(m["loss"]))
             results.append((losses, jax.tree.map(np.asarray, state.params)))
             if mesh.size == 8:
-                q = state.params["layers"]["q"]
+                q = state.params.layers.q
                 spec = tuple(q.sharding.spec)
                 assert spec[1] == "fsdp" and spec[2] == "tensor", spec
         (l1, p1), *others = results

@@ -1,0 +1,264 @@
+"""Every parameter of the target and of the drafter, declared once.
+
+An `ArrayInfo` per parameter gives its shape (in the letters of docs/design.md §1), its logical
+axes (dpace_jax.sharding maps them to mesh axes), its initializer and its Hugging Face tensor: the
+name and the layout. Initialization, abstract shapes, the sharding rules and the HF key maps of the
+target (dpace_jax.convert) and of the DFlash drafter (dpace_jax.drafter_hf) all derive from the
+tables below. The parameters live in typed pytrees: `LayerParams` (decoder layers, stacked on a
+leading L axis; the target and the drafter share it), `TargetParams` and `DrafterParams`.
+
+Layouts, from an HF PyTorch Linear weight [out, in] to ours:
+  same       as stored (norms, the embedding)
+  t          transposed, [in, out]
+  in_heads   [heads * E, D] -> [D, heads, E]   (q, k, v)
+  out_heads  [D, H * E] -> [H, E, D]           (o)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class ArrayInfo(NamedTuple):
+    shape: tuple[str, ...]  # dimension letters (docs/design.md §1); X: the drafter's n * D
+    axes: tuple[str | None, ...]  # logical axes, one per dimension
+    init: str  # "normal" (scaled) or "ones"
+    hf: str  # the HF tensor's name (a layer's: under the schema's layer prefix)
+    layout: str  # see the module doc
+
+
+LAYER = {
+    "attn_norm": ArrayInfo(("D",), (None,), "ones", "input_layernorm.weight", "same"),
+    "q": ArrayInfo(("D", "H", "E"), ("embed", "heads", "head_dim"), "normal",
+                   "self_attn.q_proj.weight", "in_heads"),
+    "k": ArrayInfo(("D", "G", "E"), ("embed", "kv_heads", "head_dim"), "normal",
+                   "self_attn.k_proj.weight", "in_heads"),
+    "v": ArrayInfo(("D", "G", "E"), ("embed", "kv_heads", "head_dim"), "normal",
+                   "self_attn.v_proj.weight", "in_heads"),
+    "o": ArrayInfo(("H", "E", "D"), ("heads", "head_dim", "embed"), "normal",
+                   "self_attn.o_proj.weight", "out_heads"),
+    "mlp_norm": ArrayInfo(("D",), (None,), "ones", "post_attention_layernorm.weight", "same"),
+    "gate": ArrayInfo(("D", "F"), ("embed", "mlp"), "normal", "mlp.gate_proj.weight", "t"),
+    "up": ArrayInfo(("D", "F"), ("embed", "mlp"), "normal", "mlp.up_proj.weight", "t"),
+    "down": ArrayInfo(("F", "D"), ("mlp", "embed"), "normal", "mlp.down_proj.weight", "t"),
+    # Qwen3 only (per-head RMSNorm of q and k)
+    "q_norm": ArrayInfo(("E",), (None,), "ones", "self_attn.q_norm.weight", "same"),
+    "k_norm": ArrayInfo(("E",), (None,), "ones", "self_attn.k_norm.weight", "same"),
+}
+QK_NORM = ("q_norm", "k_norm")
+
+TARGET = {
+    "embed": ArrayInfo(("V", "D"), ("vocab", "embed"), "normal", "model.embed_tokens.weight",
+                       "same"),
+    "final_norm": ArrayInfo(("D",), (None,), "ones", "model.norm.weight", "same"),
+    "lm_head": ArrayInfo(("D", "V"), ("embed", "vocab"), "normal", "lm_head.weight", "t"),
+}
+
+DRAFTER = {
+    "fc": ArrayInfo(("X", "D"), ("features", "embed"), "normal", "fc.weight", "t"),
+    "hidden_norm": ArrayInfo(("D",), (None,), "ones", "hidden_norm.weight", "same"),
+    "final_norm": ArrayInfo(("D",), (None,), "ones", "norm.weight", "same"),
+}
+
+# name -> logical axes (without the stacked layer axis), for dpace_jax.sharding
+AXES = {name: info.axes for table in (LAYER, TARGET, DRAFTER) for name, info in table.items()}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LayerParams:
+    """Decoder layers, each array with a leading L axis (see LAYER)."""
+
+    attn_norm: jax.Array
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    o: jax.Array
+    mlp_norm: jax.Array
+    gate: jax.Array
+    up: jax.Array
+    down: jax.Array
+    q_norm: jax.Array | None = None
+    k_norm: jax.Array | None = None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TargetParams:
+    embed: jax.Array  # [V, D]
+    layers: LayerParams
+    final_norm: jax.Array  # [D]
+    lm_head: jax.Array | None = None  # [D, V]; None when tied to the embedding
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DrafterParams:
+    fc: jax.Array  # [n * D, D]
+    hidden_norm: jax.Array  # [D]
+    layers: LayerParams
+    final_norm: jax.Array  # [D]
+
+
+class Param(NamedTuple):
+    path: tuple[str, ...]  # ("embed",) or ("layers", "q")
+    info: ArrayInfo
+    hf: str  # HF name; "{i}" stands for the layer index of a stacked parameter
+
+    @property
+    def stacked(self) -> bool:
+        return self.path[0] == "layers"
+
+    def hf_keys(self, num_layers: int) -> list[str]:
+        return [self.hf.format(i=i) for i in range(num_layers)] if self.stacked else [self.hf]
+
+    def shape(self, dims: dict[str, int]) -> tuple[int, ...]:
+        """Our shape, per layer for a stacked parameter."""
+        return tuple(dims[d] for d in self.info.shape)
+
+    def hf_shape(self, dims: dict[str, int]) -> tuple[int, ...]:
+        s, layout = self.shape(dims), self.info.layout
+        if layout == "same":
+            return s
+        if layout == "t":
+            return s[::-1]
+        return (s[1] * s[2], s[0]) if layout == "in_heads" else (s[2], s[0] * s[1])
+
+    def from_hf(self, w: np.ndarray, dims: dict[str, int]) -> np.ndarray:
+        layout, s = self.info.layout, self.shape(dims)
+        if layout == "same":
+            return w
+        return w.T.reshape(s)
+
+    def to_hf(self, x: np.ndarray, dims: dict[str, int]) -> np.ndarray:
+        layout = self.info.layout
+        if layout == "same":
+            return x
+        return x.reshape(self.hf_shape(dims)[::-1]).T
+
+
+@dataclasses.dataclass(frozen=True)
+class Schema:
+    """A model's parameters: its own tables, the shared decoder layer, its HF layer prefix."""
+
+    name: str
+    top: dict[str, ArrayInfo]
+    layer_prefix: str
+    tree: type
+
+    def params(self, cfg) -> list[Param]:
+        """The parameters `cfg` has (q/k norms only with qk_norm; lm_head only untied)."""
+        top = [Param((n, ), i, i.hf) for n, i in self.top.items()
+               if not (n == "lm_head" and cfg.tie_word_embeddings)]
+        layer = [Param(("layers", n), i, self.layer_prefix + i.hf) for n, i in LAYER.items()
+                 if cfg.qk_norm or n not in QK_NORM]
+        return top + layer
+
+    def build(self, leaves: dict[tuple[str, ...], object]):
+        """The typed tree from {path: leaf}."""
+        layers = LayerParams(**{p[1]: v for p, v in leaves.items() if p[0] == "layers"})
+        return self.tree(layers=layers, **{p[0]: v for p, v in leaves.items()
+                                           if p[0] != "layers"})
+
+    def abstract(self, cfg, dtype=jnp.float32):
+        """ShapeDtypeStructs of `cfg`'s parameters."""
+        d = dims(cfg)
+        return self.build({p.path: jax.ShapeDtypeStruct(
+            (cfg.num_layers, *p.shape(d)) if p.stacked else p.shape(d), dtype)
+            for p in self.params(cfg)})
+
+    def init(self, cfg, key: jax.Array, dtype=jnp.float32, scale: float = 0.02):
+        """Random parameters: normal(0, scale) matrices, unit norms. `key` splits into one key
+        for the layers (split again, one per layer matrix in table order) and one per top-level
+        matrix in table order, so a seed gives the same values whatever the config leaves out."""
+        d = dims(cfg)
+        top_normal = [n for n, i in self.top.items() if i.init == "normal"]
+        layer_normal = [n for n, i in LAYER.items() if i.init == "normal"]
+        k_layers, *k_top = jax.random.split(key, 1 + len(top_normal))
+        keys = {**dict(zip(top_normal, k_top, strict=True)),
+                **dict(zip(layer_normal, jax.random.split(k_layers, len(layer_normal)),
+                           strict=True))}
+        leaves = {}
+        for p in self.params(cfg):
+            shape = (cfg.num_layers, *p.shape(d)) if p.stacked else p.shape(d)
+            leaves[p.path] = (
+                jnp.ones(shape, dtype) if p.info.init == "ones" else
+                (scale * jax.random.normal(keys[p.path[-1]], shape, jnp.float32)).astype(dtype))
+        return self.build(leaves)
+
+
+    def to_hf(self, cfg, tree, dtype=None) -> dict[str, np.ndarray]:
+        """{HF key: array in HF layout}, `dtype` casting (None keeps each array's)."""
+        d, out = dims(cfg), {}
+        for p in self.params(cfg):
+            x = np.asarray(get(tree, p.path))
+            x = x.astype(dtype) if dtype is not None else x
+            want = (cfg.num_layers, *p.shape(d)) if p.stacked else p.shape(d)
+            if x.shape != want:
+                raise ValueError(f"parameter {'/'.join(p.path)} has shape {x.shape}, expected "
+                                 f"{want} for this {self.name} config")
+            for i, key in enumerate(p.hf_keys(cfg.num_layers)):
+                out[key] = np.ascontiguousarray(p.to_hf(x[i] if p.stacked else x, d))
+        return out
+
+    def from_hf(self, cfg, tensors: dict[str, np.ndarray], source: str):
+        """The typed tree from {HF key: array}; strict: a missing, unexpected or misshapen
+        tensor is a ValueError naming it (and `source`)."""
+        d, params = dims(cfg), self.params(cfg)
+        expected = {k: p.hf_shape(d) for p in params for k in p.hf_keys(cfg.num_layers)}
+
+        def listed(keys):
+            return f"{keys[:8]}{' ...' if len(keys) > 8 else ''}"
+
+        missing = sorted(set(expected) - set(tensors))
+        if missing:
+            raise ValueError(f"{source}: missing key(s) {listed(missing)}")
+        unexpected = sorted(set(tensors) - set(expected))
+        if unexpected:
+            raise ValueError(f"{source}: unexpected key(s) {listed(unexpected)}")
+        for key, shape in expected.items():
+            if tuple(tensors[key].shape) != shape:
+                raise ValueError(f"{source}: key {key} has shape {tuple(tensors[key].shape)}, "
+                                 f"expected {shape}")
+        leaves = {}
+        for p in params:
+            arrays = [p.from_hf(tensors[k], d) for k in p.hf_keys(cfg.num_layers)]
+            leaves[p.path] = jnp.asarray(np.stack(arrays) if p.stacked else arrays[0])
+        return self.build(leaves)
+
+
+TARGET_SCHEMA = Schema("target", TARGET, "model.layers.{i}.", TargetParams)
+DRAFTER_SCHEMA = Schema("drafter", DRAFTER, "layers.{i}.", DrafterParams)
+
+
+def dims(cfg) -> dict[str, int]:
+    """The dimension letters' sizes for a ModelConfig or DrafterConfig."""
+    out = {"D": cfg.hidden_size, "H": cfg.num_heads, "G": cfg.num_kv_heads, "E": cfg.head_dim,
+           "F": cfg.intermediate_size, "V": cfg.vocab_size}
+    if hasattr(cfg, "feature_size"):
+        out["X"] = cfg.feature_size
+    return out
+
+
+def get(tree, path: tuple[str, ...]):
+    """The node at `path` of a typed tree or of nested dicts (e.g. a tree of shardings)."""
+    for part in path:
+        tree = tree[part] if isinstance(tree, dict) else getattr(tree, part)
+    return tree
+
+
+def flatten(tree) -> dict[tuple[str, ...], object]:
+    """{path: leaf} of the present (non-None) parameters of a typed tree."""
+    out = {}
+    for field in dataclasses.fields(tree):
+        value = getattr(tree, field.name)
+        if isinstance(value, LayerParams):
+            out.update(((field.name, k), v) for (k,), v in flatten(value).items())
+        elif value is not None:
+            out[(field.name,)] = value
+    return out
