@@ -1,34 +1,14 @@
-"""Training data: chat conversations -> tokenized samples -> fixed-shape numpy batches.
+"""Training data: chat conversations -> tokenized samples (batched by dpace_jax.batches).
 
-Public API (`load_conversations`, `write_jsonl` and `normalize_roles` live in `dpace_jax.chat`
-with the template rendering and loss masks, and are re-exported here):
-
-- `load_conversations(paths, *, split="train") -> (convs, stats)`: rows from local `.jsonl` /
-  `.json` / `.parquet` files, directories of them, a list of those, a `datasets.Dataset`, or hub ids
-  (`datasets.load_dataset(id, split=split)`). Rows in either chat shape (ShareGPT
-  `conversations: [{from, value}]` or `messages: [{role, content}]`) become
-  `[{"role": system|user|assistant, "content": str}]`. Unusable rows (wrong schema, empty, no
-  assistant turn, bad JSON) are counted in `stats["skipped"]` by reason and logged; a source whose
-  rows are ALL unusable raises ValueError naming it; a missing path raises FileNotFoundError.
-- `tokenize_conversations(convs, tokenizer, *, max_length=3072, block_size=16, cache_dir=None,
-  cache_key_extra="") -> (TokenizedDataset, stats)`: render with the tokenizer's chat template
-  (thinking disabled), assistant-only loss mask (content + end-of-turn token), truncate to
-  `max_length`, drop samples with fewer than `2 * block_size` loss tokens (counted). With
-  `cache_dir`, the result is stored as .npy files under a directory named by a hash of (the
-  conversations' content, the tokenizer's vocabulary and chat template, max_length, block_size,
-  format version, cache_key_extra), written atomically (temp dir + rename).
-- `TokenizedDataset`: `len(ds)`, `ds[i] -> {"input_ids": int32 [n], "loss_mask": int32 [n]}`,
-  `ds.lengths`; stored flat (`tokens`, `loss_mask`, `offsets` [num_samples + 1]).
-- `Batches(dataset, batch_size, seq_len, seed=0, *, state=None, process_index=0, process_count=1,
-  pad_id=0, num_epochs=None)`: an iterator of `{"input_ids", "loss_mask", "attention_mask"}`
-  int32 [b, seq_len] (right-padded with pad_id, truncated to seq_len) and `"length"` int32 [b],
-  where b = batch_size // process_count. Epoch e visits the samples in the order
-  `np.random.default_rng([seed, e]).permutation(len(dataset))`, `len(dataset) // batch_size`
-  global batches per epoch (the remainder is dropped). Process p gets rows
-  `[p*b, (p+1)*b)` of each global batch. `.state()` is a JSON-able dict; `Batches(...,
-  state=saved)` continues with exactly the batch that would have come next.
-- `write_jsonl(path, rows)`: atomic JSONL writer (a bare message list is written as
-  `{"messages": [...]}`).
+- `load_conversations(paths, *, split="train") -> (convs, stats)` and `write_jsonl(path, rows)`
+  (from dpace_jax.chat): rows of local `.jsonl` / `.json` / `.parquet` files, directories of
+  them, a `datasets.Dataset` or hub ids, in either chat shape (ShareGPT `conversations` or
+  `messages`) -> `[{"role", "content"}]` lists. Unusable rows are counted by reason and logged;
+  a source whose rows are all unusable is a ValueError naming it.
+- `tokenize_conversations(...) -> (TokenizedDataset, stats)`: the chat template (thinking
+  disabled), an assistant-only loss mask (content + end-of-turn token), truncation to
+  `max_length`, samples with fewer than `2 * block_size` loss tokens dropped (counted); cached
+  under `cache_dir` by a hash of everything that decides the result, written atomically.
 """
 
 from __future__ import annotations
@@ -46,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dpace_jax.chat import (
+from dpace_jax.chat import (  # noqa: F401  (load_conversations, write_jsonl: this API too)
     TEMPLATE_KWARGS,
     BadConversation,
     load_conversations,
@@ -57,16 +37,6 @@ from dpace_jax.chat import (
     write_jsonl,
 )
 
-__all__ = [
-    "Batches",
-    "TokenizedDataset",
-    "cache_key",
-    "load_conversations",
-    "normalize_roles",
-    "tokenize_conversations",
-    "tokenizer_fingerprint",
-    "write_jsonl",
-]
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -327,108 +297,3 @@ def tokenize_conversations(
     if cache_path is not None:
         _save_cache(cache_path, ds, stats, key)
     return ds, {**stats, "cache": "miss" if cache_path is not None else "off"}
-
-
-# ---------------------------------------------------------------------------------- batching
-
-
-class Batches:
-    """Deterministic, resumable, process-sliced iterator of fixed-shape numpy batches."""
-
-    def __init__(
-        self,
-        dataset: TokenizedDataset,
-        batch_size: int,
-        seq_len: int,
-        seed: int = 0,
-        *,
-        state: Mapping | None = None,
-        process_index: int = 0,
-        process_count: int = 1,
-        pad_id: int = 0,
-        num_epochs: int | None = None,
-    ):
-        if batch_size < 1 or seq_len < 1:
-            raise ValueError(f"batch_size={batch_size}, seq_len={seq_len}: must be >= 1")
-        if process_count < 1 or not 0 <= process_index < process_count:
-            raise ValueError(f"process_index={process_index} not in [0, {process_count})")
-        if batch_size % process_count:
-            raise ValueError(
-                f"batch_size={batch_size} (global) is not divisible by process_count="
-                f"{process_count}"
-            )
-        if len(dataset) < batch_size:
-            raise ValueError(
-                f"dataset has {len(dataset)} samples, fewer than batch_size={batch_size}"
-            )
-        self.dataset, self.batch_size, self.seq_len = dataset, batch_size, seq_len
-        self.seed, self.pad_id, self.num_epochs = int(seed), pad_id, num_epochs
-        self.process_index, self.process_count = process_index, process_count
-        self.local_batch_size = batch_size // process_count
-        self.steps_per_epoch = len(dataset) // batch_size
-        self.epoch, self.index = 0, 0
-        if state is not None:
-            self._restore(state)
-        self._perm_epoch, self._perm = None, None
-
-    def _restore(self, state: Mapping) -> None:
-        n = len(self.dataset)
-        expect = {"seed": self.seed, "batch_size": self.batch_size, "num_samples": n}
-        for k, v in expect.items():
-            if k in state and int(state[k]) != v:
-                raise ValueError(f"data state has {k}={state[k]}, but this run has {k}={v}")
-        try:
-            epoch, index = int(state["epoch"]), int(state["index"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(
-                f"data state {dict(state)!r}: expected integer 'epoch' and 'index'"
-            ) from e
-        if epoch < 0 or not 0 <= index <= self.steps_per_epoch:
-            raise ValueError(f"data state epoch={epoch}, index={index} out of range")
-        self.epoch, self.index = epoch, index
-
-    def state(self) -> dict:
-        """Position of the next batch, JSON-able."""
-        return {
-            "epoch": self.epoch,
-            "index": self.index,
-            "seed": self.seed,
-            "batch_size": self.batch_size,
-            "num_samples": len(self.dataset),
-        }
-
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        """The sample order of an epoch (same for every process and every run)."""
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
-
-    def __iter__(self) -> Batches:
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        if self.index >= self.steps_per_epoch:
-            self.epoch, self.index = self.epoch + 1, 0
-        if self.num_epochs is not None and self.epoch >= self.num_epochs:
-            raise StopIteration
-        if self._perm_epoch != self.epoch:
-            self._perm_epoch, self._perm = self.epoch, self.epoch_order(self.epoch)
-        start = self.index * self.batch_size + self.process_index * self.local_batch_size
-        batch = self._collate(self._perm[start : start + self.local_batch_size])
-        self.index += 1
-        if self.index == self.steps_per_epoch:
-            self.epoch, self.index = self.epoch + 1, 0
-        return batch
-
-    def _collate(self, idx: np.ndarray) -> dict[str, np.ndarray]:
-        b, S = len(idx), self.seq_len
-        ids = np.full((b, S), self.pad_id, np.int32)
-        loss = np.zeros((b, S), np.int32)
-        attn = np.zeros((b, S), np.int32)
-        length = np.zeros((b,), np.int32)
-        for r, i in enumerate(idx):
-            s = self.dataset[int(i)]
-            n = min(len(s["input_ids"]), S)
-            ids[r, :n] = s["input_ids"][:n]
-            loss[r, :n] = s["loss_mask"][:n]
-            attn[r, :n] = 1
-            length[r] = n
-        return {"input_ids": ids, "loss_mask": loss, "attention_mask": attn, "length": length}

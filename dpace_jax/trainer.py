@@ -8,10 +8,13 @@ HF format under `WORKDIR/hf`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -24,7 +27,9 @@ from dpace_jax import drafter as drafter_lib
 from dpace_jax import model as model_lib
 from dpace_jax import sharding as shard_lib
 from dpace_jax import train_step as step_lib
+from dpace_jax.batches import Batches
 from dpace_jax.config import parse_dtype, target_path
+from dpace_jax.params import TARGET_SCHEMA
 
 
 def maybe_initialize_distributed(config) -> None:
@@ -196,19 +201,42 @@ class MetricsWriter:
             f.write(json.dumps(row) + "\n")
 
 
-def run(config) -> dict:
-    """Train per `config`; returns a summary (final metrics, paths)."""
+@dataclasses.dataclass
+class Run:
+    """A training run set up from its config (`setup`), ready for `train`."""
+
+    config: Any
+    workdir: Path
+    target_dir: Path
+    drafter_cfg: drafter_lib.DrafterConfig
+    mesh: Any
+    target_params: Any
+    state: step_lib.TrainState
+    train_step: Callable
+    batches: Batches
+    checkpointer: ckpt_lib.Checkpointer
+    fingerprint: dict
+    steps: int
+    data_stats: dict
+
+
+def _check_early(config) -> None:
+    """Settings that fail before any expensive work."""
     if not config.workdir:
         raise ValueError("--config.workdir is required (the run directory)")
-    maybe_initialize_distributed(config)
-    step_lib.StepConfig.from_config(config, 1)  # every train.* setting checked before any work
+    step_lib.StepConfig.from_config(config, 1)  # every train.* setting
     if config.train.target_attention == "cudnn" and jax.default_backend() != "gpu":
         raise ValueError(f"train.target_attention=cudnn needs an NVIDIA GPU; this run's backend "
                          f"is {jax.default_backend()!r} (use train.target_attention=einsum)")
+
+
+def setup(config) -> Run:
+    """Target, tokenizer, data and drafter loaded and placed on the mesh; the latest checkpoint
+    of the work directory restored when there is one (with the settings it was written with)."""
+    _check_early(config)
+    maybe_initialize_distributed(config)
     workdir = Path(config.workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
-    is_main = jax.process_index() == 0
-
     target_dir = convert.resolve_checkpoint(target_path(config))
     tokenizer = convert.load_tokenizer(target_dir)
     target_cfg = convert.load_config(target_dir)
@@ -216,19 +244,15 @@ def run(config) -> dict:
     dataset, data_stats = load_training_data(config, workdir, target_dir, tokenizer,
                                              dcfg.block_size)
     steps = total_steps(config, len(dataset))
-
     step_cfg = step_lib.StepConfig.from_config(config, steps)
     mesh = shard_lib.make_mesh(tuple(config.mesh.shape))
     if config.train.batch_size % shard_lib.num_batch_shards(mesh):
-        raise ValueError(
-            f"train.batch_size={config.train.batch_size} must be divisible by the "
-            f"data*fsdp mesh size {shard_lib.num_batch_shards(mesh)}"
-        )
+        raise ValueError(f"train.batch_size={config.train.batch_size} must be divisible by the "
+                         f"data*fsdp mesh size {shard_lib.num_batch_shards(mesh)}")
 
     target_dtype = parse_dtype(config.target.dtype, "target.dtype")
-    abstract_target = jax.eval_shape(
-        lambda: model_lib.init_params(target_cfg, jax.random.PRNGKey(0), target_dtype))
-    target_shardings = shard_lib.param_shardings(abstract_target, mesh)
+    target_shardings = shard_lib.param_shardings(
+        TARGET_SCHEMA.abstract(target_cfg, target_dtype), mesh)
     target_params, _ = convert.load_target(target_dir, dtype=target_dtype,
                                            shardings=target_shardings)
 
@@ -242,7 +266,6 @@ def run(config) -> dict:
     state_shardings = step_lib.state_shardings(abstract_state, mesh)
     state = jax.jit(lambda p: step_lib.init_state(p, optimizer, config.seed),
                     out_shardings=state_shardings)(init_params)
-    del init_params
 
     checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints",
                                          keep=int(config.train.keep_checkpoints))
@@ -255,38 +278,40 @@ def run(config) -> dict:
         if meta.get("fingerprint") != fingerprint:
             raise ValueError(
                 f"{checkpointer.directory}: checkpoint step {latest} was written with "
-                f"{meta.get('fingerprint')}, this run has {fingerprint}; use a new workdir"
-            )
+                f"{meta.get('fingerprint')}, this run has {fingerprint}; use a new workdir")
         data_state = meta["data"]
-    start_step = int(jax.device_get(state.step))
 
-    batches = data_lib.Batches(
+    batches = Batches(
         dataset, batch_size=int(config.train.batch_size), seq_len=int(config.data.max_length),
         seed=int(config.seed), state=data_state,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-    )
-    batch_sharding = shard_lib.batch_sharding(mesh)
+        process_index=jax.process_index(), process_count=jax.process_count())
     train_step = step_lib.make_train_step(target_cfg, dcfg, step_cfg, optimizer, mesh,
                                           state_shardings, target_shardings)
-    metrics_writer = MetricsWriter(workdir / "metrics.jsonl", start_step) if is_main else None
-    if is_main:
+    if jax.process_index() == 0:
         (workdir / "run_config.json").write_text(json.dumps(
             {"config": config.to_dict(), "drafter": drafter_hf.config_to_hf(dcfg),
              "total_steps": steps, "data": data_stats}, indent=2, default=str))
+    return Run(config, workdir, target_dir, dcfg, mesh, target_params, state, train_step,
+               batches, checkpointer, fingerprint, steps, data_stats)
 
-    last = {}
-    tokens_seen = 0
-    t_last = time.perf_counter()
-    bar = tqdm(total=steps, initial=start_step, desc="train",
+
+def train(r: Run) -> dict:
+    """The loop: steps from the restored one to the end (or train.stop_at), metrics every
+    log_every steps, checkpoints every save_every; the finished drafter exported to WORKDIR/hf."""
+    config, state = r.config, r.state
+    is_main = jax.process_index() == 0
+    start_step = int(jax.device_get(state.step))
+    metrics_writer = MetricsWriter(r.workdir / "metrics.jsonl", start_step) if is_main else None
+    batch_sharding = shard_lib.batch_sharding(r.mesh)
+    last, tokens_seen, t_last = {}, 0, time.perf_counter()
+    bar = tqdm(total=r.steps, initial=start_step, desc="train",
                disable=not (is_main and config.train.progress))
-    end = steps if config.train.stop_at <= 0 else min(steps, int(config.train.stop_at))
+    end = r.steps if config.train.stop_at <= 0 else min(r.steps, int(config.train.stop_at))
     for step in range(start_step, end):
-        local = next(batches)
-        batch = {
-            name: jax.make_array_from_process_local_data(batch_sharding, local[name])
-            for name in ("input_ids", "loss_mask")
-        }
-        state, metrics = train_step(state, target_params, batch)
+        local = next(r.batches)
+        batch = {name: jax.make_array_from_process_local_data(batch_sharding, local[name])
+                 for name in ("input_ids", "loss_mask")}
+        state, metrics = r.train_step(state, r.target_params, batch)
         tokens_seen += int(local["input_ids"].size) * jax.process_count()
         done = step + 1
         if done % config.train.log_every == 0 or done == end:
@@ -300,16 +325,21 @@ def run(config) -> dict:
                             lr=f"{last['lr']:.2e}", tok_s=f"{last['tokens_per_s']:.0f}")
         bar.update(1)
         if done % config.train.save_every == 0 or done == end:
-            checkpointer.save(done, state, {"data": batches.state(), "fingerprint": fingerprint})
+            r.checkpointer.save(done, state, {"data": r.batches.state(),
+                                              "fingerprint": r.fingerprint})
     bar.close()
-    checkpointer.close()
+    r.checkpointer.close()
 
     hf_dir = None
-    finished = int(jax.device_get(state.step)) == steps
+    finished = int(jax.device_get(state.step)) == r.steps
     if finished:
-        params = gather_to_host(state.params, mesh)  # a collective: every process takes part
+        params = gather_to_host(state.params, r.mesh)  # a collective: every process takes part
         if is_main:
-            hf_dir = drafter_hf.export_drafter(params, dcfg, workdir / "hf")
+            hf_dir = drafter_hf.export_drafter(params, r.drafter_cfg, r.workdir / "hf")
     return {"final_metrics": last, "hf_dir": hf_dir and str(hf_dir), "finished": finished,
-            "target_dir": str(target_dir),
-            "steps": steps, "data": data_stats}
+            "target_dir": str(r.target_dir), "steps": r.steps, "data": r.data_stats}
+
+
+def run(config) -> dict:
+    """Train per `config` (`setup`, then `train`); returns a summary (final metrics, paths)."""
+    return train(setup(config))

@@ -9,6 +9,7 @@ import pytest
 from tokenizer_fixtures import build_chat_tokenizer
 
 from dpace_jax import data as D
+from dpace_jax.batches import Batches
 from dpace_jax.chat import (
     BadConversation,
     normalize_roles,
@@ -265,14 +266,14 @@ def _expected_batch(ds, idx, S, pad):
 
 def test_batches_shapes_and_deterministic_shuffle(dataset):
     B, S = 4, 64
-    it = D.Batches(dataset, B, S, seed=3, pad_id=0)
+    it = Batches(dataset, B, S, seed=3, pad_id=0)
     assert it.steps_per_epoch == len(dataset) // B == 5
     orders = [it.epoch_order(e) for e in range(3)]
     for o in orders:
         assert sorted(o) == list(range(len(dataset)))
     assert not np.array_equal(orders[0], orders[1])
-    np.testing.assert_array_equal(orders[1], D.Batches(dataset, B, S, seed=3).epoch_order(1))
-    assert not np.array_equal(orders[0], D.Batches(dataset, B, S, seed=4).epoch_order(0))
+    np.testing.assert_array_equal(orders[1], Batches(dataset, B, S, seed=3).epoch_order(1))
+    assert not np.array_equal(orders[0], Batches(dataset, B, S, seed=4).epoch_order(0))
     for step in range(8):  # crosses the epoch boundary (remainder dropped)
         b = next(it)
         e, j = divmod(step, 5)
@@ -285,30 +286,30 @@ def test_batches_shapes_and_deterministic_shuffle(dataset):
         np.testing.assert_array_equal(b["length"], lens)
         np.testing.assert_array_equal(b["attention_mask"], np.arange(S) < lens[:, None])
     assert it.state()["epoch"] == 1 and it.state()["index"] == 3
-    assert list(D.Batches(dataset, B, S, num_epochs=2)).__len__() == 10
+    assert list(Batches(dataset, B, S, num_epochs=2)).__len__() == 10
 
 
 def test_resume_from_state_is_exact(dataset):
-    run = D.Batches(dataset, 4, 48, seed=11)
+    run = Batches(dataset, 4, 48, seed=11)
     straight = [next(run) for _ in range(12)]
-    it = D.Batches(dataset, 4, 48, seed=11)
+    it = Batches(dataset, 4, 48, seed=11)
     for _ in range(5):
         next(it)
     saved = json.loads(json.dumps(it.state()))
-    resumed = D.Batches(dataset, 4, 48, seed=11, state=saved)
+    resumed = Batches(dataset, 4, 48, seed=11, state=saved)
     for want in straight[5:]:
         got = next(resumed)
         for k in want:
             np.testing.assert_array_equal(got[k], want[k])
     with pytest.raises(ValueError, match="seed"):
-        D.Batches(dataset, 4, 48, seed=12, state=saved)
+        Batches(dataset, 4, 48, seed=12, state=saved)
     with pytest.raises(ValueError, match="batch_size"):
-        D.Batches(dataset, 2, 48, seed=11, state=saved)
+        Batches(dataset, 2, 48, seed=11, state=saved)
 
 
 def test_process_slices_partition_the_global_batch(dataset):
-    single = D.Batches(dataset, 4, 40, seed=5)
-    procs = [D.Batches(dataset, 4, 40, seed=5, process_index=p, process_count=2) for p in (0, 1)]
+    single = Batches(dataset, 4, 40, seed=5)
+    procs = [Batches(dataset, 4, 40, seed=5, process_index=p, process_count=2) for p in (0, 1)]
     for _ in range(7):
         want = next(single)
         parts = [next(p) for p in procs]
@@ -316,6 +317,6 @@ def test_process_slices_partition_the_global_batch(dataset):
         for k in want:
             np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), want[k])
     with pytest.raises(ValueError, match="divisible"):
-        D.Batches(dataset, 3, 40, process_count=2)
+        Batches(dataset, 3, 40, process_count=2)
     with pytest.raises(ValueError, match="fewer than batch_size"):
-        D.Batches(dataset, 64, 40)
+        Batches(dataset, 64, 40)
