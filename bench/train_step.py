@@ -61,7 +61,7 @@ def parse_args(argv):
     p.add_argument("--remat", action="store_true", help="recompute drafter layers in backward")
     p.add_argument("--attention", default="dense", choices=block_attention.IMPLEMENTATIONS,
                    help="drafter block attention (dpace_jax.block_attention)")
-    p.add_argument("--attention-chunk", type=int, default=0,
+    p.add_argument("--attention-group", type=int, default=0,
                    help="blocks per attention group (dense: 0 = all at once; flash: 0 = 64)")
     p.add_argument("--attention-tile", type=int, default=block_attention.DEFAULT_FLASH_TILE,
                    help="context columns per flash step")
@@ -178,7 +178,7 @@ def _step_config(args, loss: str) -> step_lib.StepConfig:
     t = c.train
     t.loss, t.num_anchors, t.compute_dtype = loss, args.num_anchors, "bfloat16"
     t.loss_chunk_size, t.remat, t.attention = args.loss_chunk_size, args.remat, args.attention
-    t.attention_chunk, t.attention_tile = args.attention_chunk, args.attention_tile
+    t.attention_group, t.attention_tile = args.attention_group, args.attention_tile
     t.target_attention = args.target_attention
     return step_lib.StepConfig.from_config(c, 100_000)
 
@@ -271,7 +271,7 @@ def main(argv=None) -> dict:
         "config": {"shape": args.shape, "seq_len": args.seq_len, "num_anchors": args.num_anchors,
                    "block_size": args.block_size, "batch": args.batch,
                    "drafter_layers": args.drafter_layers, "remat": args.remat,
-                   "attention": args.attention, "attention_chunk": args.attention_chunk,
+                   "attention": args.attention, "attention_group": args.attention_group,
                    "attention_tile": args.attention_tile,
                    "target_attention": args.target_attention,
                    "loss_chunk_size": args.loss_chunk_size, "steps": args.steps,
@@ -320,7 +320,7 @@ def markdown(out: dict) -> str:
     lines = [f"Train step, shape {c['shape']} (seq {c['seq_len']}, {c['num_anchors']} anchors, "
              f"block {c['block_size']}, batch {c['batch']}, {c['drafter_layers']}-layer drafter, "
              f"remat {c['remat']}, LM-head chunk {c['loss_chunk_size']}, drafter attention "
-             f"{c['attention']} (chunk {c['attention_chunk']}, tile {c['attention_tile']}), "
+             f"{c['attention']} (group {c['attention_group']}, tile {c['attention_tile']}), "
              f"target attention {c['target_attention']}) on {d['device_kind']} "
              f"({d['date']}, jax {d['jax_version']})", "", table, ""]
     lines += [f"FAILED {e}" for e in errors] + ([""] if errors else [])

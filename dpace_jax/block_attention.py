@@ -16,10 +16,10 @@ layers of both kinds):
 
   dense    context scores [B, H, N*K, S] and in-block scores [B, H, N, K, K] share one
            softmax; everything is materialized (simple, fastest at small shapes).
-  chunked  `dense` over groups of `chunk` blocks in turn (`lax.map`), each group
+  grouped  `dense` over groups of `group` blocks in turn (`lax.map`), each group
            rematerialized in the backward pass: scores held at once shrink to
-           [B, H, chunk*K, S], at the price of recomputing the group forward.
-  flash    online softmax over context tiles of `tile` columns for each group of `chunk`
+           [B, H, group*K, S], at the price of recomputing the group forward.
+  flash    online softmax over context tiles of `tile` columns for each group of `group`
            blocks, with its own backward pass (`jax.custom_vjp`) that recomputes the scores of
            one tile at a time from the saved log-sum-exp. Only the output and the log-sum-exp
            [B, N*K, H] are kept for the backward pass. A group visits only the tiles below its
@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from dpace_jax import layers
 
 IMPLEMENTATIONS = ("dense", "flash")
-DEFAULT_FLASH_CHUNK = 64  # blocks per group (1024 query rows at K = 16)
+DEFAULT_FLASH_GROUP = 64  # blocks per group (1024 query rows at K = 16)
 DEFAULT_FLASH_TILE = 1024  # context columns per tile
 
 
@@ -85,36 +85,36 @@ def dense(q, kb, vb, ck, cv, anchors, window=0, causal=False):
     return out_ctx + layers.attention_output(p_blk, vb)
 
 
-def _pad_blocks(t, groups: int, chunk: int):
-    """[B, N, ...] -> [groups, B, chunk, ...], N padded to groups * chunk with zeros."""
-    pad = groups * chunk - t.shape[1]
+def _pad_blocks(t, groups: int, group: int):
+    """[B, N, ...] -> [groups, B, group, ...], N padded to groups * group with zeros."""
+    pad = groups * group - t.shape[1]
     t = jnp.pad(t, [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2))
-    return jnp.moveaxis(t.reshape(t.shape[0], groups, chunk, *t.shape[2:]), 1, 0)
+    return jnp.moveaxis(t.reshape(t.shape[0], groups, group, *t.shape[2:]), 1, 0)
 
 
 def _unpad_blocks(t, n: int):
-    """[groups, B, chunk, ...] -> [B, N, ...]."""
+    """[groups, B, group, ...] -> [B, N, ...]."""
     t = jnp.moveaxis(t, 0, 1)
     return t.reshape(t.shape[0], t.shape[1] * t.shape[2], *t.shape[3:])[:, :n]
 
 
-def chunked(q, kb, vb, ck, cv, anchors, chunk: int, window=0, causal=False):
-    """`dense` over groups of `chunk` blocks (padding blocks see no context and are dropped)."""
+def grouped(q, kb, vb, ck, cv, anchors, group: int, window=0, causal=False):
+    """`dense` over groups of `group` blocks (padding blocks see no context and are dropped)."""
     n = q.shape[1]
-    if chunk <= 0 or chunk >= n:
+    if group <= 0 or group >= n:
         return dense(q, kb, vb, ck, cv, anchors, window, causal)
-    groups = -(-n // chunk)
+    groups = -(-n // group)
 
-    def group(args):
+    def one_group(args):
         return dense(*args[:3], ck, cv, args[3], window, causal)
 
-    parts = tuple(_pad_blocks(t, groups, chunk) for t in (q, kb, vb, anchors))
-    return _unpad_blocks(jax.lax.map(jax.checkpoint(group), parts), n)
+    parts = tuple(_pad_blocks(t, groups, group) for t in (q, kb, vb, anchors))
+    return _unpad_blocks(jax.lax.map(jax.checkpoint(one_group), parts), n)
 
 
 # ----------------------------------------------------------------------------- flash
 
-# Inside a group (one per lax.map / scan step), with C = chunk * K query rows:
+# Inside a group (one per lax.map / scan step), with C = group * K query rows:
 #   q [B, C, G, R, E]   kb, vb [B, c, K, G, E]
 #   rows: (row_anchor [B, C], row_lo [B, C] (first visible context slot), in_block [C, K])
 #   span: (first tile, end tile), scalars
@@ -221,27 +221,27 @@ def _group_backward(q, kb, vb, ck, cv, rows, span, o, lse, do, dck, dcv, tile, s
     return dq, dkb, dvb, dck, dcv
 
 
-def _flash_layout(q, kb, vb, ck, cv, anchors, window, causal, chunk, tile):
+def _flash_layout(q, kb, vb, ck, cv, anchors, window, causal, group, tile):
     """Groups of blocks ([J, B, ...] each), the padded context, each group's row visibility
     (row_anchor, row_lo [J, B, C]; in_block [C, K]) and tile span (first, end [J])."""
     b, n, kk, h, e = q.shape
     s, g = ck.shape[1], ck.shape[2]
-    groups = -(-n // chunk)
+    groups = -(-n // group)
     s_pad = -(-s // tile) * tile
     ctx_pad = [(0, 0), (0, s_pad - s), (0, 0), (0, 0)]
     ck, cv = jnp.pad(ck, ctx_pad), jnp.pad(cv, ctx_pad)
-    qg = _pad_blocks(q.reshape(b, n, kk, g, h // g, e), groups, chunk)  # [J, B, c, K, G, R, E]
-    qg = qg.reshape(groups, b, chunk * kk, g, h // g, e)
-    kbg, vbg = _pad_blocks(kb, groups, chunk), _pad_blocks(vb, groups, chunk)
-    anchors = _pad_blocks(anchors.astype(jnp.int32), groups, chunk)  # [J, B, c]
+    qg = _pad_blocks(q.reshape(b, n, kk, g, h // g, e), groups, group)  # [J, B, c, K, G, R, E]
+    qg = qg.reshape(groups, b, group * kk, g, h // g, e)
+    kbg, vbg = _pad_blocks(kb, groups, group), _pad_blocks(vb, groups, group)
+    anchors = _pad_blocks(anchors.astype(jnp.int32), groups, group)  # [J, B, c]
     # An anchor past the context sees all of it (as in `dense`).
     ag = jnp.minimum(anchors, s)
     row_anchor = jnp.repeat(ag, kk, axis=2)  # [J, B, C]
-    row_k = jnp.tile(jnp.arange(kk, dtype=jnp.int32), chunk)  # [C]
+    row_k = jnp.tile(jnp.arange(kk, dtype=jnp.int32), group)  # [C]
     window = jnp.asarray(window, jnp.int32)
     row_lo = jnp.where(window > 0, jnp.repeat(anchors, kk, axis=2) + row_k - window + 1, 0)
     row_lo = jnp.maximum(row_lo, 0)
-    in_block = jnp.tile(block_visible(kk, causal), (chunk, 1))  # [C, K]
+    in_block = jnp.tile(block_visible(kk, causal), (group, 1))  # [C, K]
     # A group's tiles run from the lowest first visible slot of its rows that see any context
     # (a sliding window skips the tiles before it) to its largest anchor.
     sees = row_lo < row_anchor
@@ -251,46 +251,46 @@ def _flash_layout(q, kb, vb, ck, cv, anchors, window, causal, chunk, tile):
             (first.astype(jnp.int32), end.astype(jnp.int32)))
 
 
-def _flash_forward(q, kb, vb, ck, cv, anchors, window, causal, chunk, tile):
+def _flash_forward(q, kb, vb, ck, cv, anchors, window, causal, group, tile):
     b, n, kk, h, e = q.shape
     scale = 1.0 / math.sqrt(e)
     qg, kbg, vbg, ckp, cvp, rows, span = _flash_layout(q, kb, vb, ck, cv, anchors, window,
-                                                       causal, chunk, tile)
+                                                       causal, group, tile)
     in_block = rows[2]
 
-    def group(args):
+    def one_group(args):
         qj, kbj, vbj, aj, loj, fj, ej = args
         o, lse = _group_forward(qj, kbj, vbj, ckp, cvp, (aj, loj, in_block), (fj, ej), tile,
                                 scale)
         return o.astype(vb.dtype), lse
 
-    o, lse = jax.lax.map(group, (qg, kbg, vbg, *rows[:2], *span))  # [J, B, C, G, R, (E)]
-    out = _unpad_blocks(o.reshape(*o.shape[:2], chunk, kk, h, e), n)
+    o, lse = jax.lax.map(one_group, (qg, kbg, vbg, *rows[:2], *span))  # [J, B, C, G, R, (E)]
+    out = _unpad_blocks(o.reshape(*o.shape[:2], group, kk, h, e), n)
     return out, (o, lse)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
-def _flash(q, kb, vb, ck, cv, anchors, window, causal, chunk, tile):
-    return _flash_forward(q, kb, vb, ck, cv, anchors, window, causal, chunk, tile)[0]
+def _flash(q, kb, vb, ck, cv, anchors, window, causal, group, tile):
+    return _flash_forward(q, kb, vb, ck, cv, anchors, window, causal, group, tile)[0]
 
 
-def _flash_fwd(q, kb, vb, ck, cv, anchors, window, causal, chunk, tile):
-    out, (o, lse) = _flash_forward(q, kb, vb, ck, cv, anchors, window, causal, chunk, tile)
+def _flash_fwd(q, kb, vb, ck, cv, anchors, window, causal, group, tile):
+    out, (o, lse) = _flash_forward(q, kb, vb, ck, cv, anchors, window, causal, group, tile)
     return out, (q, kb, vb, ck, cv, anchors, window, causal, o, lse)
 
 
-def _flash_bwd(chunk, tile, res, d_out):
+def _flash_bwd(group, tile, res, d_out):
     q, kb, vb, ck, cv, anchors, window, causal, o, lse = res
     b, n, kk, h, e = q.shape
     s, g = ck.shape[1], ck.shape[2]
     scale = 1.0 / math.sqrt(e)
     qg, kbg, vbg, ckp, cvp, rows, span = _flash_layout(q, kb, vb, ck, cv, anchors, window,
-                                                       causal, chunk, tile)
+                                                       causal, group, tile)
     in_block = rows[2]
     dog = _pad_blocks(d_out.astype(q.dtype).reshape(b, n, kk, g, h // g, e), qg.shape[0],
-                      chunk).reshape(qg.shape)
+                      group).reshape(qg.shape)
 
-    def group(carry, args):
+    def one_group(carry, args):
         dck, dcv = carry
         qj, kbj, vbj, aj, loj, fj, ej, oj, lsej, doj = args
         dq, dkb, dvb, dck, dcv = _group_backward(qj, kbj, vbj, ckp, cvp, (aj, loj, in_block),
@@ -299,8 +299,8 @@ def _flash_bwd(chunk, tile, res, d_out):
 
     zeros = jnp.zeros(ckp.shape, jnp.float32)
     (dck, dcv), (dq, dkb, dvb) = jax.lax.scan(
-        group, (zeros, zeros), (qg, kbg, vbg, *rows[:2], *span, o, lse, dog))
-    dq = _unpad_blocks(dq.reshape(*dq.shape[:2], chunk, kk, h, e), n)
+        one_group, (zeros, zeros), (qg, kbg, vbg, *rows[:2], *span, o, lse, dog))
+    dq = _unpad_blocks(dq.reshape(*dq.shape[:2], group, kk, h, e), n)
     return (dq, _unpad_blocks(dkb, n), _unpad_blocks(dvb, n),
             dck[:, :s].astype(ck.dtype), dcv[:, :s].astype(cv.dtype), None, None, None)
 
@@ -308,25 +308,25 @@ def _flash_bwd(chunk, tile, res, d_out):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def flash(q, kb, vb, ck, cv, anchors, chunk: int = DEFAULT_FLASH_CHUNK,
+def flash(q, kb, vb, ck, cv, anchors, group: int = DEFAULT_FLASH_GROUP,
           tile: int = DEFAULT_FLASH_TILE, window=0, causal=False):
-    """The flash-style path (see module doc): `chunk` blocks per group, `tile` context columns
+    """The flash-style path (see module doc): `group` blocks per group, `tile` context columns
     per step. Differentiable in q, kb, vb, ck, cv."""
-    if chunk < 1 or tile < 1:
-        raise ValueError(f"flash block attention needs chunk >= 1 and tile >= 1, got chunk="
-                         f"{chunk}, tile={tile}")
+    if group < 1 or tile < 1:
+        raise ValueError(f"flash block attention needs group >= 1 and tile >= 1, got group="
+                         f"{group}, tile={tile}")
     return _flash(q, kb, vb, ck, cv, anchors, jnp.asarray(window, jnp.int32),
-                  jnp.asarray(causal, bool), min(int(chunk), q.shape[1]), int(tile))
+                  jnp.asarray(causal, bool), min(int(group), q.shape[1]), int(tile))
 
 
 def attend(q, kb, vb, ck, cv, anchors, *, window=0, causal=False, implementation: str = "dense",
-           chunk: int = 0, tile: int = DEFAULT_FLASH_TILE):
-    """Dispatch: "dense" (chunk > 0: `chunked`) or "flash" (chunk 0: DEFAULT_FLASH_CHUNK);
+           group: int = 0, tile: int = DEFAULT_FLASH_TILE):
+    """Dispatch: "dense" (group > 0: `grouped`) or "flash" (group 0: DEFAULT_FLASH_GROUP);
     `window` (0: none) and `causal` as in the module doc."""
     if implementation == "dense":
-        return chunked(q, kb, vb, ck, cv, anchors, chunk, window, causal)
+        return grouped(q, kb, vb, ck, cv, anchors, group, window, causal)
     if implementation == "flash":
-        return flash(q, kb, vb, ck, cv, anchors, chunk or DEFAULT_FLASH_CHUNK, tile, window,
+        return flash(q, kb, vb, ck, cv, anchors, group or DEFAULT_FLASH_GROUP, tile, window,
                      causal)
     raise ValueError(f"drafter attention implementation {implementation!r}; expected one of "
                      f"{IMPLEMENTATIONS}")

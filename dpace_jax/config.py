@@ -96,7 +96,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.loss_chunk_size = DEFAULT_CHUNK_SIZE  # draft positions per LM-head chunk
     c.train.remat = False  # recompute drafter layers in the backward pass (saves memory)
     c.train.attention = "dense"  # drafter block attention: dense | flash (block_attention.py)
-    c.train.attention_chunk = 0  # blocks per group (dense: 0 = all at once; flash: 0 = 64)
+    c.train.attention_group = 0  # blocks per group (dense: 0 = all at once; flash: 0 = 64)
     c.train.attention_tile = DEFAULT_FLASH_TILE  # context columns per flash step
     c.train.target_attention = "einsum"  # target forward: einsum | cudnn (GPU, bf16 target)
     c.train.log_every = 10

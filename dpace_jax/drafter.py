@@ -177,13 +177,13 @@ def draft_logits(params: DrafterParams, cfg: DrafterConfig, target_params: Targe
 def train_forward(params: DrafterParams, cfg: DrafterConfig, target_params: TargetParams,
                   features: jax.Array,
                   tokens: jax.Array, anchors: jax.Array, *, remat: bool = False,
-                  attention: str = "dense", attention_chunk: int = 0,
+                  attention: str = "dense", attention_group: int = 0,
                   attention_tile: int = block_attention.DEFAULT_FLASH_TILE) -> jax.Array:
     """Training: target features [B, S, X] and tokens [B, S] of whole sequences, N blocks per
     sequence at anchors [B, N] (any order; padding anchors give blocks whose output the loss
     ignores) -> hidden [B, N, K, D] after the final norm. `remat` recomputes each layer in the
     backward pass instead of storing its activations. `attention` ("dense" or "flash"),
-    `attention_chunk` (blocks per group; 0: all at once for dense, 64 for flash) and
+    `attention_group` (blocks per group; 0: all at once for dense, 64 for flash) and
     `attention_tile` (context columns per flash step) choose how the blocks attend: the same
     result, different memory and speed (see dpace_jax.block_attention)."""
     b, s = tokens.shape
@@ -194,6 +194,6 @@ def train_forward(params: DrafterParams, cfg: DrafterConfig, target_params: Targ
         anchor_tokens = jnp.take_along_axis(tokens, anchors, axis=1)
         x = block_inputs(target_params.embed, anchor_tokens, cfg)
         _check_block(x, cfg)
-        options = {"implementation": attention, "chunk": attention_chunk, "tile": attention_tile}
+        options = {"implementation": attention, "group": attention_group, "tile": attention_tile}
         return _run_blocks(params, cfg, x, anchors, ("c", c, positions), remat=remat,
                            attention=options)

@@ -50,7 +50,7 @@ class StepConfig:
     loss_chunk_size: int
     remat: bool  # recompute drafter layers in the backward pass (less memory)
     attention: str  # drafter block attention: dense | flash
-    attention_chunk: int  # blocks per group (dense: 0 = all at once; flash: 0 = 64)
+    attention_group: int  # blocks per group (dense: 0 = all at once; flash: 0 = 64)
     attention_tile: int  # flash: context columns per step
     target_attention: str  # target forward attention: einsum | cudnn (GPU)
 
@@ -64,7 +64,7 @@ class StepConfig:
             total_steps=int(total_steps), grad_clip=float(t.grad_clip),
             compute_dtype=parse_dtype(t.compute_dtype, "train.compute_dtype"),
             loss_chunk_size=int(t.loss_chunk_size), remat=bool(t.remat),
-            attention=str(t.attention), attention_chunk=int(t.attention_chunk),
+            attention=str(t.attention), attention_group=int(t.attention_group),
             attention_tile=int(t.attention_tile), target_attention=str(t.target_attention))
 
     def __post_init__(self):
@@ -82,17 +82,17 @@ class StepConfig:
                              f"> 0, train.warmup_ratio={self.warmup_ratio} in [0, 1)")
         if self.total_steps < 1:
             raise ValueError(f"total steps must be >= 1, got {self.total_steps}")
-        check_attention_options(self.attention, self.attention_chunk, self.attention_tile,
+        check_attention_options(self.attention, self.attention_group, self.attention_tile,
                                 self.target_attention)
 
 
-def check_attention_options(attention: str, chunk: int, tile: int, target_attention: str):
+def check_attention_options(attention: str, group: int, tile: int, target_attention: str):
     """ValueError naming the train.* field when an attention setting is not valid."""
     if attention not in block_attention.IMPLEMENTATIONS:
         raise ValueError(f"train.attention={attention!r}; expected one of "
                          f"{block_attention.IMPLEMENTATIONS}")
-    if chunk < 0 or tile < 1:
-        raise ValueError(f"train.attention_chunk={chunk} must be >= 0 and "
+    if group < 0 or tile < 1:
+        raise ValueError(f"train.attention_group={group} must be >= 0 and "
                          f"train.attention_tile={tile} >= 1")
     if target_attention not in model_lib.TRAIN_ATTENTION:
         raise ValueError(f"train.target_attention={target_attention!r}; expected one of "
@@ -145,7 +145,7 @@ def loss_fn(
     compute_params = jax.tree.map(lambda x: x.astype(cfg.compute_dtype), drafter_params)
     hidden = drafter_lib.train_forward(
         compute_params, drafter_cfg, target_params, features, tokens, anchors, remat=cfg.remat,
-        attention=cfg.attention, attention_chunk=cfg.attention_chunk,
+        attention=cfg.attention, attention_group=cfg.attention_group,
         attention_tile=cfg.attention_tile,
     )
     targets, mask = anchor_lib.block_labels(

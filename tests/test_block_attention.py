@@ -1,4 +1,4 @@
-"""The drafter's block attention: the chunked and flash paths equal the dense one, with gradients,
+"""The drafter's block attention: the grouped and flash paths equal the dense one, with gradients,
 and the flash path never reads the context tiles that no block of a group can see."""
 
 import jax
@@ -60,7 +60,7 @@ def _loss(f):
     return lambda *a: jnp.sum(jnp.sin(f(*a, ANCHORS).astype(jnp.float32)) * w)
 
 
-# (implementation, chunk, tile, window, causal): the DFlash mask, its causal-block variant and
+# (implementation, group, tile, window, causal): the DFlash mask, its causal-block variant and
 # sliding windows wider than, narrower than and as wide as the block (1: no context at all).
 CASES = [("dense", 0, 0, 0, False), ("dense", 2, 0, 0, False), ("flash", 2, 8, 0, False),
          ("flash", 1, 5, 0, False), ("flash", 5, 64, 0, False), ("flash", 3, 37, 0, False),
@@ -69,12 +69,12 @@ CASES = [("dense", 0, 0, 0, False), ("dense", 2, 0, 0, False), ("flash", 2, 8, 0
          ("flash", 3, 8, 13, True)]
 
 
-@pytest.mark.parametrize("impl,chunk,tile,window,causal", CASES)
-def test_matches_brute_force_and_dense_gradients(impl, chunk, tile, window, causal):
+@pytest.mark.parametrize("impl,group,tile,window,causal", CASES)
+def test_matches_brute_force_and_dense_gradients(impl, group, tile, window, causal):
     args = _inputs()
 
     def f(*a):
-        return ba.attend(*a, window=window, causal=causal, implementation=impl, chunk=chunk,
+        return ba.attend(*a, window=window, causal=causal, implementation=impl, group=group,
                          tile=tile or 1024)
 
     def dense(*a):
@@ -91,11 +91,11 @@ def test_matches_brute_force_and_dense_gradients(impl, chunk, tile, window, caus
 
 def test_flash_bf16_close_to_dense():
     args = _inputs(jnp.bfloat16)
-    out = ba.flash(*args, ANCHORS, chunk=2, tile=16)
+    out = ba.flash(*args, ANCHORS, group=2, tile=16)
     assert out.dtype == jnp.bfloat16
     ref = ba.dense(*(t.astype(jnp.float32) for t in args), ANCHORS)
     np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=3e-2)
-    grads = jax.grad(_loss(lambda *a: ba.flash(*a, chunk=2, tile=16)), argnums=(0, 3))(*args)
+    grads = jax.grad(_loss(lambda *a: ba.flash(*a, group=2, tile=16)), argnums=(0, 3))(*args)
     refs = jax.grad(_loss(ba.dense), argnums=(0, 3))(*(t.astype(jnp.float32) for t in args))
     for a, b in zip(grads, refs, strict=True):
         assert a.dtype == jnp.bfloat16
@@ -111,7 +111,7 @@ def test_flash_skips_tiles_no_block_can_see():
     cv = cv.at[:, 8:].set(jnp.nan)
 
     def f(*a):
-        return ba.flash(*a, anchors, chunk=2, tile=8)
+        return ba.flash(*a, anchors, group=2, tile=8)
 
     out = f(q, kb, vb, ck, cv)
     assert bool(jnp.all(jnp.isfinite(out)))
@@ -134,7 +134,7 @@ def test_flash_skips_tiles_before_the_window():
     nan_ck, nan_cv = ck.at[:, :16].set(jnp.nan), cv.at[:, :16].set(jnp.nan)
 
     def f(*a):
-        return ba.flash(*a, anchors, chunk=2, tile=tile, window=window, causal=True)
+        return ba.flash(*a, anchors, group=2, tile=tile, window=window, causal=True)
 
     out = f(q, kb, vb, nan_ck, nan_cv)
     ref = ba.dense(q, kb, vb, ck.at[:, :16].set(0), cv.at[:, :16].set(0), anchors,
@@ -156,7 +156,7 @@ def test_window_and_causal_may_be_traced_per_layer():
     def run(impl):
         def one(_, wc):
             return None, ba.attend(*args, ANCHORS, window=wc[0], causal=wc[1],
-                                   implementation=impl, chunk=2, tile=8)
+                                   implementation=impl, group=2, tile=8)
         return jax.lax.scan(one, None, (windows, causals))[1]
 
     ref = [_reference(*args, np.asarray(ANCHORS), w, c) for w, c in ((0, False), (5, True),
@@ -171,7 +171,7 @@ def test_unknown_implementation_and_bad_sizes():
     with pytest.raises(ValueError, match="'splash'.*dense.*flash"):
         ba.attend(*args, ANCHORS, implementation="splash")
     with pytest.raises(ValueError, match="tile >= 1"):
-        ba.flash(*args, ANCHORS, chunk=2, tile=0)
+        ba.flash(*args, ANCHORS, group=2, tile=0)
 
 
 def test_train_forward_paths_match_dense():
@@ -186,15 +186,15 @@ def test_train_forward_paths_match_dense():
 
     def loss(p, f, impl, c, remat):
         h = train_forward(p, CFG, target, f, tokens, anchors, attention=impl,
-                          attention_chunk=c, attention_tile=8, remat=remat)
+                          attention_group=c, attention_tile=8, remat=remat)
         return jnp.sum(jnp.sin(h)), h
 
     grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True),
                    static_argnums=(2, 3, 4))
     (l0, h0), g0 = grad(params, features, "dense", 0, False)
     # groups of 2 (padded) and of 5; the flash VJP inside the rematerialized layer scan
-    for attention, chunk, remat in [("dense", 2, False), ("flash", 0, False), ("flash", 2, True)]:
-        (l1, h1), g1 = grad(params, features, attention, chunk, remat)
+    for attention, group, remat in [("dense", 2, False), ("flash", 0, False), ("flash", 2, True)]:
+        (l1, h1), g1 = grad(params, features, attention, group, remat)
         np.testing.assert_allclose(h1, h0, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(l1, l0, rtol=1e-5)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5), g1, g0)

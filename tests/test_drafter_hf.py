@@ -303,7 +303,7 @@ def test_matches_torch_reference(params, tmp_path, layout, attention):
     anchors = np.array([[0, 3, 7, 20], [5, 11, 12, 0]])
     target = SimpleNamespace(embed=jnp.asarray(embed))  # all train_forward reads of the target
     ours = train_forward(params, cfg, target, jnp.asarray(features), jnp.asarray(tokens),
-                         jnp.asarray(anchors), attention=attention, attention_chunk=3,
+                         jnp.asarray(anchors), attention=attention, attention_group=3,
                          attention_tile=8)
     mask_id = hf["dflash_config"]["mask_token_id"]
 

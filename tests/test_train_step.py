@@ -85,7 +85,7 @@ def test_one_device_and_2x2x2_mesh_agree():
         results = []
         # The flash drafter attention (groups of 3 blocks, tiles of 8 columns) on the 2x2x2
         # mesh must give the same training as the dense path on one device.
-        flash = dict(attention="flash", attention_chunk=3, attention_tile=8)
+        flash = dict(attention="flash", attention_group=3, attention_tile=8)
         for mesh, options in ((shard_lib.make_mesh((1, 1, 1), jax.devices()[:1]), {}),
                               (shard_lib.make_mesh((2, 2, 2)), {}),
                               (shard_lib.make_mesh((2, 2, 2)), flash)):
@@ -144,7 +144,7 @@ def test_sliding_window_drafter_trains_the_same_dense_and_flash():
     runs = {}
     for name, overrides, options in (
             ("dense", sliding, {}),
-            ("flash", sliding, dict(attention="flash", attention_chunk=3, attention_tile=8))):
+            ("flash", sliding, dict(attention="flash", attention_group=3, attention_tile=8))):
         state, target, step = _trainer("dpace", 10, drafter_overrides=overrides, **options)
         data = batches(seed=3)
         losses = []
