@@ -213,8 +213,9 @@ def _decode_impl(target_params, drafter: Drafter, prompts, lengths, stop_token_i
             block = drafts.at[:, 0].set(s.last)
         else:
             block = s.last[:, None]
-        verified = model.forward_cached(target_params, target_cfg, block, s.cache, anchors,
-                                        feature_layers=ids)
+        with jax.named_scope("verify"):
+            verified = model.forward_cached(target_params, target_cfg, block, s.cache, anchors,
+                                            feature_layers=ids)
         if k_block > 1:
             acc, emitted = sampling_lib.verify(k_verify, verified.logits, draft_logits, block,
                                                sampler)

@@ -148,14 +148,15 @@ def loss_fn(
         attention=cfg.attention, attention_group=cfg.attention_group,
         attention_tile=cfg.attention_tile,
     )
-    targets, mask = anchor_lib.block_labels(
+    labels, mask = anchor_lib.block_labels(
         tokens, loss_mask, anchors, keep, drafter_cfg.block_size
     )
     head = jax.lax.stop_gradient(model_lib.lm_head_matrix(target_params))
-    loss, aux = chunked_loss.objective_from_hidden(
-        cfg.loss, hidden, head.astype(cfg.compute_dtype), targets, mask,
-        alpha=cfg.alpha, gamma=cfg.gamma, chunk_size=cfg.loss_chunk_size,
-    )
+    with jax.named_scope("lm_head_loss"):
+        loss, aux = chunked_loss.objective_from_hidden(
+            cfg.loss, hidden, head.astype(cfg.compute_dtype), labels, mask,
+            alpha=cfg.alpha, gamma=cfg.gamma, chunk_size=cfg.loss_chunk_size,
+        )
     aux = dict(aux)
     aux["num_blocks"] = jnp.sum(keep)
     return loss, aux
@@ -185,8 +186,9 @@ def make_train_step(
     def step(state: TrainState, target_params, batch):
         key = jax.random.fold_in(state.rng, state.step)
         (loss, aux), grads = grad_fn(state.params, target_params, batch, key)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        with jax.named_scope("optimizer"):
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": _global_norm(grads),
                    "lr": schedule(state.step), **aux}
         new_state = TrainState(state.step + 1, params, opt_state, state.rng)
