@@ -42,4 +42,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from dpace_jax.config import parse_flags
+
+    app.run(main, flags_parser=parse_flags)

@@ -23,8 +23,9 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
 
     try:
+        trainer.check_config(_CONFIG.value)  # before the demo step builds anything
         summary = trainer.run(prepare(_CONFIG.value))
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
         raise SystemExit(f"error: {e}") from None
     final = summary["final_metrics"]
     if final:
@@ -36,4 +37,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from dpace_jax.config import parse_flags
+
+    app.run(main, flags_parser=parse_flags)

@@ -18,6 +18,23 @@ DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float
 DEMO_TARGET_PREFIX = "demo:"
 
 
+def parse_flags(argv):
+    """absl's flag parsing for train.py / evaluate.py, with an unknown config field (which
+    ml_collections reports as a bare AttributeError deep in the parser) as a one-line error."""
+    import sys
+
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as e:
+        detail = " ".join(str(e).replace("\\n", " ").replace("\\'", "").strip("'\"").split())
+        given = [a for a in argv[1:] if a.startswith("--config.")]
+        sys.exit(f"error: unknown config field {detail} (command line: {' '.join(given)})")
+    except flags.Error as e:
+        sys.exit(f"error: {e}")
+
+
 def target_path(config) -> str:
     """config.target.path, refused while it still names a demo target (empty or "demo:...":
     dpace_jax.demo.prepare turns those into a checkpoint directory first)."""
@@ -99,6 +116,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.attention_group = 0  # blocks per group (dense: 0 = all at once; flash: 0 = 64)
     c.train.attention_tile = DEFAULT_FLASH_TILE  # context columns per flash step
     c.train.target_attention = "einsum"  # target forward: einsum | cudnn (GPU, bf16 target)
+    c.train.nan_policy = "stop"  # non-finite loss/gradients: stop (naming the step) | skip-step
+    c.train.strict_resume = False  # True: an unreadable checkpoint is an error, not moved aside
+    c.train.allow_changed = ()  # fingerprint keys a resume may change (continuations)
     c.train.log_every = 10
     c.train.save_every = 1000
     c.train.keep_checkpoints = 3

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dpace_jax.atomic import umask_mode
 from dpace_jax.chat import (  # noqa: F401  (load_conversations, write_jsonl: this API too)
     TEMPLATE_KWARGS,
     BadConversation,
@@ -121,6 +122,7 @@ _ARRAYS = ("tokens", "loss_mask", "offsets")
 def _save_cache(path: Path, ds: TokenizedDataset, stats: dict, key: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
+    tmp.chmod(umask_mode(directory=True))
     try:
         for name in _ARRAYS:
             np.save(tmp / f"{name}.npy", getattr(ds, name))
@@ -245,16 +247,15 @@ def tokenize_conversations(
             f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat_template"
         )
     convs = list(convs)
-    cache_path = key = None
+    key = cache_key(convs, tokenizer, max_length=max_length, block_size=block_size,
+                    extra=cache_key_extra)
+    cache_path = None
     if cache_dir is not None:
-        key = cache_key(
-            convs, tokenizer, max_length=max_length, block_size=block_size, extra=cache_key_extra
-        )
         cache_path = Path(cache_dir) / f"tokenized-{key}"
         hit = _load_cache(cache_path, key)
         if hit is not None:
             log.info("tokenization cache hit: %s", cache_path)
-            return hit[0], {**hit[1], "cache": "hit"}
+            return hit[0], {**hit[1], "cache": "hit", "fingerprint": key}
 
     min_loss = 2 * block_size
     skipped: Counter = Counter()
@@ -296,4 +297,5 @@ def tokenize_conversations(
     )
     if cache_path is not None:
         _save_cache(cache_path, ds, stats, key)
-    return ds, {**stats, "cache": "miss" if cache_path is not None else "off"}
+    return ds, {**stats, "cache": "miss" if cache_path is not None else "off",
+                "fingerprint": key}

@@ -167,11 +167,16 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: DrafterConfig, source: s
 def export_drafter(params, cfg: DrafterConfig, out_dir, *, dtype=None) -> Path:
     """Write config.json + model.safetensors to out_dir (created if needed); `dtype` casts the
     weights (e.g. jnp.bfloat16), default: keep the params' dtype. Each file is written to a
-    temporary name and renamed, so a crash never leaves a partial file."""
+    temporary name and renamed, so a crash never leaves a partial file. Parameters that are not
+    all finite are refused (ValueError naming the tensors): no serving engine should get them."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     np_dtype = np.dtype(dtype) if dtype is not None else None
     tensors = params_to_hf(params, cfg, np_dtype)
+    bad = [k for k, v in tensors.items() if not np.isfinite(v.astype(np.float32)).all()]
+    if bad:
+        raise ValueError(f"refusing to export to {out}: {len(bad)} tensor(s) hold NaN or inf "
+                         f"({', '.join(sorted(bad)[:3])}{' ...' if len(bad) > 3 else ''})")
+    out.mkdir(parents=True, exist_ok=True)
     name = _dtype_name(np_dtype if np_dtype is not None else tensors["fc.weight"].dtype)
     with atomic_path(out / WEIGHTS_NAME) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})

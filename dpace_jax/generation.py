@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +24,9 @@ import numpy as np
 from dpace_jax import decode, drafter_hf
 from dpace_jax import drafter as drafter_lib
 from dpace_jax.chat import TEMPLATE_KWARGS
+from dpace_jax.checkpoint import checksums
 from dpace_jax.model import ModelConfig
+from dpace_jax.params import DRAFTER_SCHEMA
 from dpace_jax.sampling import GREEDY, Sampling
 
 BUCKET = 64
@@ -69,25 +72,43 @@ class LoadedDrafter:
     expected: dict | None = None  # the run's recorded drafter config (run_config.json), if any
 
 
+def _restore_params(manager, step: int, dcfg: drafter_lib.DrafterConfig):
+    """The drafter params of a checkpoint step, verified against the step's checksums."""
+    import orbax.checkpoint as ocp
+
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = {"params": jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=sharding),
+        DRAFTER_SCHEMA.abstract(dcfg))}
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True),
+        meta=ocp.args.JsonRestore()))
+    params, want = restored["state"]["params"], restored["meta"].get("checksums") or {}
+    got = {".params" + k: v for k, v in checksums(params).items()}
+    bad = sorted(k for k in got if k in want and want[k] != got[k])
+    if bad:
+        raise ValueError(f"checksum mismatch in {bad[:3]}")
+    return params
+
+
 def _restore_checkpoint(ckpt_dir: Path, dcfg: drafter_lib.DrafterConfig):
-    """(step, drafter params) of the latest complete Orbax step, or None when there is none."""
+    """(step, drafter params) of the newest step that restores (a damaged step is named in a
+    warning and skipped, never changed), or None when there is none."""
     import orbax.checkpoint as ocp
 
     manager = ocp.CheckpointManager(ckpt_dir.absolute(),
                                     options=ocp.CheckpointManagerOptions(create=False))
     try:
-        step = manager.latest_step()
-        if step is None:
-            return None
-        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        abstract = jax.eval_shape(
-            lambda: drafter_lib.init_drafter_params(dcfg, jax.random.PRNGKey(0)))
-        target = {"params": jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=sharding), abstract)}
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=True)))
-        return step, restored["state"]["params"]
+        for step in sorted(manager.all_steps(), reverse=True):
+            try:
+                return step, _restore_params(manager, step, dcfg)
+            except Exception as e:  # Orbax / tensorstore / JSON errors share no base class
+                print(f"warning: {ckpt_dir / str(step)}: cannot restore ({type(e).__name__}: "
+                      f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); "
+                      "trying an older checkpoint", file=sys.stderr)
+        return None
     finally:
         manager.close()
 

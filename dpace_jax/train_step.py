@@ -24,6 +24,8 @@ from dpace_jax import model as model_lib
 from dpace_jax import sharding as shard_lib
 from dpace_jax.config import parse_dtype
 
+NAN_POLICIES = ("stop", "skip-step")
+
 
 class TrainState(NamedTuple):
     step: jax.Array  # int32 scalar
@@ -53,6 +55,7 @@ class StepConfig:
     attention_group: int  # blocks per group (dense: 0 = all at once; flash: 0 = 64)
     attention_tile: int  # flash: context columns per step
     target_attention: str  # target forward attention: einsum | cudnn (GPU)
+    nan_policy: str  # a step with non-finite loss or gradients: not applied; "stop" | "skip-step"
 
     @classmethod
     def from_config(cls, config, total_steps: int) -> StepConfig:
@@ -65,7 +68,8 @@ class StepConfig:
             compute_dtype=parse_dtype(t.compute_dtype, "train.compute_dtype"),
             loss_chunk_size=int(t.loss_chunk_size), remat=bool(t.remat),
             attention=str(t.attention), attention_group=int(t.attention_group),
-            attention_tile=int(t.attention_tile), target_attention=str(t.target_attention))
+            attention_tile=int(t.attention_tile), target_attention=str(t.target_attention),
+            nan_policy=str(t.nan_policy))
 
     def __post_init__(self):
         if self.loss not in loss_lib.LOSS_NAMES:
@@ -82,6 +86,9 @@ class StepConfig:
                              f"> 0, train.warmup_ratio={self.warmup_ratio} in [0, 1)")
         if self.total_steps < 1:
             raise ValueError(f"total steps must be >= 1, got {self.total_steps}")
+        if self.nan_policy not in NAN_POLICIES:
+            raise ValueError(f"train.nan_policy={self.nan_policy!r}; expected one of "
+                             f"{NAN_POLICIES}")
         check_attention_options(self.attention, self.attention_group, self.attention_tile,
                                 self.target_attention)
 
@@ -186,11 +193,16 @@ def make_train_step(
     def step(state: TrainState, target_params, batch):
         key = jax.random.fold_in(state.rng, state.step)
         (loss, aux), grads = grad_fn(state.params, target_params, batch, key)
+        grad_norm = _global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         with jax.named_scope("optimizer"):
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": _global_norm(grads),
-                   "lr": schedule(state.step), **aux}
+        # A non-finite step is not applied (the trainer stops or skips it: cfg.nan_policy).
+        params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                         (params, opt_state), (state.params, state.opt_state))
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
+                   "finite": finite, **aux}
         new_state = TrainState(state.step + 1, params, opt_state, state.rng)
         return new_state, metrics
 

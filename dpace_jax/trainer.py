@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -17,20 +18,23 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
 from dpace_jax import checkpoint as ckpt_lib
-from dpace_jax import convert, drafter_hf
+from dpace_jax import convert, drafter_hf, resume
 from dpace_jax import data as data_lib
 from dpace_jax import drafter as drafter_lib
 from dpace_jax import model as model_lib
 from dpace_jax import sharding as shard_lib
 from dpace_jax import train_step as step_lib
+from dpace_jax.atomic import atomic_path
 from dpace_jax.batches import Batches
 from dpace_jax.config import parse_dtype, target_path
 from dpace_jax.params import TARGET_SCHEMA
 
+log = logging.getLogger(__name__)
 
 def maybe_initialize_distributed(config) -> None:
     """jax.distributed.initialize() for multi-process launches (see config.distributed)."""
@@ -158,22 +162,6 @@ def total_steps(config, num_samples: int) -> int:
     return per_epoch * int(config.train.epochs)
 
 
-def run_fingerprint(config, dcfg, steps: int) -> dict:
-    """Settings a resumed run must share with the run that wrote the checkpoint (the schedule
-    depends on the total number of steps)."""
-    fingerprint = {
-        "total_steps": int(steps), "lr": float(config.train.lr),
-        "loss": config.train.loss, "alpha": float(config.train.alpha),
-        "gamma": float(config.train.gamma), "batch_size": int(config.train.batch_size),
-        "seed": int(config.seed), "block_size": dcfg.block_size,
-        "num_layers": dcfg.num_layers, "target_layer_ids": list(dcfg.target_layer_ids),
-    }
-    if dcfg.sliding_window or dcfg.is_causal:  # absent for the DFlash mask: older runs resume
-        fingerprint.update(layer_types=list(dcfg.layer_types),
-                           sliding_window=dcfg.sliding_window, is_causal=dcfg.is_causal)
-    return fingerprint
-
-
 def _to_host(metrics: dict) -> dict:
     out = {}
     for name, value in jax.device_get(metrics).items():
@@ -183,18 +171,28 @@ def _to_host(metrics: dict) -> dict:
 
 
 class MetricsWriter:
-    """Appends JSON lines; on resume, drops lines past the restored step first."""
+    """Appends JSON lines. On resume the file is repaired first: rows past the restored step are
+    dropped, and so is a damaged row (not a JSON object with a step), reported with its line."""
 
     def __init__(self, path: Path, resume_step: int):
         self.path = path
         kept = []
         if path.exists():
-            for line in path.read_text().splitlines():
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step:
+            text = path.read_bytes().decode("utf-8", errors="replace")
+            for i, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    step = row["step"] if isinstance(row, dict) else None
+                except (json.JSONDecodeError, KeyError):
+                    step = None
+                if not isinstance(step, int):
+                    log.warning("%s:%d: damaged metrics row dropped (%r)", path, i, line[:60])
+                elif step <= resume_step:
                     kept.append(line)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(k + "\n" for k in kept))
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(k + "\n" for k in kept))
 
     def write(self, row: dict) -> None:
         with self.path.open("a") as f:
@@ -220,11 +218,18 @@ class Run:
     data_stats: dict
 
 
-def _check_early(config) -> None:
+def check_config(config) -> None:
     """Settings that fail before any expensive work."""
     if not config.workdir:
         raise ValueError("--config.workdir is required (the run directory)")
-    step_lib.StepConfig.from_config(config, 1)  # every train.* setting
+    step_lib.StepConfig.from_config(config, 1)  # every train.* setting of the step
+    minimum = {"train.batch_size": 1, "train.log_every": 1, "train.save_every": 1,
+               "train.keep_checkpoints": 1, "train.epochs": 1, "drafter.num_layers": 1,
+               "drafter.block_size": 2, "data.max_length": 2}
+    for field, low in minimum.items():
+        section, name = field.split(".")
+        if int(config[section][name]) < low:
+            raise ValueError(f"{field}={config[section][name]} must be >= {low}")
     if config.train.target_attention == "cudnn" and jax.default_backend() != "gpu":
         raise ValueError(f"train.target_attention=cudnn needs an NVIDIA GPU; this run's backend "
                          f"is {jax.default_backend()!r} (use train.target_attention=einsum)")
@@ -233,7 +238,7 @@ def _check_early(config) -> None:
 def setup(config) -> Run:
     """Target, tokenizer, data and drafter loaded and placed on the mesh; the latest checkpoint
     of the work directory restored when there is one (with the settings it was written with)."""
-    _check_early(config)
+    check_config(config)
     maybe_initialize_distributed(config)
     workdir = Path(config.workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -269,16 +274,21 @@ def setup(config) -> Run:
 
     checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints",
                                          keep=int(config.train.keep_checkpoints))
-    fingerprint = run_fingerprint(config, dcfg, steps)
+    fingerprint = resume.run_fingerprint(config, dcfg, steps,
+                                         data_stats["tokenize"].get("fingerprint"), target_dir)
+    changed = {}
+
+    def check(meta):
+        nonlocal changed
+        changed = resume.changed_settings(meta.get("fingerprint") or {}, fingerprint,
+                                          config.train.allow_changed,
+                                          f"{checkpointer.directory} (its newest checkpoint)")
+
+    found = checkpointer.restore_latest(ckpt_lib.abstract_like(state, state_shardings),
+                                        strict=bool(config.train.strict_resume), check=check)
     data_state = None
-    latest = checkpointer.latest_step()
-    if latest is not None:
-        state, meta = checkpointer.restore(
-            latest, ckpt_lib.abstract_like(state, state_shardings))
-        if meta.get("fingerprint") != fingerprint:
-            raise ValueError(
-                f"{checkpointer.directory}: checkpoint step {latest} was written with "
-                f"{meta.get('fingerprint')}, this run has {fingerprint}; use a new workdir")
+    if found is not None:
+        _, state, meta = found
         data_state = meta["data"]
 
     batches = Batches(
@@ -288,9 +298,12 @@ def setup(config) -> Run:
     train_step = step_lib.make_train_step(target_cfg, dcfg, step_cfg, optimizer, mesh,
                                           state_shardings, target_shardings)
     if jax.process_index() == 0:
-        (workdir / "run_config.json").write_text(json.dumps(
-            {"config": config.to_dict(), "drafter": drafter_hf.config_to_hf(dcfg),
-             "total_steps": steps, "data": data_stats}, indent=2, default=str))
+        if found is None or not (workdir / "run_config.json").exists():  # the first start's
+            with atomic_path(workdir / "run_config.json") as tmp:
+                tmp.write_text(json.dumps(
+                    {"config": config.to_dict(), "drafter": drafter_hf.config_to_hf(dcfg),
+                     "total_steps": steps, "data": data_stats}, indent=2, default=str))
+        resume.record_start(workdir, int(jax.device_get(state.step)), changed)
     return Run(config, workdir, target_dir, dcfg, mesh, target_params, state, train_step,
                batches, checkpointer, fingerprint, steps, data_stats)
 
@@ -307,28 +320,41 @@ def train(r: Run) -> dict:
     bar = tqdm(total=r.steps, initial=start_step, desc="train",
                disable=not (is_main and config.train.progress))
     end = r.steps if config.train.stop_at <= 0 else min(r.steps, int(config.train.stop_at))
-    for step in range(start_step, end):
-        local = next(r.batches)
-        batch = {name: jax.make_array_from_process_local_data(batch_sharding, local[name])
-                 for name in ("input_ids", "loss_mask")}
-        state, metrics = r.train_step(state, r.target_params, batch)
-        tokens_seen += int(local["input_ids"].size) * jax.process_count()
-        done = step + 1
-        if done % config.train.log_every == 0 or done == end:
-            last = _to_host(metrics)
-            now = time.perf_counter()
-            last.update(step=done, tokens_per_s=tokens_seen / max(now - t_last, 1e-9))
-            tokens_seen, t_last = 0, now
-            if metrics_writer:
-                metrics_writer.write(last)
-            bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.3f}",
-                            lr=f"{last['lr']:.2e}", tok_s=f"{last['tokens_per_s']:.0f}")
-        bar.update(1)
-        if done % config.train.save_every == 0 or done == end:
-            r.checkpointer.save(done, state, {"data": r.batches.state(),
-                                              "fingerprint": r.fingerprint})
-    bar.close()
-    r.checkpointer.close()
+    # Non-finite steps (not applied by the step) are tracked on the device and checked at each
+    # log and save, so that the loop never waits for a step just to look at its loss.
+    first_bad, skipped = jnp.int32(-1), jnp.int32(0)
+    saved = start_step
+    try:
+        for step in range(start_step, end):
+            local = next(r.batches)
+            batch = {name: jax.make_array_from_process_local_data(batch_sharding, local[name])
+                     for name in ("input_ids", "loss_mask")}
+            state, metrics = r.train_step(state, r.target_params, batch)
+            first_bad, skipped = _track_nonfinite(first_bad, skipped, metrics["finite"], step + 1)
+            tokens_seen += int(local["input_ids"].size) * jax.process_count()
+            done = step + 1
+            log_now = done % config.train.log_every == 0 or done == end
+            save_now = done % config.train.save_every == 0 or done == end
+            if log_now or save_now:
+                _stop_if_nonfinite(int(first_bad), config.train.nan_policy, saved)
+            if log_now:
+                last = _to_host(metrics)
+                now = time.perf_counter()
+                last.update(step=done, tokens_per_s=tokens_seen / max(now - t_last, 1e-9),
+                            skipped_steps=int(skipped))
+                tokens_seen, t_last = 0, now
+                if metrics_writer:
+                    metrics_writer.write(last)
+                bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.3f}",
+                                lr=f"{last['lr']:.2e}", tok_s=f"{last['tokens_per_s']:.0f}")
+            bar.update(1)
+            if save_now:
+                r.checkpointer.save(done, state, {"data": r.batches.state(),
+                                                  "fingerprint": r.fingerprint})
+                saved = done
+    finally:
+        bar.close()
+        r.checkpointer.close()
 
     hf_dir = None
     finished = int(jax.device_get(state.step)) == r.steps
@@ -338,6 +364,20 @@ def train(r: Run) -> dict:
             hf_dir = drafter_hf.export_drafter(params, r.drafter_cfg, r.workdir / "hf")
     return {"final_metrics": last, "hf_dir": hf_dir and str(hf_dir), "finished": finished,
             "target_dir": str(r.target_dir), "steps": r.steps, "data": r.data_stats}
+
+
+@jax.jit
+def _track_nonfinite(first_bad, skipped, finite, step):
+    first_bad = jnp.where((first_bad < 0) & ~finite, jnp.int32(step), first_bad)
+    return first_bad, skipped + (~finite).astype(jnp.int32)
+
+
+def _stop_if_nonfinite(first_bad: int, policy: str, saved: int) -> None:
+    if first_bad >= 0 and policy == "stop":
+        raise FloatingPointError(
+            f"the loss or the gradients of step {first_bad} are not finite "
+            f"(train.nan_policy=stop): the run stops; its update was not applied and nothing "
+            f"after step {saved} was saved. --config.train.nan_policy=skip-step skips such steps")
 
 
 def run(config) -> dict:

@@ -36,7 +36,8 @@ def test_round_trip_and_keep_last(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.isdigit()) == ["2", "3"]
     state, meta = ckpt.restore(3, _abstract(_state(0)))
     _assert_equal(state, _state(3))
-    assert meta == {"data": {"epoch": 0, "index": 3}}
+    assert meta["data"] == {"epoch": 0, "index": 3}
+    assert meta["checksums"] == ckpt_lib.checksums(_state(3))
 
 
 def test_interrupted_save_is_not_restorable(tmp_path):

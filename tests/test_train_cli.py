@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-pytestmark = pytest.mark.slow  # subprocesses or long compiles: `-m "not slow"` skips them
+# subprocesses: `-m "not slow"` skips them; one worker builds the contract run for both users
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("train_cli")]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,12 +71,17 @@ def test_resume_after_exit_is_identical(contract_run, tmp_path):
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     # The run directory now holds a dpace checkpoint: another loss must not resume from it.
     out = _train(tmp_path, *shared, "--config.train.loss=dflash", check=False)
-    assert out.returncode != 0 and "use a new workdir" in out.stderr
+    assert out.returncode != 0 and "loss=\"dpace\", this run has \"dflash\"" in out.stderr
+    assert "a new workdir" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_config_typo_and_missing_data_are_clear_errors(tmp_path):
     out = _train(tmp_path, "--config.train.lrr=1", check=False)
     assert out.returncode != 0 and "lrr" in out.stderr and 'Did you mean "lr"' in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1  # one line, no traceback
+    out = _train(tmp_path / "neg", "--config.train.batch_size=-4", check=False)
+    assert out.stderr.strip() == "error: train.batch_size=-4 must be >= 1"
+    assert not (tmp_path / "neg").exists()  # refused before anything was built
     out = _train(tmp_path, f"--config.data.paths=('{tmp_path / 'nope.jsonl'}',)", check=False)
     assert out.returncode != 0 and "nope.jsonl" in out.stderr
     out = _train(tmp_path, "--config.train.attention=splash", check=False)

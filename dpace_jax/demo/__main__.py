@@ -39,7 +39,7 @@ def main(argv=None) -> None:
         t_train = time.perf_counter() - t0
         report = evaluation.evaluate(config, output=f"{args.workdir}/results.json",
                                      progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
         raise SystemExit(f"error: {e}") from None
     t_eval = time.perf_counter() - t0 - t_train
 
