@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from train_fixtures import batches, tiny_setup
@@ -72,6 +73,15 @@ def test_only_drafter_params_change_and_step_counts():
     assert all(jax.tree.leaves(changed)), changed
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, np.asarray(b)),
                  target_before, target)
+    # A step whose loss is not finite is counted but not applied (train.nan_policy).
+    before = jax.tree.map(np.asarray, state)
+    poisoned = dataclasses.replace(target, embed=target.embed.at[:].set(jnp.nan))
+    state, metrics = step(state, poisoned, next(data))
+    assert not bool(metrics["finite"]) and not np.isfinite(float(metrics["loss"]))
+    assert int(state.step) == 4 and step._cache_size() == 1
+    jax.tree.map(np.testing.assert_array_equal,
+                 jax.tree.map(np.asarray, (state.params, state.opt_state)),
+                 (before.params, before.opt_state))
 
 
 def test_one_device_and_2x2x2_mesh_agree():
