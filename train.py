@@ -27,6 +27,10 @@ def main(argv):
         summary = trainer.run(prepare(_CONFIG.value))
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         raise SystemExit(f"error: {e}") from None
+    load, tok = summary["data"]["load"], summary["data"]["tokenize"]
+    if load["skipped"] or tok["skipped"]:
+        print(f"data: {tok['samples']} samples; skipped rows {load['skipped']}, skipped "
+              f"conversations {tok['skipped']} (first: {load['skipped_examples'][:2]})")
     final = summary["final_metrics"]
     if final:
         print(f"step {final['step']}: loss {final['loss']:.4f}  accuracy {final['accuracy']:.3f}")

@@ -269,7 +269,8 @@ def _sources(paths) -> list[tuple[str, object]]:
 _BAD_JSON = object()
 
 
-def _json_rows(path: Path) -> Iterator[object]:
+def _json_rows(path: Path) -> Iterator[tuple[str, object]]:
+    """(where, row) of a JSON / JSONL file; where is "file:line" (JSONL) or "file[i]"."""
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
         try:
@@ -279,55 +280,67 @@ def _json_rows(path: Path) -> Iterator[object]:
         if isinstance(data, Mapping) and isinstance(data.get("data"), list):
             data = data["data"]
         if isinstance(data, list):
-            yield from data
+            yield from ((f"{path}[{i}]", row) for i, row in enumerate(data))
             return
         if isinstance(data, Mapping):
-            yield data
+            yield f"{path}[0]", data
             return
-    for line in text.splitlines():
+    for i, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                yield json.loads(line)
+                yield f"{path}:{i}", json.loads(line)
             except json.JSONDecodeError:
-                yield _BAD_JSON
+                yield f"{path}:{i}", _BAD_JSON
 
 
-def _source_rows(kind: str, what, split: str) -> Iterable[object]:
+def _source_rows(kind: str, what, name: str, split: str) -> Iterable[tuple[str, object]]:
     if kind == "file" and what.suffix in (".jsonl", ".json"):
         return _json_rows(what)
     import datasets  # heavy import, only when needed
 
     if kind == "file":
-        return datasets.load_dataset("parquet", data_files=str(what), split="train")
-    if kind == "hub":
+        rows = datasets.load_dataset("parquet", data_files=str(what), split="train")
+    elif kind == "hub":
         try:
-            return datasets.load_dataset(what, split=split)
+            rows = datasets.load_dataset(what, split=split)
         except Exception as e:
             raise FileNotFoundError(
                 f"{what!r} is not a local file or directory, and loading it as a hub dataset "
                 f"(split={split!r}) failed: {type(e).__name__}: {e}"
             ) from e
-    return what
+    else:
+        rows = what
+    return ((f"{name} row {i}", row) for i, row in enumerate(rows))
 
 
-def load_conversations(paths, *, split: str = "train") -> tuple[list[list[dict]], dict]:
-    """Load and normalize chat conversations from files, directories, hub ids or Datasets."""
+SKIP_EXAMPLES = 5  # unusable rows named (file and line) per source
+
+
+def load_conversations(paths, *, split: str = "train",
+                       strict: bool = False) -> tuple[list[list[dict]], dict]:
+    """Load and normalize chat conversations from files, directories, hub ids or Datasets.
+    Unusable rows are counted by reason, the first few named with their file and line
+    (`stats["skipped_examples"]`); with `strict` the first one is a ValueError."""
     convs: list[list[dict]] = []
     skipped: Counter = Counter()
-    per_source = []
+    per_source, examples = [], []
     rows_total = 0
     for kind, what in _sources(paths):
         name = str(what) if kind != "dataset" else f"<{type(what).__name__}>"
         n_rows, n_kept, bad = 0, 0, Counter()
-        for row in _source_rows(kind, what, split):
+        for where, row in _source_rows(kind, what, name, split):
             n_rows += 1
             try:
                 if row is _BAD_JSON:
-                    raise BadConversation("bad_json")
+                    raise BadConversation("bad_json", "not a JSON line")
                 convs.append(conversation_from_row(row))
                 n_kept += 1
             except BadConversation as e:
+                if strict:
+                    raise ValueError(f"{where}: {e} (data.strict=True)") from None
                 bad[e.reason] += 1
+                if sum(bad.values()) <= SKIP_EXAMPLES:
+                    examples.append(f"{where}: {e}"[:200])
         if n_kept == 0:
             raise ValueError(
                 f"{name}: none of its {n_rows} rows is a usable conversation "
@@ -335,7 +348,9 @@ def load_conversations(paths, *, split: str = "train") -> tuple[list[list[dict]]
                 "least one non-empty assistant turn"
             )
         if bad:
-            log.warning("%s: skipped %d of %d rows: %s", name, sum(bad.values()), n_rows, dict(bad))
+            log.warning("%s: skipped %d of %d rows: %s; first: %s", name, sum(bad.values()),
+                        n_rows, dict(bad), "; ".join(examples[-min(SKIP_EXAMPLES,
+                                                                    sum(bad.values())):]))
         log.info("%s: %d conversations", name, n_kept)
         rows_total += n_rows
         skipped.update(bad)
@@ -344,6 +359,7 @@ def load_conversations(paths, *, split: str = "train") -> tuple[list[list[dict]]
         "rows": rows_total,
         "conversations": len(convs),
         "skipped": dict(skipped),
+        "skipped_examples": examples,
         "sources": per_source,
     }
     return convs, stats

@@ -96,6 +96,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.regenerate_batch_size = 16
     c.data.max_length = 3072
     c.data.cache_dir = ""  # "" -> WORKDIR/cache
+    c.data.strict = False  # True: the first unusable row is an error (else counted and skipped)
 
     c.train = ml_collections.ConfigDict()
     c.train.loss = "dpace"  # dflash | dpace | dpace-cumulative-confidence-only | ...

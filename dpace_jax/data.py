@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 _CHUNK = 256  # conversations tokenized per fast-tokenizer batch call
+CHARS_PER_TOKEN = 32  # rows are cut after max_length * this many characters before tokenizing
 
 
 # -------------------------------------------------------------------------------- tokenizing
@@ -155,18 +156,32 @@ def _load_cache(path: Path, key: str) -> tuple[TokenizedDataset, dict] | None:
         return None
 
 
+def _cap(conv, limit: int):
+    """The conversation with its text cut after `limit` characters of content (later messages
+    emptied), or itself when it is shorter: a huge row is never rendered or tokenized whole."""
+    total, out = 0, []
+    for m in conv:
+        keep = max(limit - total, 0)
+        total += len(m["content"])
+        out.append(m if len(m["content"]) <= keep else {**m, "content": m["content"][:keep]})
+    return conv if total <= limit else out
+
+
 def _encode_chunk(convs, tokenizer, max_length: int, min_loss: int):
     """Render, tokenize, mask, truncate and filter a chunk of conversations."""
     skipped: Counter = Counter()
-    texts, spans = [], []
+    limit = max_length * CHARS_PER_TOKEN
+    texts, spans, whole = [], [], []
     for conv in convs:
+        capped = _cap(conv, limit)
         try:
-            text, sp = render_with_spans(conv, tokenizer)
+            text, sp = render_with_spans(capped, tokenizer)
         except BadConversation as e:
             skipped[e.reason] += 1
             continue
         texts.append(text)
         spans.append(sp)
+        whole.append(None if capped is conv else conv)
     if getattr(tokenizer, "is_fast", False) and texts:
         enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
         pairs = [
@@ -180,6 +195,18 @@ def _encode_chunk(convs, tokenizer, max_length: int, min_loss: int):
                 pairs.append(token_loss_mask(t, sp, tokenizer))
             except BadConversation as e:
                 skipped[e.reason] += 1
+                pairs.append(None)
+    for i, conv in enumerate(whole):
+        # A cut row gives the full row's first max_length tokens when tokens remain well past
+        # them (tokenization is local); otherwise (tokens of > CHARS_PER_TOKEN characters),
+        # the whole row is tokenized after all.
+        if conv is not None and pairs[i] is not None and len(pairs[i][0]) < max_length + 64:
+            try:
+                pairs[i] = token_loss_mask(*render_with_spans(conv, tokenizer), tokenizer)
+            except BadConversation as e:
+                skipped[e.reason] += 1
+                pairs[i] = None
+    pairs = [p for p in pairs if p is not None]
     samples, n_truncated = [], 0
     for ids, mask in pairs:
         if len(ids) > max_length:

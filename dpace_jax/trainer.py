@@ -141,7 +141,8 @@ def load_training_data(config, workdir: Path, target_dir: Path, tokenizer, block
             progress=bool(config.train.progress) and jax.process_index() == 0,
         )
         paths = [out]
-    conversations, load_stats = data_lib.load_conversations(paths, split=config.data.split)
+    conversations, load_stats = data_lib.load_conversations(paths, split=config.data.split,
+                                                            strict=bool(config.data.strict))
     cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else workdir / "cache"
     dataset, tok_stats = data_lib.tokenize_conversations(
         conversations, tokenizer, max_length=config.data.max_length,

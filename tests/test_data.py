@@ -105,6 +105,35 @@ def test_bad_rows_are_counted(tmp_path):
         "unknown_role": 1,
         "bad_json": 1,
     }
+    # the first few are named with their file and line
+    assert stats["skipped_examples"][0].startswith(f"{p}:3: bad_schema: row has keys ['text']")
+    assert [e.split(": ")[0] for e in stats["skipped_examples"]] == [f"{p}:{i}"
+                                                                    for i in range(3, 8)]
+    with pytest.raises(ValueError, match=rf"{p}:3: bad_schema.*\(data.strict=True\)"):
+        D.load_conversations(p, strict=True)
+
+
+def test_a_huge_row_is_cut_before_tokenizing_with_the_same_result(tok, monkeypatch):
+    """A 2 MB answer is not tokenized whole (the tokenizer sees at most ~max_length * 32
+    characters of it), and the sample equals the one from the whole row."""
+    huge = [{"role": "user", "content": "write"},
+            {"role": "assistant", "content": "word " * 400_000}]
+    lengths = []
+    real_call = type(tok).__call__
+
+    def spy(self, texts, *args, **kwargs):
+        lengths.extend(len(t) for t in (texts if isinstance(texts, list) else [texts]))
+        return real_call(self, texts, *args, **kwargs)
+
+    monkeypatch.setattr(type(tok), "__call__", spy)
+    cut, _ = D.tokenize_conversations([huge, _conv(1)], tok, max_length=256, block_size=2)
+    assert max(lengths) < 256 * D.CHARS_PER_TOKEN + 200
+    monkeypatch.setattr(D, "CHARS_PER_TOKEN", 10**9)  # no cut: the whole row
+    whole, _ = D.tokenize_conversations([huge, _conv(1)], tok, max_length=256, block_size=2)
+    assert max(lengths) > 2_000_000
+    for i in range(2):
+        np.testing.assert_array_equal(cut[i]["input_ids"], whole[i]["input_ids"])
+        np.testing.assert_array_equal(cut[i]["loss_mask"], whole[i]["loss_mask"])
 
 
 def test_all_bad_rows_and_missing_file_raise(tmp_path):
