@@ -29,9 +29,13 @@ def main(argv):
         raise SystemExit(f"error: {e}") from None
     load, tok = summary["data"]["load"], summary["data"]["tokenize"]
     if load["skipped"] or tok["skipped"]:
+        first = f"; first: {load['skipped_examples'][0]}" if load["skipped_examples"] else ""
         print(f"data: {tok['samples']} samples; skipped rows {load['skipped']}, skipped "
-              f"conversations {tok['skipped']} (first: {load['skipped_examples'][:2]})")
+              f"conversations {tok['skipped']}{first}")
     final = summary["final_metrics"]
+    if final.get("skipped_steps"):
+        print(f"warning: {int(final['skipped_steps'])} steps had a non-finite loss or gradients "
+              "and were skipped (train.nan_policy=skip-step)")
     if final:
         print(f"step {final['step']}: loss {final['loss']:.4f}  accuracy {final['accuracy']:.3f}")
     if not summary["finished"]:

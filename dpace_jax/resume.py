@@ -57,17 +57,37 @@ def _short(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+# The drafter's shape: its arrays in the checkpoint could not be restored with another one.
+FIXED = ("drafter", "num_layers", "target_layer_ids", "block_size")
+
+
+def _differences(changed: dict) -> list[str]:
+    out = []
+    for key, (old, new) in sorted(changed.items()):
+        if isinstance(old, dict) and isinstance(new, dict):  # name the inner fields
+            out += [f"{key}.{k}={_short(old.get(k))}, this run has {_short(new.get(k))}"
+                    for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        else:
+            out.append(f"{key}={_short(old)}, this run has {_short(new)}")
+    return out
+
+
 def changed_settings(stored: dict, current: dict, allowed, where: str) -> dict:
     """{key: [stored, current]} of the settings that changed, every one of them allowed; a
     change that is not allowed is a ValueError naming the setting and how to proceed."""
     changed = {k: [v, current.get(k)] for k, v in stored.items() if current.get(k) != v}
-    refused = sorted(set(changed) - {str(a) for a in allowed})
+    fixed = {k: v for k, v in changed.items() if k in FIXED}
+    if fixed:
+        raise ValueError(f"{where} was written with another drafter: "
+                         f"{'; '.join(_differences(fixed)[:3])}. Its arrays cannot take another "
+                         "shape: use a new workdir (or start from its hf/ export with "
+                         "drafter.init_from)")
+    refused = {k: v for k, v in changed.items() if k not in {str(a) for a in allowed}}
     if refused:
-        what = "; ".join(f"{k}={_short(changed[k][0])}, this run has {_short(changed[k][1])}"
-                         for k in refused[:3])
         raise ValueError(
-            f"{where} was written with other settings: {what}. Use a new workdir, or continue "
-            f"with the new values: --config.train.allow_changed=\"{tuple(refused)}\"")
+            f"{where} was written with other settings: {'; '.join(_differences(refused)[:3])}."
+            f" Use a new workdir, or continue with the new values: "
+            f"--config.train.allow_changed=\"{tuple(sorted(refused))}\"")
     return changed
 
 

@@ -179,7 +179,8 @@ def test_resume_refuses_changed_settings_unless_allowed(tiny):
     with pytest.raises(ValueError, match=r"written with other settings: warmup_ratio=0.04, this "
                                          r"run has 0.2\. Use a new workdir.*allow_changed="):
         _run(tiny, "changed", train__warmup_ratio=0.2)
-    with pytest.raises(ValueError, match=r"num_layers=2, this run has 3"):  # not a shape error
+    with pytest.raises(ValueError, match=r"another drafter: .*drafter.num_hidden_layers=2, this "
+                                         r"run has 3.*cannot take another shape"):
         _run(tiny, "changed", drafter__num_layers=3, drafter__target_layer_ids=(0, 1))
     summary, workdir = _run(tiny, "changed", train__warmup_ratio=0.2,
                             train__allow_changed=("warmup_ratio",))
