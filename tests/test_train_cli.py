@@ -2,6 +2,8 @@
 
 import json
 import os
+import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -54,21 +56,48 @@ def test_contract_run_builds_target_and_exports(contract_run):
     assert len(row["weight_per_position"]) == 8 and len(row["q_per_position"]) == 8
 
 
-def test_resume_after_exit_is_identical(contract_run, tmp_path):
+def _faulty(workdir, fault, *overrides, kill_after=None):
+    """tests/fault_train.py (train.py that kills itself at `fault`), or train.py killed from
+    outside `kill_after` seconds after its start; returns the exit code."""
+    cmd = [sys.executable, str(ROOT / "tests" / "fault_train.py"), "--config",
+           str(ROOT / "configs/tiny.py"), f"--config.workdir={workdir}",
+           "--config.train.progress=False", *overrides]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=dict(os.environ, JAX_PLATFORMS="cpu", FAULT=fault))
+    try:
+        _, err = proc.communicate(timeout=kill_after or 600)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # SIGKILL
+        _, err = proc.communicate()
+    assert proc.returncode in (0, -signal.SIGKILL), err[-3000:]
+    return proc.returncode
+
+
+def test_kill_9_anywhere_then_restart_equals_an_uninterrupted_run(contract_run, tmp_path):
+    """kill -9 inside a checkpoint save (data written, step not committed), inside the deletion
+    of an old step (half of it gone), and at a random moment; each restart resumes, and the end
+    is bitwise the uninterrupted run: metrics rows 1..4 once each, the same exported drafter."""
     straight, _ = contract_run
+    seed = int(os.environ.get("FAULT_SEED", random.randrange(1 << 30)))
+    rng = random.Random(seed)
     shared = ["--config.train.max_steps=4", "--config.train.log_every=1",
-              "--config.train.save_every=2",
+              "--config.train.save_every=1", "--config.train.keep_checkpoints=1",
               f"--config.target.path={straight / 'target'}",
               f"--config.data.paths=('{straight / 'data' / 'demo.jsonl'}',)"]
-    first = _train(tmp_path, *shared, "--config.train.stop_at=2")
-    assert "resume" in first.stdout and not (tmp_path / "hf").exists()
+    save_at = rng.randint(1, 4)
+    why = f"FAULT_SEED={seed} (kill in save {save_at})"
+    assert _faulty(tmp_path, f"save:{save_at}", *shared) == -signal.SIGKILL, why
+    assert not (tmp_path / "hf").exists(), why
+    # the first deletion of an old step in this process (with keep 1: at the second save)
+    assert _faulty(tmp_path, "delete:1", *shared) == -signal.SIGKILL, why
+    _faulty(tmp_path, "", *shared, kill_after=rng.uniform(1.0, 12.0))  # may also finish
     _train(tmp_path, *shared)
-    assert _metrics(tmp_path) == _metrics(straight)
+    assert _metrics(tmp_path) == _metrics(straight), why
     a = load_file(str(straight / "hf" / "model.safetensors"))
     b = load_file(str(tmp_path / "hf" / "model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+        np.testing.assert_array_equal(a[k], b[k], err_msg=f"{k}; {why}")
     # The run directory now holds a dpace checkpoint: another loss must not resume from it.
     out = _train(tmp_path, *shared, "--config.train.loss=dflash", check=False)
     assert out.returncode != 0 and "loss=\"dpace\", this run has \"dflash\"" in out.stderr
