@@ -130,11 +130,25 @@ def dflash_drafter(params, cfg, target_cfg: ModelConfig | None = None,
                    tuple(cfg.target_layer_ids))
 
 
+class Records(NamedTuple):
+    """What a rollout records for on-policy training (decode(record=True); docs/design.md §9):
+    per sequence b and verify step s, with M = max_steps. Log-probs are the target's at
+    temperature 1, whatever the decoding temperature."""
+
+    first_logp: jax.Array  # [B] of the prefill's token (the first generated one)
+    anchors: jax.Array  # [B, M] position of the step's anchor (the last token before it)
+    emitted: jax.Array  # [B, M] tokens the step added: acc + 1, fewer when a stop / the limit cut
+    realized_logp: jax.Array  # [B, M, K] of the added tokens, the i-th at block offset i + 1
+    rejected: jax.Array  # [B, M] first rejected draft (at block offset acc + 1), -1 if none
+    rejected_logp: jax.Array  # [B, M] of that draft token (0 if none)
+
+
 class DecodeResult(NamedTuple):
     tokens: jax.Array  # [B, max_new_tokens] generated tokens, pad_token_id past num_tokens
     num_tokens: jax.Array  # [B] generated tokens, the stop token included
     acceptance: jax.Array  # [B, max_steps] acc + 1 (1..K) per verify step, 0 past num_steps
     num_steps: jax.Array  # [B] verify steps (the prefill's first token is not a step)
+    records: Records | None = None  # decode(record=True) only
 
 
 class _State(NamedTuple):
@@ -148,6 +162,7 @@ class _State(NamedTuple):
     draft_cache: Any
     key: jax.Array
     step: jax.Array  # scalar
+    records: Records | None
 
 
 def _is_stop(tokens: jax.Array, stop_token_ids: jax.Array) -> jax.Array:
@@ -165,9 +180,35 @@ def _write_rows(buf: jax.Array, rows: jax.Array, start: jax.Array, count: jax.Ar
     return jax.vmap(one)(buf, rows, start, count)
 
 
+def _logp(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """log_softmax(logits)[..., tokens] in fp32: logits [..., V], tokens [...]."""
+    logits = logits.astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+def _record_step(r: Records, slot, anchors, block, emitted, verify_logits, acc, n_emit):
+    """Records with step `slot` (per sequence; out of range: dropped) written."""
+    k_block = block.shape[1]
+    rows = jnp.arange(block.shape[0])
+    realized = jnp.where(jnp.arange(k_block) < n_emit[:, None], _logp(verify_logits, emitted), 0)
+    offset = jnp.minimum(acc + 1, k_block - 1)
+    has = (acc < k_block - 1) & (n_emit == acc + 1)  # a draft was rejected, the step not cut
+    draft = jnp.take_along_axis(block, offset[:, None], axis=1)[:, 0]
+    draft_logp = _logp(verify_logits[rows, acc], draft)
+
+    def put(buf, value):
+        return buf.at[rows, slot].set(value, mode="drop")
+
+    return r._replace(anchors=put(r.anchors, anchors), emitted=put(r.emitted, n_emit),
+                      realized_logp=put(r.realized_logp, realized),
+                      rejected=put(r.rejected, jnp.where(has, draft, -1)),
+                      rejected_logp=put(r.rejected_logp, jnp.where(has, draft_logp, 0.0)))
+
+
 def _decode_impl(target_params, drafter: Drafter, prompts, lengths, stop_token_ids, key,
                  temperature, *, target_cfg, max_new_tokens, sampling_key: Sampling,
-                 pad_token_id):
+                 pad_token_id, record: bool):
     batch, prompt_len = prompts.shape
     k_block, n_new = drafter.block_size, max_new_tokens
     TRACE_COUNTS[(batch, prompt_len, k_block)] += 1
@@ -184,7 +225,16 @@ def _decode_impl(target_params, drafter: Drafter, prompts, lengths, stop_token_i
                                feature_layers=ids, logits=False)
     last_hidden = jnp.take_along_axis(out.hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
     key, sub = jax.random.split(key)
-    first = sampling_lib.choose(sub, model.lm_head(target_params, last_hidden), sampler)
+    first_logits = model.lm_head(target_params, last_hidden)
+    first = sampling_lib.choose(sub, first_logits, sampler)
+    max_steps = max(n_new - 1, 1)
+    records = None
+    if record:
+        records = Records(_logp(first_logits, first), jnp.zeros((batch, max_steps), jnp.int32),
+                          jnp.zeros((batch, max_steps), jnp.int32),
+                          jnp.zeros((batch, max_steps, k_block), jnp.float32),
+                          jnp.full((batch, max_steps), -1, jnp.int32),
+                          jnp.zeros((batch, max_steps), jnp.float32))
     draft_cache = drafter.extend(dp, dc, drafter.init_cache(dp, dc, batch, size), prompts,
                                  out.features, zeros)
     tokens = jnp.full((batch, n_new + k_block), pad_token_id, jnp.int32).at[:, 0].set(first)
@@ -192,13 +242,14 @@ def _decode_impl(target_params, drafter: Drafter, prompts, lengths, stop_token_i
         tokens=tokens,
         num_tokens=jnp.ones((batch,), jnp.int32),
         last=first,
-        acceptance=jnp.zeros((batch, max(n_new - 1, 1)), jnp.int32),
+        acceptance=jnp.zeros((batch, max_steps), jnp.int32),
         num_steps=zeros,
         done=_is_stop(first, stop_token_ids) | (n_new <= 1),
         cache=out.cache,
         draft_cache=draft_cache,
         key=key,
         step=jnp.zeros((), jnp.int32),
+        records=records,
     )
 
     def cond(s: _State):
@@ -234,6 +285,10 @@ def _decode_impl(target_params, drafter: Drafter, prompts, lengths, stop_token_i
         last_emitted = jnp.take_along_axis(emitted, jnp.maximum(n_emit - 1, 0)[:, None], 1)[:, 0]
         step_slot = jnp.where(active, s.num_steps, s.acceptance.shape[1])  # inactive: dropped
         acceptance = s.acceptance.at[jnp.arange(batch), step_slot].set(acc + 1, mode="drop")
+        records = s.records
+        if record:
+            records = _record_step(records, step_slot, anchors, block, emitted,
+                                   verified.logits, acc, n_emit)
         draft_cache = s.draft_cache
         if k_block > 1:
             draft_cache = drafter.extend(dp, dc, draft_cache, block, verified.features, anchors)
@@ -248,29 +303,31 @@ def _decode_impl(target_params, drafter: Drafter, prompts, lengths, stop_token_i
             draft_cache=draft_cache,
             key=key,
             step=s.step + 1,
+            records=records,
         )
 
     final = jax.lax.while_loop(cond, body, state)
     return DecodeResult(final.tokens[:, :n_new], final.num_tokens, final.acceptance,
-                        final.num_steps)
+                        final.num_steps, final.records)
 
 
 _decode_jit = jax.jit(
     _decode_impl,
-    static_argnames=("target_cfg", "max_new_tokens", "sampling_key", "pad_token_id"),
+    static_argnames=("target_cfg", "max_new_tokens", "sampling_key", "pad_token_id",
+                     "record"),
 )
 
 
 def decode(target_params, target_cfg: ModelConfig, drafter: Drafter | None, prompts, lengths,
            *, max_new_tokens: int, sampling: Sampling = sampling_lib.GREEDY,
            stop_token_ids: Sequence[int] = (), rng: jax.Array | None = None,
-           pad_token_id: int = 0) -> DecodeResult:
+           pad_token_id: int = 0, record: bool = False) -> DecodeResult:
     """Generate up to max_new_tokens tokens after each right-padded prompt.
 
     prompts [B, P] int, lengths [B] (1 <= lengths <= P). drafter None = autoregressive.
     `sampling` (dpace_jax.sampling.Sampling): greedy by default; top_k / top_p filter target and
     drafter alike. Generation stops after the first token in stop_token_ids (kept) or
-    max_new_tokens tokens.
+    max_new_tokens tokens. `record` adds the rollout Records (on-policy training).
     """
     drafter = autoregressive() if drafter is None else drafter
     drafter.check(target_cfg)
@@ -295,7 +352,7 @@ def decode(target_params, target_cfg: ModelConfig, drafter: Drafter | None, prom
     return _decode_jit(target_params, drafter, prompts, lengths, jnp.asarray(stops, jnp.int32),
                        rng, temperature, target_cfg=target_cfg,
                        max_new_tokens=int(max_new_tokens), sampling_key=sampling.compile_key(),
-                       pad_token_id=int(pad_token_id))
+                       pad_token_id=int(pad_token_id), record=bool(record))
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], *, bucket: int = 64,

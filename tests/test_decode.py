@@ -144,6 +144,61 @@ def test_greedy_equals_brute_force_and_oracle_accepts_whole_blocks(batch, k_bloc
                 assert 1.0 < decode.tau(res) < k_block
 
 
+def test_rollout_records_match_brute_force():
+    """decode(record=True) against brute force: the boundaries and rejected drafts recomputed
+    from the scripted drafts and the greedy continuation, the log-probs from a full forward."""
+    batch, k_block, seed = 4, 5, 11
+    rs = np.random.RandomState(seed)
+    params = random_target(seed)
+    lengths = rs.randint(1, P + 1, batch)
+    prompts = rs.randint(0, CFG.vocab_size, (batch, P))
+    ref = greedy_reference(params, prompts, lengths, NEW + k_block)
+    stops = mid_stop(ref[0, :NEW])
+    drafter = script_drafter(prompts, lengths, ref, k_block, 0.3, seed)
+    res = decode.decode(params, CFG, drafter, prompts, lengths, max_new_tokens=NEW,
+                        stop_token_ids=stops, record=True)
+    rec = jax.tree.map(np.asarray, res.records)
+    drafts = np.where(np.asarray(drafter.params["flip"]), (np.asarray(drafter.params["seq"]) + 1)
+                      % CFG.vocab_size, np.asarray(drafter.params["seq"]))
+    seqs = np.zeros((REF_BATCH, REF_WIDTH), np.int32)
+    for b in range(batch):
+        n = int(res.num_tokens[b])
+        seqs[b, : lengths[b] + n] = [*prompts[b, : lengths[b]], *np.asarray(res.tokens)[b, :n]]
+    logits = np.asarray(references.full_logits(CFG)(params, jnp.asarray(seqs)), np.float64)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    cut_steps = rejections = 0
+    for b in range(batch):
+        seq, n_out, steps = seqs[b], int(res.num_tokens[b]), int(res.num_steps[b])
+        end = lengths[b] + n_out  # the sequence's length
+        np.testing.assert_allclose(rec.first_logp[b], logp[b, lengths[b] - 1, seq[lengths[b]]],
+                                   atol=1e-5)
+        a = lengths[b]
+        for s in range(steps):
+            assert rec.anchors[b, s] == a, (b, s)
+            acc = 0  # brute force: drafts at a+1.. accepted while they equal the sequence
+            while acc < k_block - 1 and a + acc + 1 < end and drafts[b, a + acc + 1] == seq[
+                    a + acc + 1]:
+                acc += 1
+            n_emit = rec.emitted[b, s]
+            assert n_emit == min(acc + 1, end - 1 - a) and n_emit <= res.acceptance[b, s]
+            want = [logp[b, a + i, seq[a + i + 1]] for i in range(n_emit)]
+            np.testing.assert_allclose(rec.realized_logp[b, s, :n_emit], want, atol=1e-5)
+            assert np.all(rec.realized_logp[b, s, n_emit:] == 0)
+            if n_emit == acc + 1 and acc < k_block - 1:
+                rejected = drafts[b, a + acc + 1]
+                assert rejected != seq[a + acc + 1] and rec.rejected[b, s] == rejected
+                np.testing.assert_allclose(rec.rejected_logp[b, s], logp[b, a + acc, rejected],
+                                           atol=1e-5)
+                rejections += 1
+            else:
+                assert rec.rejected[b, s] == -1 and rec.rejected_logp[b, s] == 0
+                cut_steps += n_emit < acc + 1
+            a += n_emit
+        assert a == end - 1  # every generated token but the prefill's is some step's
+        assert np.all(rec.emitted[b, steps:] == 0)
+    assert rejections >= 5 and cut_steps >= 1  # both kinds of step were seen
+
+
 def test_compiles_once_per_bucket_and_block_size_one_is_autoregressive():
     shape = (3, 12, 1)  # batch, padded prompt length, block size: a bucket used only here
     before = decode.TRACE_COUNTS[shape]
