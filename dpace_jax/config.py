@@ -99,7 +99,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.strict = False  # True: the first unusable row is an error (else counted and skipped)
 
     c.train = ml_collections.ConfigDict()
-    c.train.loss = "dpace"  # dflash | dpace | dpace-cumulative-confidence-only | ...
+    c.train.loss = "dpace"  # dflash | dpace | dpace-cumulative-confidence-only | ... | opd
+    c.train.opd_dpace = False  # loss opd: D-PACE weights (train.alpha) on the realized tokens
     c.train.alpha = DEFAULT_ALPHA
     c.train.gamma = 7.0  # DFlash's decay for block 16 (5 for 10, 4 for 8); 0: no decay
     c.train.batch_size = 16
@@ -124,6 +125,20 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.save_every = 1000
     c.train.keep_checkpoints = 3
     c.train.progress = True
+
+    # On-policy post-training (train.loss=opd, dpace_jax.opd): rounds of rollouts with the
+    # current drafter on the data's prompts, each followed by training on them.
+    c.opd = ml_collections.ConfigDict()
+    c.opd.rounds = 4
+    c.opd.prompts_per_round = 256  # round r takes the next prompts of the data (wrapping)
+    c.opd.epochs_per_round = 1
+    c.opd.max_prompt_length = 512  # longer prompts are skipped
+    c.opd.max_new_tokens = 512
+    c.opd.rollout_batch_size = 8
+    c.opd.temperature = 0.0  # 0: greedy rollouts (the target's own sequence)
+    c.opd.rule = "dflash"
+    c.opd.decay = 0.8  # a rejected draft at block offset j weighs decay^(j-1)
+    c.opd.rejected_weight = 1.0
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (1, -1, 1)  # (data, fsdp, tensor); -1: all remaining devices

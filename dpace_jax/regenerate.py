@@ -78,7 +78,7 @@ def count_complete_rows(path: Path) -> int:
     return len(lines)
 
 
-def _append_rows(path: Path, rows: Sequence[dict]) -> None:
+def append_rows(path: Path, rows: Sequence[dict]) -> None:
     with path.open("a", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -161,7 +161,7 @@ def regenerate(target: str, inputs, output: str | Path, *, drafter: str | None =
         rows = regenerate_batch(gen, tokenizer, spec, batch,
                                 jax.random.fold_in(base_key, start // batch_size))
         new = rows[max(done - start, 0):]
-        _append_rows(output, [{"messages": r} for r in new])
+        append_rows(output, [{"messages": r} for r in new])
         written += len(new)
         empty += _empty_answers(new)
         bar.update(len(new))

@@ -9,6 +9,7 @@ states and the target's LM head, computed in chunks -> AdamW (fp32 master weight
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -25,6 +26,7 @@ from dpace_jax import sharding as shard_lib
 from dpace_jax.config import parse_dtype
 
 NAN_POLICIES = ("stop", "skip-step")
+OPD = "opd"  # train.loss for on-policy post-training (dpace_jax.opd_step, dpace_jax.opd)
 
 
 class TrainState(NamedTuple):
@@ -56,6 +58,9 @@ class StepConfig:
     attention_tile: int  # flash: context columns per step
     target_attention: str  # target forward attention: einsum | cudnn (GPU)
     nan_policy: str  # a step with non-finite loss or gradients: not applied; "stop" | "skip-step"
+    opd_dpace: bool  # loss "opd": D-PACE weights (alpha) on the realized-token stream
+    opd_decay: float  # loss "opd": weight decay^(j-1) of a rejected draft at offset j
+    opd_rejected_weight: float  # loss "opd": weight of the rejected-draft stream
 
     @classmethod
     def from_config(cls, config, total_steps: int) -> StepConfig:
@@ -69,11 +74,17 @@ class StepConfig:
             loss_chunk_size=int(t.loss_chunk_size), remat=bool(t.remat),
             attention=str(t.attention), attention_group=int(t.attention_group),
             attention_tile=int(t.attention_tile), target_attention=str(t.target_attention),
-            nan_policy=str(t.nan_policy))
+            nan_policy=str(t.nan_policy), opd_dpace=bool(t.opd_dpace),
+            opd_decay=float(config.opd.decay),
+            opd_rejected_weight=float(config.opd.rejected_weight))
 
     def __post_init__(self):
-        if self.loss not in loss_lib.LOSS_NAMES:
-            raise ValueError(f"train.loss={self.loss!r}; expected one of {loss_lib.LOSS_NAMES}")
+        if self.loss not in (*loss_lib.LOSS_NAMES, OPD):
+            raise ValueError(f"train.loss={self.loss!r}; expected one of "
+                             f"{(*loss_lib.LOSS_NAMES, OPD)}")
+        if not 0.0 < self.opd_decay <= 1.0 or self.opd_rejected_weight < 0:
+            raise ValueError(f"opd.decay={self.opd_decay} must lie in (0, 1] and "
+                             f"opd.rejected_weight={self.opd_rejected_weight} be >= 0")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"train.alpha={self.alpha} must lie in [0, 1]")
         if self.gamma is not None and not self.gamma > 0:
@@ -131,6 +142,24 @@ def init_state(params, optimizer: optax.GradientTransformation, seed: int) -> Tr
     )
 
 
+def drafter_hidden(drafter_params, target_params, tokens, anchors, *,
+                   target_cfg: model_lib.ModelConfig, drafter_cfg: drafter_lib.DrafterConfig,
+                   cfg: StepConfig):
+    """Frozen target features of tokens [B, S] -> the drafter's hidden states [B, N, K, D] of the
+    blocks at anchors [B, N], and the target's LM head [D, V] (no gradient), in compute dtype."""
+    features = model_lib.features(target_params, target_cfg, tokens,
+                                  drafter_cfg.target_layer_ids, attention=cfg.target_attention)
+    features = jax.lax.stop_gradient(features).astype(cfg.compute_dtype)
+    compute_params = jax.tree.map(lambda x: x.astype(cfg.compute_dtype), drafter_params)
+    hidden = drafter_lib.train_forward(
+        compute_params, drafter_cfg, target_params, features, tokens, anchors, remat=cfg.remat,
+        attention=cfg.attention, attention_group=cfg.attention_group,
+        attention_tile=cfg.attention_tile,
+    )
+    head = jax.lax.stop_gradient(model_lib.lm_head_matrix(target_params))
+    return hidden, head.astype(cfg.compute_dtype)
+
+
 def loss_fn(
     drafter_params,
     target_params,
@@ -143,25 +172,17 @@ def loss_fn(
 ):
     """Loss and aux metrics of one batch {input_ids [B, S], loss_mask [B, S]}."""
     tokens, loss_mask = batch["input_ids"], batch["loss_mask"]
-    features = model_lib.features(target_params, target_cfg, tokens,
-                                  drafter_cfg.target_layer_ids, attention=cfg.target_attention)
-    features = jax.lax.stop_gradient(features).astype(cfg.compute_dtype)
     anchors, keep = anchor_lib.sample_anchors(
         key, loss_mask, cfg.num_anchors, drafter_cfg.block_size
     )
-    compute_params = jax.tree.map(lambda x: x.astype(cfg.compute_dtype), drafter_params)
-    hidden = drafter_lib.train_forward(
-        compute_params, drafter_cfg, target_params, features, tokens, anchors, remat=cfg.remat,
-        attention=cfg.attention, attention_group=cfg.attention_group,
-        attention_tile=cfg.attention_tile,
-    )
+    hidden, head = drafter_hidden(drafter_params, target_params, tokens, anchors,
+                                  target_cfg=target_cfg, drafter_cfg=drafter_cfg, cfg=cfg)
     labels, mask = anchor_lib.block_labels(
         tokens, loss_mask, anchors, keep, drafter_cfg.block_size
     )
-    head = jax.lax.stop_gradient(model_lib.lm_head_matrix(target_params))
     with jax.named_scope("lm_head_loss"):
         loss, aux = chunked_loss.objective_from_hidden(
-            cfg.loss, hidden, head.astype(cfg.compute_dtype), labels, mask,
+            cfg.loss, hidden, head, labels, mask,
             alpha=cfg.alpha, gamma=cfg.gamma, chunk_size=cfg.loss_chunk_size,
         )
     aux = dict(aux)
@@ -181,12 +202,16 @@ def make_train_step(
     mesh: Mesh,
     state_shardings,
     target_shardings,
+    objective: Callable = loss_fn,
+    batch_keys: tuple[str, ...] = ("input_ids", "loss_mask"),
 ):
-    """A jitted `step(state, target_params, batch) -> (state, metrics)`; the state is donated."""
+    """A jitted `step(state, target_params, batch) -> (state, metrics)`; the state is donated.
+    `objective` (default `loss_fn`; on-policy: `opd_step.opd_loss_fn`) gives the loss of a batch
+    {batch_keys: arrays whose leading axis is the batch}."""
     schedule = learning_rate_schedule(cfg)
     grad_fn = jax.value_and_grad(
-        lambda p, t, b, k: loss_fn(p, t, b, k, target_cfg=target_cfg,
-                                   drafter_cfg=drafter_cfg, cfg=cfg),
+        lambda p, t, b, k: objective(p, t, b, k, target_cfg=target_cfg,
+                                     drafter_cfg=drafter_cfg, cfg=cfg),
         has_aux=True,
     )
 
@@ -210,7 +235,7 @@ def make_train_step(
     return jax.jit(
         step,
         in_shardings=(state_shardings, target_shardings,
-                      {"input_ids": batch_sharding, "loss_mask": batch_sharding}),
+                      dict.fromkeys(batch_keys, batch_sharding)),
         out_shardings=(state_shardings, shard_lib.replicated(mesh)),
         donate_argnums=(0,),
     )

@@ -93,7 +93,7 @@ def test_interrupted_run_resumes_to_the_same_file(setup, monkeypatch):
     whole = root / "whole.jsonl"
     run(setup, whole, **kw)
 
-    real_append = regenerate._append_rows
+    real_append = regenerate.append_rows
     calls = []
 
     def crash_on_second_batch(path, rows):
@@ -106,10 +106,10 @@ def test_interrupted_run_resumes_to_the_same_file(setup, monkeypatch):
         real_append(path, rows)
 
     part = root / "part.jsonl"
-    monkeypatch.setattr(regenerate, "_append_rows", crash_on_second_batch)
+    monkeypatch.setattr(regenerate, "append_rows", crash_on_second_batch)
     with pytest.raises(KeyboardInterrupt):
         run(setup, part, **kw)
-    monkeypatch.setattr(regenerate, "_append_rows", real_append)
+    monkeypatch.setattr(regenerate, "append_rows", real_append)
     assert regenerate.count_complete_rows(part) == 3  # and the cut line is gone
     assert run(setup, part, **kw)["written"] == 2
     assert part.read_text() == whole.read_text()
