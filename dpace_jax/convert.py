@@ -113,23 +113,10 @@ def load_config(path_or_id: str | os.PathLike) -> ModelConfig:
     return ModelConfig.from_hf(hf, source=str(path))
 
 
-# ----------------------------------------------------------------------------- the key map
-
-
-def key_map(cfg: ModelConfig) -> list[Param]:
-    """Every parameter of `cfg`'s tree with its HF key and layout (declared in dpace_jax.params)."""
-    return TARGET_SCHEMA.params(cfg)
-
-
-def flax_shape(entry: Param, cfg: ModelConfig) -> tuple[int, ...]:
-    shape = entry.shape(dims(cfg))
-    return (cfg.num_layers, *shape) if entry.stacked else shape
-
-
 # ----------------------------------------------------------------------------- loading
 
 
-def _index_tensors(ckpt: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
+def index_tensors(ckpt: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
     """HF key -> (file, shape) from the safetensors headers (no tensor data is read)."""
     index_path = ckpt / INDEX_NAME
     if (ckpt / WEIGHTS_NAME).is_file():
@@ -217,8 +204,8 @@ def load_target(path_or_id: str | os.PathLike, *, dtype=jnp.bfloat16, shardings=
     """
     ckpt = resolve_checkpoint(path_or_id)
     cfg = load_config(ckpt)
-    entries = key_map(cfg)
-    tensors = _index_tensors(ckpt)
+    entries = TARGET_SCHEMA.params(cfg)
+    tensors = index_tensors(ckpt)
     _check_keys(ckpt, cfg, entries, tensors)
     target = None if dtype is None else np.dtype(dtype)
 
@@ -296,8 +283,8 @@ def save_target(params, cfg: ModelConfig, out_dir: str | os.PathLike, *, tokeniz
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    entries = key_map(cfg)
-    want = {e.path: flax_shape(e, cfg) for e in entries}
+    entries = TARGET_SCHEMA.params(cfg)
+    want = {e.path: e.leaf_shape(cfg) for e in entries}
     have = {path: tuple(leaf.shape) for path, leaf in flatten(params).items()}
     problems = [f"{'/'.join(p)}: missing" for p in want if p not in have]
     problems += [f"{'/'.join(p)}: unexpected" for p in have if p not in want]

@@ -28,6 +28,11 @@ def default_target_layer_ids(num_target_layers: int, num_features: int) -> tuple
 
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
+# The ModelConfig fields a drafter takes from its target (DFlash) or from its config.json; its
+# depth is its own, and it never ties embeddings (it has none) nor drops the q/k norms.
+SHARED_FIELDS = ("hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim",
+                 "vocab_size", "rope_theta", "rms_norm_eps", "rope_scaling",
+                 "max_position_embeddings")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -93,26 +98,11 @@ class DrafterConfig(ModelConfig):
         default feature layers are `default_target_layer_ids(L, num_layers)`."""
         if target_layer_ids is None:
             target_layer_ids = default_target_layer_ids(target_cfg.num_layers, num_layers)
-        return cls(
-            hidden_size=target_cfg.hidden_size,
-            intermediate_size=target_cfg.intermediate_size,
-            num_layers=num_layers,
-            num_heads=target_cfg.num_heads,
-            num_kv_heads=target_cfg.num_kv_heads,
-            head_dim=target_cfg.head_dim,
-            vocab_size=target_cfg.vocab_size,
-            block_size=block_size,
-            mask_token_id=mask_token_id,
-            target_layer_ids=tuple(target_layer_ids),
-            num_target_layers=target_cfg.num_layers,
-            rope_theta=target_cfg.rope_theta,
-            rms_norm_eps=target_cfg.rms_norm_eps,
-            rope_scaling=target_cfg.rope_scaling,
-            max_position_embeddings=target_cfg.max_position_embeddings,
-            layer_types=tuple(layer_types),
-            sliding_window=int(sliding_window),
-            is_causal=bool(is_causal),
-        )
+        return cls(**{f: getattr(target_cfg, f) for f in SHARED_FIELDS}, num_layers=num_layers,
+                   num_target_layers=target_cfg.num_layers, block_size=block_size,
+                   mask_token_id=mask_token_id, target_layer_ids=tuple(target_layer_ids),
+                   layer_types=tuple(layer_types), sliding_window=int(sliding_window),
+                   is_causal=bool(is_causal))
 
     @property
     def layer_windows(self) -> tuple[int, ...]:
