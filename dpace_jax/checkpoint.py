@@ -140,9 +140,6 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(self.directory, options=self._options)
         return target
 
-    def wait(self) -> None:
-        self._manager.wait_until_finished()
-
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()

@@ -52,8 +52,7 @@ def _dtype(params: DrafterParams):
 
 
 def _inv_freq(cfg: DrafterConfig) -> jax.Array:
-    scaling = dict(cfg.rope_scaling) if cfg.rope_scaling else None
-    return layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta, scaling)
+    return layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.scaling_dict)
 
 
 def project_context(params: DrafterParams, cfg: DrafterConfig, features: jax.Array) -> jax.Array:

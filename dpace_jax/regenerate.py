@@ -41,12 +41,6 @@ from dpace_jax.sampling import GREEDY, Sampling
 log = logging.getLogger(__name__)
 
 
-def _settings(args: dict, input_fingerprint: str) -> dict:
-    keys = ("target", "drafter", "temperature", "rule", "top_k", "top_p", "max_new_tokens",
-            "batch_size", "seed", "dtype", "split")
-    return {**{k: args[k] for k in keys}, "input": input_fingerprint}
-
-
 def _fingerprint(convs) -> str:
     import hashlib
 
@@ -125,7 +119,7 @@ def regenerate(target: str, inputs, output: str | Path, *, drafter: str | None =
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     meta_path = output.with_name(output.name + ".regen.json")
-    settings = _settings(settings, _fingerprint(convs))
+    settings["input"] = _fingerprint(convs)
     done = count_complete_rows(output)
     if done and meta_path.exists() and json.loads(meta_path.read_text()) != settings:
         raise ValueError(f"{output} was written with other settings ({meta_path}); delete both "
