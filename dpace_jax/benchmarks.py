@@ -85,12 +85,9 @@ def _humaneval(row, where):
     return (make_prompt(_text(row, "prompt", where)),)
 
 
-def _gsm8k(row, where):
-    return (_text(row, "question", where) + MATH_SUFFIX,)
-
-
-def _math500(row, where):
-    return (_text(row, "problem", where) + MATH_SUFFIX,)
+def _math(field: str):
+    """A math benchmark's turns: its `field` asking for a boxed final answer."""
+    return lambda row, where: (_text(row, field, where) + MATH_SUFFIX,)
 
 
 def _mbpp(row, where):
@@ -128,8 +125,8 @@ class _Kind:
 
 BENCHMARKS: dict[str, _Kind] = {
     "humaneval": _Kind(_humaneval, None, ("task_id",)),
-    "gsm8k": _Kind(_gsm8k, ("openai/gsm8k", "main", "test")),
-    "math500": _Kind(_math500, ("HuggingFaceH4/MATH-500", None, "test"), ("unique_id",)),
+    "gsm8k": _Kind(_math("question"), ("openai/gsm8k", "main", "test")),
+    "math500": _Kind(_math("problem"), ("HuggingFaceH4/MATH-500", None, "test"), ("unique_id",)),
     "mbpp": _Kind(_mbpp, ("google-research-datasets/mbpp", "full", "test"), ("task_id",)),
     "mt-bench": _Kind(_mt_bench, ("HuggingFaceH4/mt_bench_prompts", None, "train"),
                       ("prompt_id", "question_id")),

@@ -129,14 +129,6 @@ def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
     return text
 
 
-def _common_prefix_len(a: str, b: str) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 def render_with_spans(conv, tokenizer) -> tuple[str, list[tuple[int, int]]]:
     """Full chat-template text and the character spans of the assistant turns (content + EOT)."""
     if not getattr(tokenizer, "chat_template", None):
@@ -170,7 +162,7 @@ def render_with_spans(conv, tokenizer) -> tuple[str, list[tuple[int, int]]]:
         if at >= cursor and full.startswith(prefix) and full.startswith(target, at):
             start = at
         else:
-            start = full.find(target, max(cursor, _common_prefix_len(full, prefix)))
+            start = full.find(target, max(cursor, len(os.path.commonprefix([full, prefix]))))
             if start < 0:
                 raise BadConversation(
                     "mask_mismatch", f"assistant turn {i} not found in the rendered conversation"

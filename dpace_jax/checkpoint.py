@@ -73,14 +73,13 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> None:
+    def save(self, step: int, state: Any, meta: dict) -> None:
         meta = {**meta, "checksums": checksums(state)}
         self._manager.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
             ),
-            force=force,
         )
 
     def restore(self, step: int, abstract_state: Any,

@@ -20,7 +20,6 @@ import json
 from pathlib import Path
 
 import jax  # noqa: F401  (registers bfloat16 with numpy before safetensors.numpy is used)
-import ml_dtypes
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
@@ -33,15 +32,13 @@ from dpace_jax.params import DRAFTER_SCHEMA
 ARCHITECTURE = "DFlashDraftModel"
 CONFIG_NAME = "config.json"
 
-_DTYPE_NAMES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
-                "float16": np.dtype(np.float16)}
+_DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 def _dtype_name(dtype) -> str:
     dtype = np.dtype(dtype)
-    for name, dt in _DTYPE_NAMES.items():
-        if dt == dtype:
-            return name
+    if dtype.name in _DTYPE_NAMES:
+        return dtype.name
     raise ValueError(f"unsupported parameter dtype {dtype} (expected one of {list(_DTYPE_NAMES)})")
 
 

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import jax
 
-from dpace_jax import convert
 from dpace_jax import data as data_lib
 from dpace_jax import generation as ev
 from dpace_jax.config import DTYPES, parse_dtype
@@ -130,19 +129,9 @@ def regenerate(target: str, inputs, output: str | Path, *, drafter: str | None =
     if done == len(convs):
         return {"rows": len(convs), "written": 0, "skipped": done, "empty_answers": 0}
 
-    target_dir = convert.resolve_checkpoint(target)
-    tokenizer = convert.load_tokenizer(target_dir)
-    target_cfg = convert.load_config(target_dir)
-    jdtype = parse_dtype(dtype, "--dtype")
-    spec = None
-    if drafter:
-        loaded = ev.load_drafter(drafter)
-        ev.check_drafter(loaded, target_cfg, tokenizer, max_new_tokens=int(max_new_tokens))
-        spec = ev.as_decoder(loaded, target_cfg, jdtype)
-    target_params, _ = convert.load_target(target_dir, dtype=jdtype)
-    gen = ev.Generator(target_params, target_cfg, ev.stop_token_ids(tokenizer),
-                       int(tokenizer.pad_token_id or 0), int(max_new_tokens), int(batch_size),
-                       sampling)
+    _, tokenizer, gen, _, spec = ev.open_target(
+        target, drafter, parse_dtype(dtype, "--dtype"), max_new_tokens=int(max_new_tokens),
+        batch_size=int(batch_size), sampling=sampling)
     base_key = jax.random.PRNGKey(int(seed))
 
     from tqdm import tqdm

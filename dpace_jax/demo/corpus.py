@@ -53,12 +53,8 @@ class FunctionTask:
     @property
     def answer(self) -> str:
         """The reference assistant message: the body in a python code fence."""
-        return make_answer(self.body)
-
-
-def make_answer(body: str) -> str:
-    body = body if body.endswith("\n") else body + "\n"
-    return f"```python\n{body}```"
+        body = self.body if self.body.endswith("\n") else self.body + "\n"
+        return f"```python\n{body}```"
 
 
 def stdlib_root() -> Path:
