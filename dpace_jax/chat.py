@@ -316,7 +316,6 @@ def load_conversations(paths, *, split: str = "train",
     convs: list[list[dict]] = []
     skipped: Counter = Counter()
     per_source, examples = [], []
-    rows_total = 0
     for kind, what in _sources(paths):
         name = str(what) if kind != "dataset" else f"<{type(what).__name__}>"
         n_rows, n_kept, bad = 0, 0, Counter()
@@ -344,11 +343,10 @@ def load_conversations(paths, *, split: str = "train",
                         n_rows, dict(bad), "; ".join(examples[-min(SKIP_EXAMPLES,
                                                                     sum(bad.values())):]))
         log.info("%s: %d conversations", name, n_kept)
-        rows_total += n_rows
         skipped.update(bad)
         per_source.append({"source": name, "rows": n_rows, "conversations": n_kept})
     stats = {
-        "rows": rows_total,
+        "rows": sum(s["rows"] for s in per_source),
         "conversations": len(convs),
         "skipped": dict(skipped),
         "skipped_examples": examples,

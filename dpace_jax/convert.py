@@ -314,26 +314,19 @@ def save_target(params, cfg: ModelConfig, out_dir: str | os.PathLike, *, tokeniz
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-
-    def write_weights(fh):
+    names = {np.dtype(dtype if dtype is not None else leaf.dtype).name
+             for leaf in flatten(params).values()}
+    dtype_name = "bfloat16" if "bfloat16" in names else sorted(names)[0]
+    with atomic_path(out / WEIGHTS_NAME) as tmp, open(tmp, "wb") as fh:
         fh.write(len(blob).to_bytes(8, "little"))
         fh.write(blob)
         for _key, _dt, shape, make in plan:
             arr = np.ascontiguousarray(make())
             assert arr.shape == tuple(shape), (arr.shape, shape)
             fh.write(arr.reshape(-1).view(np.uint8).data)
-
-    names = {np.dtype(dtype if dtype is not None else leaf.dtype).name
-             for leaf in flatten(params).values()}
-    dtype_name = "bfloat16" if "bfloat16" in names else sorted(names)[0]
-    with atomic_path(out / WEIGHTS_NAME) as tmp, open(tmp, "wb") as fh:
-        write_weights(fh)
-    stale_index = out / INDEX_NAME
-    if stale_index.exists():
-        stale_index.unlink()
-    config_text = json.dumps(hf_config(cfg, dtype_name), indent=2) + "\n"
+    (out / INDEX_NAME).unlink(missing_ok=True)  # a stale index would name other files
     with atomic_path(out / "config.json") as tmp:
-        tmp.write_text(config_text)
+        tmp.write_text(json.dumps(hf_config(cfg, dtype_name), indent=2) + "\n")
     if tokenizer is not None:
         if isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = load_tokenizer(tokenizer)
