@@ -21,9 +21,7 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,6 +31,7 @@ import numpy as np
 import optax
 
 from dpace_jax import convert, model
+from dpace_jax.atomic import atomic_dir
 from dpace_jax.demo import corpus as corpus_lib
 from dpace_jax.demo.tokenizer import IM_END, PAD, build_tokenizer
 
@@ -112,27 +111,9 @@ def _cached_build(out_dir, settings: dict, build: Callable[[Path], dict]) -> Pat
     if out.exists() and marker is None and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} exists and is not a demo build (no {MARKER}); refusing to "
                          "overwrite it: pass an empty or new directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.building-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
-        record = build(staging)
-        record = {"hash": digest, "settings": settings, **record}
+    with atomic_dir(out, lambda p: (read_marker(p) or {}).get("hash") == digest) as staging:
+        record = {"hash": digest, "settings": settings, **build(staging)}
         (staging / MARKER).write_text(json.dumps(record, indent=2) + "\n")
-        current = read_marker(out)
-        if current is not None and current.get("hash") == digest:  # a concurrent build won
-            shutil.rmtree(staging)
-            return out
-        trash = None
-        if out.exists():
-            trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, trash)
-        os.replace(staging, out)
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 
