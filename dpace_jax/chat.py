@@ -261,22 +261,25 @@ def _sources(paths) -> list[tuple[str, object]]:
 _BAD_JSON = object()
 
 
+def json_document(text: str) -> list | None:
+    """The rows of a .json file's text: a list, {"data": [...]} or one object; None when it is
+    not one such document (maybe JSON lines in a .json file)."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if isinstance(data, Mapping) and isinstance(data.get("data"), list):
+        data = data["data"]
+    return data if isinstance(data, list) else [data] if isinstance(data, Mapping) else None
+
+
 def _json_rows(path: Path) -> Iterator[tuple[str, object]]:
     """(where, row) of a JSON / JSONL file; where is "file:line" (JSONL) or "file[i]"."""
     text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError:
-            data = None  # maybe JSON lines in a .json file
-        if isinstance(data, Mapping) and isinstance(data.get("data"), list):
-            data = data["data"]
-        if isinstance(data, list):
-            yield from ((f"{path}[{i}]", row) for i, row in enumerate(data))
-            return
-        if isinstance(data, Mapping):
-            yield f"{path}[0]", data
-            return
+    rows = json_document(text) if path.suffix == ".json" else None
+    if rows is not None:
+        yield from ((f"{path}[{i}]", row) for i, row in enumerate(rows))
+        return
     for i, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:

@@ -47,9 +47,11 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 # ----------------------------------------------------------------------------- locating files
 
 
-def _offline() -> bool:
+def hub_offline(*names: str) -> bool:
+    """Whether the HF hub is off limits: HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE or one of `names`
+    set in the environment, or huggingface_hub's own setting."""
     truthy = {"1", "ON", "YES", "TRUE"}
-    names = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    names = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", *names)
     if any(os.environ.get(v, "").upper() in truthy for v in names):
         return True
     from huggingface_hub import constants
@@ -69,7 +71,7 @@ def resolve_checkpoint(path_or_id: str | os.PathLike, *, cache_dir: str | os.Pat
     name = str(path_or_id)
     if not _REPO_ID.match(name) or ".." in name or "--" in name:
         raise FileNotFoundError(f"checkpoint directory {name} does not exist")
-    offline = _offline()
+    offline = hub_offline()
     from huggingface_hub import snapshot_download
 
     try:
@@ -229,18 +231,14 @@ def load_target(path_or_id: str | os.PathLike, *, dtype=jnp.bfloat16, shardings=
         leaves = {}
         d = dims(cfg)
         for entry in entries:
-            keys = entry.hf_keys(cfg.num_layers)
-            if entry.stacked:
-                first = entry.from_hf(read(keys[0]), d)
-                host = np.empty((len(keys), *first.shape),
-                                first.dtype if target is None else target)
-                host[0] = first.astype(host.dtype, copy=False)
-                del first
-                for i, key in enumerate(keys[1:], start=1):
-                    host[i] = entry.from_hf(read(key), d).astype(host.dtype, copy=False)
-            else:
-                host = entry.from_hf(read(keys[0]), d)
-                host = np.ascontiguousarray(host if target is None else host.astype(target))
+            keys, host = entry.hf_keys(cfg.num_layers), None
+            for i, key in enumerate(keys):  # one [L, ...] array (a stacked one) layer by layer
+                w = entry.from_hf(read(key), d)
+                if host is None:
+                    host = np.empty((len(keys), *w.shape), w.dtype if target is None else target)
+                host[i] = w.astype(host.dtype, copy=False)
+                del w
+            host = host if entry.stacked else host[0]
             leaves[entry.path] = _place(host, _sharding_for(shardings, entry.path))
             del host
     return TARGET_SCHEMA.build(leaves), cfg
