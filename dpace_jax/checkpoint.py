@@ -130,8 +130,7 @@ class Checkpointer:
 
     def move_aside(self, step: int) -> Path:
         """Rename step directory `step` into `<directory>-unusable/` (never deleted)."""
-        self._manager.wait_until_finished()
-        self._manager.close()
+        self.close()
         aside = self.directory.parent / f"{self.directory.name}-unusable"
         aside.mkdir(exist_ok=True)
         target = aside / f"{step}-{time.strftime('%Y%m%dT%H%M%S')}"

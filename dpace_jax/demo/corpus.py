@@ -57,10 +57,6 @@ class FunctionTask:
         return f"```python\n{body}```"
 
 
-def stdlib_root() -> Path:
-    return Path(sysconfig.get_paths()["stdlib"])
-
-
 def collect_sources(
     root: str | Path | None = None,
     *,
@@ -75,7 +71,7 @@ def collect_sources(
     `max_files`, a seeded random subset of that many files is kept; with `max_total_bytes`, files
     are then dropped (in seeded order) until the total fits. The result is sorted either way.
     """
-    root = Path(root) if root is not None else stdlib_root()
+    root = Path(root if root is not None else sysconfig.get_paths()["stdlib"])
     if not root.is_dir():
         raise FileNotFoundError(f"corpus root {str(root)!r} is not a directory")
     paths = sorted(_walk(root))
