@@ -1,11 +1,13 @@
-"""Atomic file writes: a file is either its old self or complete, never half-written."""
+"""Atomic writes: a file or directory is either its old self or complete, never half-written."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -33,3 +35,30 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, complete: Callable[[Path], bool]) -> Iterator[Path]:
+    """Yield a staging directory beside `path` to fill (what marks it complete written last).
+    When the block ends normally the staging directory takes `path`'s place (a copy already there
+    is renamed aside, then removed), unless `complete(path)` finds that another process finished
+    one first: that one is kept. When the block raises, `path` is untouched. The staging
+    directory never stays behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    staging.chmod(umask_mode(directory=True))
+    try:
+        yield staging
+        if not complete(path):
+            trash = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.old"
+            if path.exists():
+                os.replace(path, trash)
+            try:
+                os.replace(staging, path)
+            except OSError:  # another process put its copy there first: keep a complete one
+                if not complete(path):
+                    raise
+            shutil.rmtree(trash, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -21,9 +21,10 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
-import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+
+from dpace_jax.chat import json_document
 
 MATH_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 
@@ -85,12 +86,9 @@ def _humaneval(row, where):
     return (make_prompt(_text(row, "prompt", where)),)
 
 
-def _gsm8k(row, where):
-    return (_text(row, "question", where) + MATH_SUFFIX,)
-
-
-def _math500(row, where):
-    return (_text(row, "problem", where) + MATH_SUFFIX,)
+def _math(field: str):
+    """A math benchmark's turns: its `field` asking for a boxed final answer."""
+    return lambda row, where: (_text(row, field, where) + MATH_SUFFIX,)
 
 
 def _mbpp(row, where):
@@ -128,8 +126,8 @@ class _Kind:
 
 BENCHMARKS: dict[str, _Kind] = {
     "humaneval": _Kind(_humaneval, None, ("task_id",)),
-    "gsm8k": _Kind(_gsm8k, ("openai/gsm8k", "main", "test")),
-    "math500": _Kind(_math500, ("HuggingFaceH4/MATH-500", None, "test"), ("unique_id",)),
+    "gsm8k": _Kind(_math("question"), ("openai/gsm8k", "main", "test")),
+    "math500": _Kind(_math("problem"), ("HuggingFaceH4/MATH-500", None, "test"), ("unique_id",)),
     "mbpp": _Kind(_mbpp, ("google-research-datasets/mbpp", "full", "test"), ("task_id",)),
     "mt-bench": _Kind(_mt_bench, ("HuggingFaceH4/mt_bench_prompts", None, "train"),
                       ("prompt_id", "question_id")),
@@ -170,17 +168,9 @@ def read_rows(path: Path) -> list:
         raise ValueError(f"{path}: unsupported benchmark file type (expected .jsonl, .json or "
                          ".parquet, optionally .gz for JSON)")
     text = gzip.open(path, "rt", encoding="utf-8").read() if gz else path.read_text("utf-8")
-    if kind == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError:
-            data = None  # JSON lines in a .json file
-        if isinstance(data, Mapping) and isinstance(data.get("data"), list):
-            data = data["data"]
-        if isinstance(data, list):
-            return data
-        if isinstance(data, Mapping):
-            return [data]
+    data = json_document(text) if kind == ".json" else None
+    if data is not None:
+        return data
     rows = []
     for i, line in enumerate(text.splitlines(), 1):
         if line.strip():
@@ -191,20 +181,12 @@ def read_rows(path: Path) -> list:
     return rows
 
 
-def _offline() -> bool:
-    truthy = {"1", "ON", "YES", "TRUE"}
-    names = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
-    if any(os.environ.get(v, "").upper() in truthy for v in names):
-        return True
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
-
-
 def _hub_rows(name: str, dataset: str, config: str | None, split: str) -> Iterable:
     how = (f"pass a local file instead: --benchmarks {name}=path/to/{name}.jsonl "
            f"(JSONL/JSON/Parquet rows as in {dataset})")
-    if _offline():
+    from dpace_jax.convert import hub_offline  # here: the rest of this module needs no JAX
+
+    if hub_offline("HF_DATASETS_OFFLINE"):
         raise FileNotFoundError(f"benchmark {name!r}: no local file given and the hub is "
                                 f"offline (HF_HUB_OFFLINE is set), so {dataset} cannot be "
                                 f"loaded; {how}")

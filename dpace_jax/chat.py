@@ -129,14 +129,6 @@ def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
     return text
 
 
-def _common_prefix_len(a: str, b: str) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 def render_with_spans(conv, tokenizer) -> tuple[str, list[tuple[int, int]]]:
     """Full chat-template text and the character spans of the assistant turns (content + EOT)."""
     if not getattr(tokenizer, "chat_template", None):
@@ -170,7 +162,7 @@ def render_with_spans(conv, tokenizer) -> tuple[str, list[tuple[int, int]]]:
         if at >= cursor and full.startswith(prefix) and full.startswith(target, at):
             start = at
         else:
-            start = full.find(target, max(cursor, _common_prefix_len(full, prefix)))
+            start = full.find(target, max(cursor, len(os.path.commonprefix([full, prefix]))))
             if start < 0:
                 raise BadConversation(
                     "mask_mismatch", f"assistant turn {i} not found in the rendered conversation"
@@ -269,22 +261,25 @@ def _sources(paths) -> list[tuple[str, object]]:
 _BAD_JSON = object()
 
 
+def json_document(text: str) -> list | None:
+    """The rows of a .json file's text: a list, {"data": [...]} or one object; None when it is
+    not one such document (maybe JSON lines in a .json file)."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if isinstance(data, Mapping) and isinstance(data.get("data"), list):
+        data = data["data"]
+    return data if isinstance(data, list) else [data] if isinstance(data, Mapping) else None
+
+
 def _json_rows(path: Path) -> Iterator[tuple[str, object]]:
     """(where, row) of a JSON / JSONL file; where is "file:line" (JSONL) or "file[i]"."""
     text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError:
-            data = None  # maybe JSON lines in a .json file
-        if isinstance(data, Mapping) and isinstance(data.get("data"), list):
-            data = data["data"]
-        if isinstance(data, list):
-            yield from ((f"{path}[{i}]", row) for i, row in enumerate(data))
-            return
-        if isinstance(data, Mapping):
-            yield f"{path}[0]", data
-            return
+    rows = json_document(text) if path.suffix == ".json" else None
+    if rows is not None:
+        yield from ((f"{path}[{i}]", row) for i, row in enumerate(rows))
+        return
     for i, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
@@ -324,7 +319,6 @@ def load_conversations(paths, *, split: str = "train",
     convs: list[list[dict]] = []
     skipped: Counter = Counter()
     per_source, examples = [], []
-    rows_total = 0
     for kind, what in _sources(paths):
         name = str(what) if kind != "dataset" else f"<{type(what).__name__}>"
         n_rows, n_kept, bad = 0, 0, Counter()
@@ -352,11 +346,10 @@ def load_conversations(paths, *, split: str = "train",
                         n_rows, dict(bad), "; ".join(examples[-min(SKIP_EXAMPLES,
                                                                     sum(bad.values())):]))
         log.info("%s: %d conversations", name, n_kept)
-        rows_total += n_rows
         skipped.update(bad)
         per_source.append({"source": name, "rows": n_rows, "conversations": n_kept})
     stats = {
-        "rows": rows_total,
+        "rows": sum(s["rows"] for s in per_source),
         "conversations": len(convs),
         "skipped": dict(skipped),
         "skipped_examples": examples,

@@ -73,14 +73,13 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> None:
+    def save(self, step: int, state: Any, meta: dict) -> None:
         meta = {**meta, "checksums": checksums(state)}
         self._manager.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
             ),
-            force=force,
         )
 
     def restore(self, step: int, abstract_state: Any,
@@ -131,17 +130,13 @@ class Checkpointer:
 
     def move_aside(self, step: int) -> Path:
         """Rename step directory `step` into `<directory>-unusable/` (never deleted)."""
-        self._manager.wait_until_finished()
-        self._manager.close()
+        self.close()
         aside = self.directory.parent / f"{self.directory.name}-unusable"
         aside.mkdir(exist_ok=True)
         target = aside / f"{step}-{time.strftime('%Y%m%dT%H%M%S')}"
         (self.directory / str(step)).rename(target)
         self._manager = ocp.CheckpointManager(self.directory, options=self._options)
         return target
-
-    def wait(self) -> None:
-        self._manager.wait_until_finished()
 
     def close(self) -> None:
         self._manager.wait_until_finished()

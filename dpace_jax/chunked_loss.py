@@ -74,20 +74,16 @@ def token_stats_from_hidden(hidden, head, targets, mask, *, chunk_size=DEFAULT_C
 def dpace_loss_from_hidden(hidden, head, targets, mask, *, alpha=DEFAULT_ALPHA,
                            variant: str = "dpace", chunk_size: int = DEFAULT_CHUNK_SIZE):
     """``dpace_jax.loss.dpace_loss`` of ``hidden @ head`` -> (loss, aux), computed in chunks."""
-    check_alpha(alpha)
     check_variant(variant)
-    _check_hidden(hidden, head, targets, mask, chunk_size)
-    ce, correct = token_stats_from_hidden(hidden, head, targets, mask, chunk_size=chunk_size)
-    return loss_from_stats(variant, ce, correct, mask, alpha=alpha)
+    return objective_from_hidden(variant, hidden, head, targets, mask, alpha=alpha,
+                                 chunk_size=chunk_size)
 
 
 def dflash_loss_from_hidden(hidden, head, targets, mask, *, gamma=None,
                             chunk_size: int = DEFAULT_CHUNK_SIZE):
     """``dpace_jax.loss.dflash_loss`` of ``hidden @ head`` -> (loss, aux), computed in chunks."""
-    check_gamma(gamma)
-    _check_hidden(hidden, head, targets, mask, chunk_size)
-    ce, correct = token_stats_from_hidden(hidden, head, targets, mask, chunk_size=chunk_size)
-    return loss_from_stats("dflash", ce, correct, mask, gamma=gamma)
+    return objective_from_hidden("dflash", hidden, head, targets, mask, gamma=gamma,
+                                 chunk_size=chunk_size)
 
 
 def objective_from_hidden(name: str, hidden, head, targets, mask, *, alpha=DEFAULT_ALPHA,
@@ -95,7 +91,9 @@ def objective_from_hidden(name: str, hidden, head, targets, mask, *, alpha=DEFAU
     """Dispatch by name (one of ``dpace_jax.loss.LOSS_NAMES``) -> (loss, aux)."""
     check_name(name)
     if name == "dflash":
-        return dflash_loss_from_hidden(hidden, head, targets, mask, gamma=gamma,
-                                       chunk_size=chunk_size)
-    return dpace_loss_from_hidden(hidden, head, targets, mask, alpha=alpha, variant=name,
-                                  chunk_size=chunk_size)
+        check_gamma(gamma)
+    else:
+        check_alpha(alpha)
+    _check_hidden(hidden, head, targets, mask, chunk_size)
+    ce, correct = token_stats_from_hidden(hidden, head, targets, mask, chunk_size=chunk_size)
+    return loss_from_stats(name, ce, correct, mask, alpha=alpha, gamma=gamma)

@@ -47,9 +47,11 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 # ----------------------------------------------------------------------------- locating files
 
 
-def _offline() -> bool:
+def hub_offline(*names: str) -> bool:
+    """Whether the HF hub is off limits: HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE or one of `names`
+    set in the environment, or huggingface_hub's own setting."""
     truthy = {"1", "ON", "YES", "TRUE"}
-    names = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    names = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", *names)
     if any(os.environ.get(v, "").upper() in truthy for v in names):
         return True
     from huggingface_hub import constants
@@ -69,7 +71,7 @@ def resolve_checkpoint(path_or_id: str | os.PathLike, *, cache_dir: str | os.Pat
     name = str(path_or_id)
     if not _REPO_ID.match(name) or ".." in name or "--" in name:
         raise FileNotFoundError(f"checkpoint directory {name} does not exist")
-    offline = _offline()
+    offline = hub_offline()
     from huggingface_hub import snapshot_download
 
     try:
@@ -113,23 +115,10 @@ def load_config(path_or_id: str | os.PathLike) -> ModelConfig:
     return ModelConfig.from_hf(hf, source=str(path))
 
 
-# ----------------------------------------------------------------------------- the key map
-
-
-def key_map(cfg: ModelConfig) -> list[Param]:
-    """Every parameter of `cfg`'s tree with its HF key and layout (declared in dpace_jax.params)."""
-    return TARGET_SCHEMA.params(cfg)
-
-
-def flax_shape(entry: Param, cfg: ModelConfig) -> tuple[int, ...]:
-    shape = entry.shape(dims(cfg))
-    return (cfg.num_layers, *shape) if entry.stacked else shape
-
-
 # ----------------------------------------------------------------------------- loading
 
 
-def _index_tensors(ckpt: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
+def index_tensors(ckpt: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
     """HF key -> (file, shape) from the safetensors headers (no tensor data is read)."""
     index_path = ckpt / INDEX_NAME
     if (ckpt / WEIGHTS_NAME).is_file():
@@ -217,8 +206,8 @@ def load_target(path_or_id: str | os.PathLike, *, dtype=jnp.bfloat16, shardings=
     """
     ckpt = resolve_checkpoint(path_or_id)
     cfg = load_config(ckpt)
-    entries = key_map(cfg)
-    tensors = _index_tensors(ckpt)
+    entries = TARGET_SCHEMA.params(cfg)
+    tensors = index_tensors(ckpt)
     _check_keys(ckpt, cfg, entries, tensors)
     target = None if dtype is None else np.dtype(dtype)
 
@@ -242,18 +231,14 @@ def load_target(path_or_id: str | os.PathLike, *, dtype=jnp.bfloat16, shardings=
         leaves = {}
         d = dims(cfg)
         for entry in entries:
-            keys = entry.hf_keys(cfg.num_layers)
-            if entry.stacked:
-                first = entry.from_hf(read(keys[0]), d)
-                host = np.empty((len(keys), *first.shape),
-                                first.dtype if target is None else target)
-                host[0] = first.astype(host.dtype, copy=False)
-                del first
-                for i, key in enumerate(keys[1:], start=1):
-                    host[i] = entry.from_hf(read(key), d).astype(host.dtype, copy=False)
-            else:
-                host = entry.from_hf(read(keys[0]), d)
-                host = np.ascontiguousarray(host if target is None else host.astype(target))
+            keys, host = entry.hf_keys(cfg.num_layers), None
+            for i, key in enumerate(keys):  # one [L, ...] array (a stacked one) layer by layer
+                w = entry.from_hf(read(key), d)
+                if host is None:
+                    host = np.empty((len(keys), *w.shape), w.dtype if target is None else target)
+                host[i] = w.astype(host.dtype, copy=False)
+                del w
+            host = host if entry.stacked else host[0]
             leaves[entry.path] = _place(host, _sharding_for(shardings, entry.path))
             del host
     return TARGET_SCHEMA.build(leaves), cfg
@@ -296,8 +281,8 @@ def save_target(params, cfg: ModelConfig, out_dir: str | os.PathLike, *, tokeniz
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    entries = key_map(cfg)
-    want = {e.path: flax_shape(e, cfg) for e in entries}
+    entries = TARGET_SCHEMA.params(cfg)
+    want = {e.path: e.leaf_shape(cfg) for e in entries}
     have = {path: tuple(leaf.shape) for path, leaf in flatten(params).items()}
     problems = [f"{'/'.join(p)}: missing" for p in want if p not in have]
     problems += [f"{'/'.join(p)}: unexpected" for p in have if p not in want]
@@ -327,26 +312,19 @@ def save_target(params, cfg: ModelConfig, out_dir: str | os.PathLike, *, tokeniz
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-
-    def write_weights(fh):
+    names = {np.dtype(dtype if dtype is not None else leaf.dtype).name
+             for leaf in flatten(params).values()}
+    dtype_name = "bfloat16" if "bfloat16" in names else sorted(names)[0]
+    with atomic_path(out / WEIGHTS_NAME) as tmp, open(tmp, "wb") as fh:
         fh.write(len(blob).to_bytes(8, "little"))
         fh.write(blob)
         for _key, _dt, shape, make in plan:
             arr = np.ascontiguousarray(make())
             assert arr.shape == tuple(shape), (arr.shape, shape)
             fh.write(arr.reshape(-1).view(np.uint8).data)
-
-    names = {np.dtype(dtype if dtype is not None else leaf.dtype).name
-             for leaf in flatten(params).values()}
-    dtype_name = "bfloat16" if "bfloat16" in names else sorted(names)[0]
-    with atomic_path(out / WEIGHTS_NAME) as tmp, open(tmp, "wb") as fh:
-        write_weights(fh)
-    stale_index = out / INDEX_NAME
-    if stale_index.exists():
-        stale_index.unlink()
-    config_text = json.dumps(hf_config(cfg, dtype_name), indent=2) + "\n"
+    (out / INDEX_NAME).unlink(missing_ok=True)  # a stale index would name other files
     with atomic_path(out / "config.json") as tmp:
-        tmp.write_text(config_text)
+        tmp.write_text(json.dumps(hf_config(cfg, dtype_name), indent=2) + "\n")
     if tokenizer is not None:
         if isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = load_tokenizer(tokenizer)

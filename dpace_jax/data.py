@@ -16,9 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dpace_jax.atomic import umask_mode
+from dpace_jax.atomic import atomic_dir
 from dpace_jax.chat import (  # noqa: F401  (load_conversations, write_jsonl: this API too)
     TEMPLATE_KWARGS,
     BadConversation,
@@ -121,26 +118,11 @@ _ARRAYS = ("tokens", "loss_mask", "offsets")
 
 
 def _save_cache(path: Path, ds: TokenizedDataset, stats: dict, key: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
-    tmp.chmod(umask_mode(directory=True))
-    try:
+    with atomic_dir(path, lambda p: _load_cache(p, key) is not None) as tmp:
         for name in _ARRAYS:
             np.save(tmp / f"{name}.npy", getattr(ds, name))
         # meta.json last: a directory without it never loads as valid.
         (tmp / "meta.json").write_text(json.dumps({"key": key, "stats": stats}))
-        if path.exists():
-            if _load_cache(path, key) is not None:  # another process finished first
-                shutil.rmtree(tmp, ignore_errors=True)
-                return
-            shutil.rmtree(path, ignore_errors=True)  # a corrupt copy; ours is complete
-        try:
-            os.rename(tmp, path)
-        except OSError:  # another process renamed first: keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _load_cache(path: Path, key: str) -> tuple[TokenizedDataset, dict] | None:

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpace_jax import drafter as dflash
 from dpace_jax import model
 from dpace_jax import sampling as sampling_lib
 from dpace_jax.model import KVCache, ModelConfig
@@ -80,8 +81,6 @@ class Drafter:
             raise ValueError(f"drafter target_layer_ids {bad} out of range: the target has "
                              f"{target_cfg.num_layers} layers")
         if self.init_cache is _dflash_init:
-            from dpace_jax import drafter as dflash
-
             dflash.check_compatible(self.config, target_cfg)
 
 
@@ -107,15 +106,7 @@ def _dflash_init(params, cfg, batch, length):
 
 
 def _dflash_extend(params, cfg, cache, tokens, features, start):
-    from dpace_jax import drafter as dflash
-
     return dflash.extend_cache(params, cfg, cache, features, start)
-
-
-def _dflash_draft(params, cfg, target_params, cache, anchor_tokens, anchors):
-    from dpace_jax import drafter as dflash
-
-    return dflash.draft_logits(params, cfg, target_params, cache, anchor_tokens, anchors)
 
 
 def dflash_drafter(params, cfg, target_cfg: ModelConfig | None = None,
@@ -123,10 +114,8 @@ def dflash_drafter(params, cfg, target_cfg: ModelConfig | None = None,
     """The DFlash drafter of dpace_jax.drafter (params, DrafterConfig); checked against the
     target config when given (ValueError naming the field that does not fit)."""
     if target_cfg is not None:
-        from dpace_jax import drafter as dflash
-
         dflash.check_compatible(cfg, target_cfg, source=source)
-    return Drafter(params, cfg, _dflash_init, _dflash_extend, _dflash_draft, cfg.block_size,
+    return Drafter(params, cfg, _dflash_init, _dflash_extend, dflash.draft_logits, cfg.block_size,
                    tuple(cfg.target_layer_ids))
 
 

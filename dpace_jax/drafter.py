@@ -47,13 +47,8 @@ def init_drafter_params(cfg: DrafterConfig, key: jax.Array, dtype=jnp.float32,
     return DRAFTER_SCHEMA.init(cfg, key, dtype, scale)
 
 
-def _dtype(params: DrafterParams):
-    return params.fc.dtype
-
-
 def _inv_freq(cfg: DrafterConfig) -> jax.Array:
-    scaling = dict(cfg.rope_scaling) if cfg.rope_scaling else None
-    return layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta, scaling)
+    return layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.scaling_dict)
 
 
 def project_context(params: DrafterParams, cfg: DrafterConfig, features: jax.Array) -> jax.Array:
@@ -61,7 +56,7 @@ def project_context(params: DrafterParams, cfg: DrafterConfig, features: jax.Arr
     if features.shape[-1] != cfg.feature_size:
         raise ValueError(f"target features have width {features.shape[-1]}, expected "
                          f"{cfg.feature_size} = {cfg.num_features} layers x {cfg.hidden_size}")
-    c = jnp.einsum("...x,xd->...d", features.astype(_dtype(params)), params.fc)
+    c = jnp.einsum("...x,xd->...d", features.astype(params.fc.dtype), params.fc)
     return layers.rms_norm(c, params.hidden_norm, cfg.rms_norm_eps)
 
 
@@ -96,7 +91,7 @@ def _run_blocks(params, cfg: DrafterConfig, x, anchors, context, remat: bool,
     """Scan the layers. `context` is ("kv", k, v) with per-layer k/v [L, B, S, G, E], or
     ("c", c, positions) to project the context inside each layer step."""
     attention = attention or {}
-    x = x.astype(_dtype(params))
+    x = x.astype(params.fc.dtype)
     anchors = anchors.astype(jnp.int32)
     positions = anchors[:, :, None] + jnp.arange(cfg.block_size, dtype=jnp.int32)
     cos, sin = layers.rope_cos_sin(positions, _inv_freq(cfg))  # [B, N, K, E]

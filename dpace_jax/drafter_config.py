@@ -28,6 +28,11 @@ def default_target_layer_ids(num_target_layers: int, num_features: int) -> tuple
 
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
+# The ModelConfig fields a drafter takes from its target (DFlash) or from its config.json; its
+# depth is its own, and it never ties embeddings (it has none) nor drops the q/k norms.
+SHARED_FIELDS = ("hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim",
+                 "vocab_size", "rope_theta", "rms_norm_eps", "rope_scaling",
+                 "max_position_embeddings")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -54,13 +59,12 @@ class DrafterConfig(ModelConfig):
         if unknown:
             raise ValueError(f"drafter config: layer_types {unknown} unknown; expected "
                              f"{' or '.join(LAYER_TYPES)}")
-        if int(self.sliding_window) < 0 or ("sliding_attention" in types
-                                            and int(self.sliding_window) < 1):
+        sliding = "sliding_attention" in types
+        if int(self.sliding_window) < 0 or (sliding and int(self.sliding_window) < 1):
             raise ValueError(f"drafter config: sliding_window={self.sliding_window}; sliding_"
                              "attention layers need a window >= 1")
-        if "sliding_attention" not in types:  # the window has no effect: one spelling of it
-            object.__setattr__(self, "sliding_window", 0)
-        object.__setattr__(self, "sliding_window", int(self.sliding_window))
+        # without sliding layers the window has no effect: one spelling of it, 0
+        object.__setattr__(self, "sliding_window", int(self.sliding_window) if sliding else 0)
         object.__setattr__(self, "is_causal", bool(self.is_causal))
         if not self.qk_norm or self.tie_word_embeddings:
             raise ValueError("drafter config: a DFlash drafter's layers are Qwen3-style (qk_norm, "
@@ -93,26 +97,11 @@ class DrafterConfig(ModelConfig):
         default feature layers are `default_target_layer_ids(L, num_layers)`."""
         if target_layer_ids is None:
             target_layer_ids = default_target_layer_ids(target_cfg.num_layers, num_layers)
-        return cls(
-            hidden_size=target_cfg.hidden_size,
-            intermediate_size=target_cfg.intermediate_size,
-            num_layers=num_layers,
-            num_heads=target_cfg.num_heads,
-            num_kv_heads=target_cfg.num_kv_heads,
-            head_dim=target_cfg.head_dim,
-            vocab_size=target_cfg.vocab_size,
-            block_size=block_size,
-            mask_token_id=mask_token_id,
-            target_layer_ids=tuple(target_layer_ids),
-            num_target_layers=target_cfg.num_layers,
-            rope_theta=target_cfg.rope_theta,
-            rms_norm_eps=target_cfg.rms_norm_eps,
-            rope_scaling=target_cfg.rope_scaling,
-            max_position_embeddings=target_cfg.max_position_embeddings,
-            layer_types=tuple(layer_types),
-            sliding_window=int(sliding_window),
-            is_causal=bool(is_causal),
-        )
+        return cls(**{f: getattr(target_cfg, f) for f in SHARED_FIELDS}, num_layers=num_layers,
+                   num_target_layers=target_cfg.num_layers, block_size=block_size,
+                   mask_token_id=mask_token_id, target_layer_ids=tuple(target_layer_ids),
+                   layer_types=tuple(layer_types), sliding_window=int(sliding_window),
+                   is_causal=bool(is_causal))
 
     @property
     def layer_windows(self) -> tuple[int, ...]:
@@ -159,7 +148,9 @@ def warn_if_last_layer(target_layer_ids, num_target_layers: int, field: str) -> 
 
 
 def check_compatible(cfg: DrafterConfig, target_cfg: ModelConfig, source: str = "drafter") -> None:
-    """Raise ValueError naming the field when the drafter cannot run on this target."""
+    """Raise ValueError naming the field when the drafter cannot run on this target. (Its feature
+    layers and mask token then fit as well: DrafterConfig keeps them within num_target_layers
+    and vocab_size.)"""
     def fail(what):
         raise ValueError(f"{source}: {what} does not match the target")
 
@@ -170,8 +161,3 @@ def check_compatible(cfg: DrafterConfig, target_cfg: ModelConfig, source: str = 
     if cfg.num_target_layers != target_cfg.num_layers:
         fail(f"num_target_layers={cfg.num_target_layers} "
              f"(target num_hidden_layers={target_cfg.num_layers})")
-    bad = [j for j in cfg.target_layer_ids if not 0 <= j < target_cfg.num_layers]
-    if bad:
-        fail(f"target_layer_ids {bad} (target has {target_cfg.num_layers} layers)")
-    if not 0 <= cfg.mask_token_id < target_cfg.vocab_size:
-        fail(f"mask_token_id={cfg.mask_token_id} (target vocab_size={target_cfg.vocab_size})")

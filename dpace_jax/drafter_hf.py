@@ -20,30 +20,25 @@ import json
 from pathlib import Path
 
 import jax  # noqa: F401  (registers bfloat16 with numpy before safetensors.numpy is used)
-import ml_dtypes
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from dpace_jax.atomic import atomic_path
-from dpace_jax.convert import read_config_json
-from dpace_jax.drafter import DrafterConfig
+from dpace_jax.convert import INDEX_NAME, WEIGHTS_NAME, index_tensors, read_config_json
+from dpace_jax.drafter_config import SHARED_FIELDS, DrafterConfig
 from dpace_jax.model import ModelConfig
 from dpace_jax.params import DRAFTER_SCHEMA
 
 ARCHITECTURE = "DFlashDraftModel"
 CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
 
-_DTYPE_NAMES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
-                "float16": np.dtype(np.float16)}
+_DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 def _dtype_name(dtype) -> str:
     dtype = np.dtype(dtype)
-    for name, dt in _DTYPE_NAMES.items():
-        if dt == dtype:
-            return name
+    if dtype.name in _DTYPE_NAMES:
+        return dtype.name
     raise ValueError(f"unsupported parameter dtype {dtype} (expected one of {list(_DTYPE_NAMES)})")
 
 
@@ -61,7 +56,7 @@ def config_to_hf(cfg: DrafterConfig, dtype_name: str = "bfloat16") -> dict:
         "vocab_size": cfg.vocab_size,
         "rms_norm_eps": cfg.rms_norm_eps,
         "rope_theta": cfg.rope_theta,
-        "rope_scaling": dict(cfg.rope_scaling) if cfg.rope_scaling else None,
+        "rope_scaling": cfg.scaling_dict,
         "max_position_embeddings": cfg.max_position_embeddings,
         "hidden_act": "silu",
         "attention_bias": False,
@@ -102,21 +97,11 @@ def config_from_hf(hf: dict, source: str = CONFIG_NAME) -> DrafterConfig:
     layer_types, window = _attention_layout(hf, base.num_layers, source)
     try:
         return DrafterConfig(
-            hidden_size=base.hidden_size,
-            intermediate_size=base.intermediate_size,
-            num_layers=base.num_layers,
-            num_heads=base.num_heads,
-            num_kv_heads=base.num_kv_heads,
-            head_dim=base.head_dim,
-            vocab_size=base.vocab_size,
+            **{f: getattr(base, f) for f in SHARED_FIELDS}, num_layers=base.num_layers,
             block_size=int(hf["block_size"]),
             mask_token_id=int(dflash["mask_token_id"]),
             target_layer_ids=tuple(int(j) for j in dflash["target_layer_ids"]),
             num_target_layers=int(hf["num_target_layers"]),
-            rope_theta=base.rope_theta,
-            rms_norm_eps=base.rms_norm_eps,
-            rope_scaling=base.rope_scaling,
-            max_position_embeddings=base.max_position_embeddings,
             layer_types=layer_types,
             sliding_window=window,
             is_causal=bool(hf.get("is_causal") or False),
@@ -152,18 +137,6 @@ def _attention_layout(hf: dict, num_layers: int, source: str) -> tuple[tuple[str
     return tuple(types), window
 
 
-def params_to_hf(params, cfg: DrafterConfig, dtype=None) -> dict[str, np.ndarray]:
-    """Drafter parameters -> {HF key: [out, in] numpy array} (key map: dpace_jax.params)."""
-    return DRAFTER_SCHEMA.to_hf(cfg, params, dtype)
-
-
-def params_from_hf(tensors: dict[str, np.ndarray], cfg: DrafterConfig, source: str = WEIGHTS_NAME):
-    """{HF key: array} (optionally "model."-prefixed) -> drafter parameters; strict about keys
-    and shapes."""
-    tensors = {k.removeprefix("model."): v for k, v in tensors.items()}
-    return DRAFTER_SCHEMA.from_hf(cfg, tensors, source)
-
-
 def export_drafter(params, cfg: DrafterConfig, out_dir, *, dtype=None) -> Path:
     """Write config.json + model.safetensors to out_dir (created if needed); `dtype` casts the
     weights (e.g. jnp.bfloat16), default: keep the params' dtype. Each file is written to a
@@ -171,7 +144,7 @@ def export_drafter(params, cfg: DrafterConfig, out_dir, *, dtype=None) -> Path:
     all finite are refused (ValueError naming the tensors): no serving engine should get them."""
     out = Path(out_dir)
     np_dtype = np.dtype(dtype) if dtype is not None else None
-    tensors = params_to_hf(params, cfg, np_dtype)
+    tensors = DRAFTER_SCHEMA.to_hf(cfg, params, np_dtype)  # key map: dpace_jax.params
     bad = [k for k, v in tensors.items() if not np.isfinite(v.astype(np.float32)).all()]
     if bad:
         raise ValueError(f"refusing to export to {out}: {len(bad)} tensor(s) hold NaN or inf "
@@ -191,29 +164,14 @@ def load_config(path) -> DrafterConfig:
     return config_from_hf(read_config_json(cfg_path), str(cfg_path))
 
 
-def _load_tensors(path: Path) -> tuple[dict[str, np.ndarray], str]:
-    single = path / WEIGHTS_NAME
-    if single.is_file():
-        return load_file(str(single)), str(single)
-    index = path / INDEX_NAME
-    if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"{index}: missing field 'weight_map'")
-        tensors = {}
-        for shard in sorted(set(weight_map.values())):
-            if not (path / shard).is_file():
-                raise FileNotFoundError(f"{index}: shard {shard} not found in {path}")
-            tensors.update(load_file(str(path / shard)))
-        return tensors, str(index)
-    raise FileNotFoundError(f"no {WEIGHTS_NAME} (or {INDEX_NAME}) in {path}")
-
-
 def import_drafter(path) -> tuple[dict, DrafterConfig]:
-    """Read a DFlash HF directory -> (params, cfg). Weights keep the file's dtype."""
+    """Read a DFlash HF directory -> (params, cfg). Weights keep the file's dtype; tensor names
+    may carry a "model." prefix; missing, unexpected or misshapen tensors are errors."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"drafter directory {path} does not exist")
     cfg = load_config(path)
-    tensors, source = _load_tensors(path)
-    return params_from_hf(tensors, cfg, source), cfg
+    files = sorted({file for file, _ in index_tensors(path).values()})
+    tensors = {k.removeprefix("model."): v for f in files for k, v in load_file(str(f)).items()}
+    source = path / WEIGHTS_NAME if (path / WEIGHTS_NAME).is_file() else path / INDEX_NAME
+    return DRAFTER_SCHEMA.from_hf(cfg, tensors, str(source)), cfg

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from dpace_jax import benchmarks as bench_lib
-from dpace_jax import convert, decode
+from dpace_jax import decode
 from dpace_jax import generation as gen_lib
 from dpace_jax.config import parse_dtype, target_path
 from dpace_jax.sampling import Sampling
@@ -122,19 +122,11 @@ def evaluate(config, *, benchmarks: Sequence[str] | None = None, output: str | N
     if not drafter_path:
         raise ValueError("no drafter: set --config.eval.drafter (a DFlash HF directory or a run "
                          "directory) or --config.workdir")
-    target_dir = convert.resolve_checkpoint(target_path(config))
-    tokenizer = convert.load_tokenizer(target_dir)
-    target_cfg = convert.load_config(target_dir)
-    loaded = gen_lib.load_drafter(drafter_path)
-    gen_lib.check_drafter(loaded, target_cfg, tokenizer, max_new_tokens=int(ev.max_new_tokens))
-    dtype = parse_dtype(config.target.dtype, "target.dtype")
-    target_params, _ = convert.load_target(target_dir, dtype=dtype)
-    drafters = {"spec": gen_lib.as_decoder(loaded, target_cfg, dtype),
-                "ar": decode.autoregressive()}
-    gen = gen_lib.Generator(target_params, target_cfg, gen_lib.stop_token_ids(tokenizer),
-                            int(tokenizer.pad_token_id or 0), int(ev.max_new_tokens),
-                            int(ev.batch_size), sampling_config(ev),
-                            bucket=gen_lib.BUCKET)
+    target_dir, tokenizer, gen, loaded, spec = gen_lib.open_target(
+        target_path(config), drafter_path, parse_dtype(config.target.dtype, "target.dtype"),
+        max_new_tokens=int(ev.max_new_tokens), batch_size=int(ev.batch_size),
+        sampling=sampling_config(ev))
+    drafters = {"spec": spec, "ar": decode.autoregressive()}
     num = int(ev.num_samples) if int(ev.num_samples) > 0 else None
     loaded_benches = [bench_lib.load_benchmark(s, num) for s in specs]
 

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpace_jax import decode, drafter_hf
+from dpace_jax import convert, decode, drafter_hf
 from dpace_jax import drafter as drafter_lib
 from dpace_jax.chat import TEMPLATE_KWARGS
 from dpace_jax.checkpoint import checksums
@@ -181,6 +181,27 @@ def check_drafter(loaded: LoadedDrafter, target_cfg: ModelConfig, tokenizer=None
 def as_decoder(loaded: LoadedDrafter, target_cfg: ModelConfig, dtype) -> decode.Drafter:
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype), loaded.params)
     return decode.dflash_drafter(params, loaded.config, target_cfg, source=loaded.source)
+
+
+def open_target(target: str, drafter, dtype, *, max_new_tokens: int, batch_size: int,
+                sampling: Sampling = GREEDY):
+    """What evaluation and regeneration decode with: the target (HF directory or hub id) in
+    `dtype` behind a Generator, its tokenizer, and the drafter at `drafter` (None: none), loaded
+    and checked before the target's weights are read -> (target_dir, tokenizer, generator,
+    LoadedDrafter or None, decode.Drafter or None)."""
+    target_dir = convert.resolve_checkpoint(target)
+    tokenizer = convert.load_tokenizer(target_dir)
+    target_cfg = convert.load_config(target_dir)
+    loaded = spec = None
+    if drafter:
+        loaded = load_drafter(drafter)
+        check_drafter(loaded, target_cfg, tokenizer, max_new_tokens=max_new_tokens)
+        spec = as_decoder(loaded, target_cfg, dtype)
+    target_params, _ = convert.load_target(target_dir, dtype=dtype)
+    gen = Generator(target_params, target_cfg, stop_token_ids(tokenizer),  # BUCKET read now
+                    int(tokenizer.pad_token_id or 0), max_new_tokens, batch_size, sampling,
+                    bucket=BUCKET)
+    return target_dir, tokenizer, gen, loaded, spec
 
 
 # ----------------------------------------------------------------------------- generation

@@ -229,19 +229,13 @@ def dpace_loss(logits, targets, mask, *, alpha=DEFAULT_ALPHA, variant: str = "dp
     unmasked positions, 0 where none) and ``expected_accept_length`` (mean over blocks with a loss
     position of ``sum_k m_k prod_{j<=k} q_j``). All aux values carry no gradient.
     """
-    check_alpha(alpha)
     check_variant(variant)
-    _check_logits(logits, targets, mask)
-    ce, correct = token_stats(logits, targets, mask)
-    return loss_from_stats(variant, ce, correct, mask, alpha=alpha)
+    return objective(variant, logits, targets, mask, alpha=alpha)
 
 
 def dflash_loss(logits, targets, mask, *, gamma=None):
     """DFlash decayed CE ``sum(m * w * ce) / sum(m * w)`` and aux (as in ``dpace_loss``)."""
-    check_gamma(gamma)
-    _check_logits(logits, targets, mask)
-    ce, correct = token_stats(logits, targets, mask)
-    return loss_from_stats("dflash", ce, correct, mask, gamma=gamma)
+    return objective("dflash", logits, targets, mask, gamma=gamma)
 
 
 def objective(name: str, logits, targets, mask, *, alpha=DEFAULT_ALPHA, gamma=None):
@@ -249,5 +243,9 @@ def objective(name: str, logits, targets, mask, *, alpha=DEFAULT_ALPHA, gamma=No
     objectives, gamma by "dflash"."""
     check_name(name)
     if name == "dflash":
-        return dflash_loss(logits, targets, mask, gamma=gamma)
-    return dpace_loss(logits, targets, mask, alpha=alpha, variant=name)
+        check_gamma(gamma)
+    else:
+        check_alpha(alpha)
+    _check_logits(logits, targets, mask)
+    ce, correct = token_stats(logits, targets, mask)
+    return loss_from_stats(name, ce, correct, mask, alpha=alpha, gamma=gamma)

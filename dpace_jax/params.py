@@ -121,6 +121,11 @@ class Param(NamedTuple):
         """Our shape, per layer for a stacked parameter."""
         return tuple(dims[d] for d in self.info.shape)
 
+    def leaf_shape(self, cfg) -> tuple[int, ...]:
+        """The whole leaf's shape: with the leading L axis of a stacked parameter."""
+        s = self.shape(dims(cfg))
+        return (cfg.num_layers, *s) if self.stacked else s
+
     def hf_shape(self, dims: dict[str, int]) -> tuple[int, ...]:
         s, layout = self.shape(dims), self.info.layout
         if layout == "same":
@@ -130,16 +135,10 @@ class Param(NamedTuple):
         return (s[1] * s[2], s[0]) if layout == "in_heads" else (s[2], s[0] * s[1])
 
     def from_hf(self, w: np.ndarray, dims: dict[str, int]) -> np.ndarray:
-        layout, s = self.info.layout, self.shape(dims)
-        if layout == "same":
-            return w
-        return w.T.reshape(s)
+        return w if self.info.layout == "same" else w.T.reshape(self.shape(dims))
 
     def to_hf(self, x: np.ndarray, dims: dict[str, int]) -> np.ndarray:
-        layout = self.info.layout
-        if layout == "same":
-            return x
-        return x.reshape(self.hf_shape(dims)[::-1]).T
+        return x if self.info.layout == "same" else x.reshape(self.hf_shape(dims)[::-1]).T
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,16 +166,13 @@ class Schema:
 
     def abstract(self, cfg, dtype=jnp.float32):
         """ShapeDtypeStructs of `cfg`'s parameters."""
-        d = dims(cfg)
-        return self.build({p.path: jax.ShapeDtypeStruct(
-            (cfg.num_layers, *p.shape(d)) if p.stacked else p.shape(d), dtype)
-            for p in self.params(cfg)})
+        return self.build({p.path: jax.ShapeDtypeStruct(p.leaf_shape(cfg), dtype)
+                           for p in self.params(cfg)})
 
     def init(self, cfg, key: jax.Array, dtype=jnp.float32, scale: float = 0.02):
         """Random parameters: normal(0, scale) matrices, unit norms. `key` splits into one key
         for the layers (split again, one per layer matrix in table order) and one per top-level
         matrix in table order, so a seed gives the same values whatever the config leaves out."""
-        d = dims(cfg)
         top_normal = [n for n, i in self.top.items() if i.init == "normal"]
         layer_normal = [n for n, i in LAYER.items() if i.init == "normal"]
         k_layers, *k_top = jax.random.split(key, 1 + len(top_normal))
@@ -185,12 +181,11 @@ class Schema:
                            strict=True))}
         leaves = {}
         for p in self.params(cfg):
-            shape = (cfg.num_layers, *p.shape(d)) if p.stacked else p.shape(d)
+            shape = p.leaf_shape(cfg)
             leaves[p.path] = (
                 jnp.ones(shape, dtype) if p.info.init == "ones" else
                 (scale * jax.random.normal(keys[p.path[-1]], shape, jnp.float32)).astype(dtype))
         return self.build(leaves)
-
 
     def to_hf(self, cfg, tree, dtype=None) -> dict[str, np.ndarray]:
         """{HF key: array in HF layout}, `dtype` casting (None keeps each array's)."""
@@ -198,7 +193,7 @@ class Schema:
         for p in self.params(cfg):
             x = np.asarray(get(tree, p.path))
             x = x.astype(dtype) if dtype is not None else x
-            want = (cfg.num_layers, *p.shape(d)) if p.stacked else p.shape(d)
+            want = p.leaf_shape(cfg)
             if x.shape != want:
                 raise ValueError(f"parameter {'/'.join(p.path)} has shape {x.shape}, expected "
                                  f"{want} for this {self.name} config")

@@ -32,19 +32,12 @@ from pathlib import Path
 
 import jax
 
-from dpace_jax import convert
 from dpace_jax import data as data_lib
 from dpace_jax import generation as ev
 from dpace_jax.config import DTYPES, parse_dtype
 from dpace_jax.sampling import GREEDY, Sampling
 
 log = logging.getLogger(__name__)
-
-
-def _settings(args: dict, input_fingerprint: str) -> dict:
-    keys = ("target", "drafter", "temperature", "rule", "top_k", "top_p", "max_new_tokens",
-            "batch_size", "seed", "dtype", "split")
-    return {**{k: args[k] for k in keys}, "input": input_fingerprint}
 
 
 def _fingerprint(convs) -> str:
@@ -125,7 +118,7 @@ def regenerate(target: str, inputs, output: str | Path, *, drafter: str | None =
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     meta_path = output.with_name(output.name + ".regen.json")
-    settings = _settings(settings, _fingerprint(convs))
+    settings["input"] = _fingerprint(convs)
     done = count_complete_rows(output)
     if done and meta_path.exists() and json.loads(meta_path.read_text()) != settings:
         raise ValueError(f"{output} was written with other settings ({meta_path}); delete both "
@@ -136,19 +129,9 @@ def regenerate(target: str, inputs, output: str | Path, *, drafter: str | None =
     if done == len(convs):
         return {"rows": len(convs), "written": 0, "skipped": done, "empty_answers": 0}
 
-    target_dir = convert.resolve_checkpoint(target)
-    tokenizer = convert.load_tokenizer(target_dir)
-    target_cfg = convert.load_config(target_dir)
-    jdtype = parse_dtype(dtype, "--dtype")
-    spec = None
-    if drafter:
-        loaded = ev.load_drafter(drafter)
-        ev.check_drafter(loaded, target_cfg, tokenizer, max_new_tokens=int(max_new_tokens))
-        spec = ev.as_decoder(loaded, target_cfg, jdtype)
-    target_params, _ = convert.load_target(target_dir, dtype=jdtype)
-    gen = ev.Generator(target_params, target_cfg, ev.stop_token_ids(tokenizer),
-                       int(tokenizer.pad_token_id or 0), int(max_new_tokens), int(batch_size),
-                       sampling)
+    _, tokenizer, gen, _, spec = ev.open_target(
+        target, drafter, parse_dtype(dtype, "--dtype"), max_new_tokens=int(max_new_tokens),
+        batch_size=int(batch_size), sampling=sampling)
     base_key = jax.random.PRNGKey(int(seed))
 
     from tqdm import tqdm

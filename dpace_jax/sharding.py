@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dpace_jax.params import AXES
+from dpace_jax.params import AXES as PARAM_AXES  # parameter name -> logical axes (no L axis)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -31,10 +31,6 @@ LOGICAL_RULES: dict[str, str | None] = {
     "vocab": "tensor",
     "features": "tensor",  # the drafter's fc input (n * D)
 }
-
-# Parameter name (last path element) -> logical axes, without the stacked `layers` axis: declared
-# with each parameter in dpace_jax.params.
-PARAM_AXES: dict[str, tuple[str | None, ...]] = AXES
 
 
 def make_mesh(shape: Sequence[int] | None = None, devices=None) -> Mesh:

@@ -100,21 +100,15 @@ class StepConfig:
         if self.nan_policy not in NAN_POLICIES:
             raise ValueError(f"train.nan_policy={self.nan_policy!r}; expected one of "
                              f"{NAN_POLICIES}")
-        check_attention_options(self.attention, self.attention_group, self.attention_tile,
-                                self.target_attention)
-
-
-def check_attention_options(attention: str, group: int, tile: int, target_attention: str):
-    """ValueError naming the train.* field when an attention setting is not valid."""
-    if attention not in block_attention.IMPLEMENTATIONS:
-        raise ValueError(f"train.attention={attention!r}; expected one of "
-                         f"{block_attention.IMPLEMENTATIONS}")
-    if group < 0 or tile < 1:
-        raise ValueError(f"train.attention_group={group} must be >= 0 and "
-                         f"train.attention_tile={tile} >= 1")
-    if target_attention not in model_lib.TRAIN_ATTENTION:
-        raise ValueError(f"train.target_attention={target_attention!r}; expected one of "
-                         f"{model_lib.TRAIN_ATTENTION}")
+        if self.attention not in block_attention.IMPLEMENTATIONS:
+            raise ValueError(f"train.attention={self.attention!r}; expected one of "
+                             f"{block_attention.IMPLEMENTATIONS}")
+        if self.attention_group < 0 or self.attention_tile < 1:
+            raise ValueError(f"train.attention_group={self.attention_group} must be >= 0 and "
+                             f"train.attention_tile={self.attention_tile} >= 1")
+        if self.target_attention not in model_lib.TRAIN_ATTENTION:
+            raise ValueError(f"train.target_attention={self.target_attention!r}; expected one "
+                             f"of {model_lib.TRAIN_ATTENTION}")
 
 
 def learning_rate_schedule(cfg: StepConfig) -> optax.Schedule:

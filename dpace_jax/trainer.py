@@ -164,11 +164,8 @@ def total_steps(config, num_samples: int) -> int:
 
 
 def _to_host(metrics: dict) -> dict:
-    out = {}
-    for name, value in jax.device_get(metrics).items():
-        arr = np.asarray(value)
-        out[name] = arr.tolist() if arr.ndim else float(arr)
-    return out
+    host = {name: np.asarray(value) for name, value in jax.device_get(metrics).items()}
+    return {name: a.tolist() if a.ndim else float(a) for name, a in host.items()}
 
 
 class MetricsWriter:

@@ -53,16 +53,8 @@ class FunctionTask:
     @property
     def answer(self) -> str:
         """The reference assistant message: the body in a python code fence."""
-        return make_answer(self.body)
-
-
-def make_answer(body: str) -> str:
-    body = body if body.endswith("\n") else body + "\n"
-    return f"```python\n{body}```"
-
-
-def stdlib_root() -> Path:
-    return Path(sysconfig.get_paths()["stdlib"])
+        body = self.body if self.body.endswith("\n") else self.body + "\n"
+        return f"```python\n{body}```"
 
 
 def collect_sources(
@@ -79,7 +71,7 @@ def collect_sources(
     `max_files`, a seeded random subset of that many files is kept; with `max_total_bytes`, files
     are then dropped (in seeded order) until the total fits. The result is sorted either way.
     """
-    root = Path(root) if root is not None else stdlib_root()
+    root = Path(root if root is not None else sysconfig.get_paths()["stdlib"])
     if not root.is_dir():
         raise FileNotFoundError(f"corpus root {str(root)!r} is not a directory")
     paths = sorted(_walk(root))

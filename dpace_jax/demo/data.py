@@ -14,15 +14,10 @@ from dpace_jax import data as data_lib
 from dpace_jax.demo import corpus
 
 
-def function_tasks(*, seed: int = 0, heldout: bool = False, max_files: int | None = 400):
-    """The corpus's function tasks, train side (default) or held-out side of the split."""
-    files = corpus.collect_sources(max_files=max_files, seed=seed)
-    train, held = corpus.split_tasks(corpus.extract_tasks(files), seed=seed)
-    return held if heldout else train
-
-
 def demo_conversations(num_samples: int, *, seed: int = 0) -> list[list[dict[str, str]]]:
-    tasks = function_tasks(seed=seed)
+    """Conversations of the train side of the function tasks of 400 corpus files."""
+    files = corpus.collect_sources(max_files=400, seed=seed)
+    tasks, _ = corpus.split_tasks(corpus.extract_tasks(files), seed=seed)
     random.Random(seed).shuffle(tasks)
     return [
         [{"role": "user", "content": t.prompt}, {"role": "assistant", "content": t.answer}]

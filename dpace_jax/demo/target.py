@@ -21,9 +21,7 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,6 +31,7 @@ import numpy as np
 import optax
 
 from dpace_jax import convert, model
+from dpace_jax.atomic import atomic_dir
 from dpace_jax.demo import corpus as corpus_lib
 from dpace_jax.demo.tokenizer import IM_END, PAD, build_tokenizer
 
@@ -112,41 +111,22 @@ def _cached_build(out_dir, settings: dict, build: Callable[[Path], dict]) -> Pat
     if out.exists() and marker is None and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} exists and is not a demo build (no {MARKER}); refusing to "
                          "overwrite it: pass an empty or new directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.building-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
-        record = build(staging)
-        record = {"hash": digest, "settings": settings, **record}
+    with atomic_dir(out, lambda p: (read_marker(p) or {}).get("hash") == digest) as staging:
+        record = {"hash": digest, "settings": settings, **build(staging)}
         (staging / MARKER).write_text(json.dumps(record, indent=2) + "\n")
-        current = read_marker(out)
-        if current is not None and current.get("hash") == digest:  # a concurrent build won
-            shutil.rmtree(staging)
-            return out
-        trash = None
-        if out.exists():
-            trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, trash)
-        os.replace(staging, out)
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 
 # ----------------------------------------------------------------------------- data
 
 
-def _model_config(vocab_size, hidden_size, intermediate_size, num_layers, num_heads,
-                  num_kv_heads, head_dim, **extra) -> model.ModelConfig:
-    extra.setdefault("tie_word_embeddings", True)
-    extra.setdefault("max_position_embeddings", 4096)
-    return model.ModelConfig(vocab_size=vocab_size, hidden_size=hidden_size,
-                             intermediate_size=intermediate_size, num_layers=num_layers,
-                             num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-                             **extra)
+MODEL_FIELDS = frozenset(f.name for f in dataclasses.fields(model.ModelConfig))
+
+
+def _model_config(**sizes) -> model.ModelConfig:
+    """Tied embeddings and 4096 positions unless `sizes` (ModelConfig fields) say otherwise."""
+    return model.ModelConfig(**{"tie_word_embeddings": True, "max_position_embeddings": 4096,
+                                **sizes})
 
 
 def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -293,8 +273,8 @@ def build_demo_target(out_dir: str | os.PathLike, size: str | DemoSize = "cpu", 
         t0 = time.perf_counter()
         tokenizer = build_tokenizer((f.text for f in files), size.vocab_size)
         source, chat, starts, n_tasks = _prepare_data(size, files, tokenizer, seed)
-        cfg = _model_config(size.vocab_size, size.hidden_size, size.intermediate_size,
-                            size.num_layers, size.num_heads, size.num_kv_heads, size.head_dim)
+        cfg = _model_config(**{k: v for k, v in dataclasses.asdict(size).items()
+                               if k in MODEL_FIELDS})
         params = _init_params(cfg, jax.random.key(seed), jnp.float32)
         batches = Batches(source, chat, starts, size, seed)
         params, losses = train(params, cfg, size, batches, steps, progress)
@@ -313,8 +293,7 @@ def build_demo_target(out_dir: str | os.PathLike, size: str | DemoSize = "cpu", 
 def build_random_target(out_dir: str | os.PathLike, seed: int = 0, **sizes) -> Path:
     """A tiny random-weight Qwen3 target with the demo tokenizer (trained on a small corpus
     slice); `sizes` override RANDOM_DEFAULTS (any ModelConfig field). Cached like the demo."""
-    fields = {f.name for f in dataclasses.fields(model.ModelConfig)} - {"arch", "qk_norm",
-                                                                       "rope_scaling"}
+    fields = MODEL_FIELDS - {"arch", "qk_norm", "rope_scaling"}
     unknown = sorted(set(sizes) - fields)
     if unknown:
         raise ValueError(f"build_random_target: unknown size argument(s) {unknown}; "
