@@ -22,6 +22,14 @@ from dpace_jax.data import TokenizedDataset
 class Batches:
     """Deterministic, resumable, process-sliced iterator of fixed-shape numpy batches."""
 
+    keys = ("input_ids", "loss_mask")  # what the train step takes (the trainer's batch source)
+
+    def take(self, train_state=None) -> dict[str, np.ndarray]:
+        return next(self)
+
+    def save_due(self, step: int) -> bool:
+        return False
+
     def __init__(
         self,
         dataset: TokenizedDataset,

@@ -81,7 +81,9 @@ def round_prompts(prompts, r: int, per_round: int) -> list[list[int]]:
 
 class RoundBatches:
     """The replay batches of the run, rolling each round out when its first batch is asked for
-    (the trainer's batch source: `take(state)`, `state()`, `save_due(step)`)."""
+    (the trainer's batch source: `keys`, `take(state)`, `state()`, `save_due(step)`)."""
+
+    keys = opd_step.BATCH_KEYS
 
     def __init__(self, config, workdir: Path, prompts, gen: gen_lib.Generator, drafter_cfg,
                  rollout_dtype, meta: dict, start_step: int):
@@ -140,3 +142,17 @@ class RoundBatches:
         kept = [line for line in (path.read_text().splitlines() if path.exists() else [])
                 if line.strip() and json.loads(line).get("round", math.inf) < r]
         path.write_text("".join(k + "\n" for k in [*kept, json.dumps(row)]))
+
+
+def round_batches(config, workdir: Path, prompts, target_params, target_cfg, drafter_cfg,
+                  tokenizer, start_step: int) -> RoundBatches:
+    """The run's RoundBatches, rolling out with the target as loaded (its dtype) and opd.*."""
+    o = config.opd
+    gen = gen_lib.Generator(target_params, target_cfg, gen_lib.stop_token_ids(tokenizer),
+                            int(tokenizer.pad_token_id or 0), int(o.max_new_tokens),
+                            int(o.rollout_batch_size), Sampling(float(o.temperature), str(o.rule)))
+    meta = {"target": str(config.target.path), "max_new_tokens": int(o.max_new_tokens),
+            "batch_size": int(o.rollout_batch_size), "temperature": float(o.temperature),
+            "rule": str(o.rule), "seed": int(config.seed)}
+    return RoundBatches(config, workdir, prompts, gen, drafter_cfg, target_params.embed.dtype,
+                        meta, start_step)

@@ -45,6 +45,8 @@ def run_fingerprint(config, dcfg, steps: int, data_fingerprint: str | None = Non
         grad_clip=float(t.grad_clip), compute_dtype=str(t.compute_dtype),
         target_dtype=str(config.target.dtype), max_length=int(config.data.max_length),
         drafter=drafter)
+    if t.loss == "opd":  # on-policy post-training (dpace_jax.opd)
+        fingerprint["opd"] = {**config.opd.to_dict(), "dpace": bool(t.opd_dpace)}
     if data_fingerprint is not None:
         fingerprint["data"] = data_fingerprint
     if target_dir is not None:

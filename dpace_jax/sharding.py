@@ -9,6 +9,7 @@ when its size divides evenly; otherwise it stays replicated, so any config runs 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
 import jax
@@ -96,3 +97,24 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def num_batch_shards(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def maybe_initialize_distributed(config) -> None:
+    """jax.distributed.initialize() for multi-process launches (see config.distributed)."""
+    if not (config.distributed or config.coordinator_address
+            or os.environ.get("JAX_COORDINATOR_ADDRESS")):
+        return
+    kwargs = {}
+    if config.coordinator_address:
+        kwargs["coordinator_address"] = config.coordinator_address
+    if config.num_processes > 0:
+        kwargs["num_processes"] = int(config.num_processes)
+    if config.process_id >= 0:
+        kwargs["process_id"] = int(config.process_id)
+    jax.distributed.initialize(**kwargs)
+
+
+def gather_to_host(tree, mesh):
+    """A host copy of a (possibly multi-process sharded) pytree, on every process."""
+    out = jax.jit(lambda t: t, out_shardings=replicated(mesh))(tree)
+    return jax.tree.map(np.asarray, out)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dpace_jax import checkpoint as ckpt_lib
-from dpace_jax import convert, drafter_hf, resume
+from dpace_jax import convert, drafter_hf, generation, opd, resume
 from dpace_jax import data as data_lib
 from dpace_jax import drafter as drafter_lib
 from dpace_jax import model as model_lib
@@ -35,27 +34,6 @@ from dpace_jax.config import parse_dtype, target_path
 from dpace_jax.params import TARGET_SCHEMA
 
 log = logging.getLogger(__name__)
-
-def maybe_initialize_distributed(config) -> None:
-    """jax.distributed.initialize() for multi-process launches (see config.distributed)."""
-    if not (config.distributed or config.coordinator_address
-            or os.environ.get("JAX_COORDINATOR_ADDRESS")):
-        return
-    kwargs = {}
-    if config.coordinator_address:
-        kwargs["coordinator_address"] = config.coordinator_address
-    if config.num_processes > 0:
-        kwargs["num_processes"] = int(config.num_processes)
-    if config.process_id >= 0:
-        kwargs["process_id"] = int(config.process_id)
-    jax.distributed.initialize(**kwargs)
-
-
-def gather_to_host(tree, mesh):
-    """A host copy of a (possibly multi-process sharded) pytree, on every process."""
-    replicated = jax.jit(lambda t: t, out_shardings=shard_lib.replicated(mesh))(tree)
-    return jax.tree.map(np.asarray, replicated)
-
 
 def mask_token_id(config, tokenizer, target_cfg: model_lib.ModelConfig) -> int:
     """The drafter's mask token: the configured id, else the tokenizer's `<|MASK|>`, else the
@@ -100,10 +78,14 @@ def attention_layout(drafter) -> dict:
     return {"layer_types": types, "sliding_window": window, "is_causal": bool(drafter.is_causal)}
 
 
-def build_drafter_config(config, target_cfg, tokenizer) -> drafter_lib.DrafterConfig:
+def build_drafter(config, target_cfg, tokenizer) -> tuple[drafter_lib.DrafterConfig, Any]:
+    """(drafter config, its initial params): drafter.init_from's (a DFlash HF directory or a
+    training run directory), else the drafter.* fields' (params None: initialize)."""
+    params = None
     if config.drafter.init_from:
-        _, dcfg = drafter_hf.import_drafter(config.drafter.init_from)
-        field = f"{config.drafter.init_from}: dflash_config.target_layer_ids"
+        loaded = generation.load_drafter(config.drafter.init_from)
+        dcfg, params = loaded.config, loaded.params
+        field = f"{loaded.source}: dflash_config.target_layer_ids"
     else:
         field = "drafter.target_layer_ids"
         ids = tuple(int(i) for i in config.drafter.target_layer_ids) or None
@@ -117,7 +99,7 @@ def build_drafter_config(config, target_cfg, tokenizer) -> drafter_lib.DrafterCo
         )
     drafter_lib.check_compatible(dcfg, target_cfg, source="drafter config")
     drafter_lib.warn_if_last_layer(dcfg.target_layer_ids, target_cfg.num_layers, field)
-    return dcfg
+    return dcfg, params
 
 
 def load_training_data(config, workdir: Path, target_dir: Path, tokenizer, block_size: int):
@@ -221,6 +203,8 @@ def check_config(config) -> None:
     if not config.workdir:
         raise ValueError("--config.workdir is required (the run directory)")
     step_lib.StepConfig.from_config(config, 1)  # every train.* setting of the step
+    if config.train.loss == step_lib.OPD:
+        opd.check(config)
     minimum = {"train.batch_size": 1, "train.log_every": 1, "train.save_every": 1,
                "train.keep_checkpoints": 1, "train.epochs": 1, "drafter.num_layers": 1,
                "drafter.block_size": 2, "data.max_length": 2}
@@ -237,16 +221,22 @@ def setup(config) -> Run:
     """Target, tokenizer, data and drafter loaded and placed on the mesh; the latest checkpoint
     of the work directory restored when there is one (with the settings it was written with)."""
     check_config(config)
-    maybe_initialize_distributed(config)
+    shard_lib.maybe_initialize_distributed(config)
+    on_policy = config.train.loss == step_lib.OPD
     workdir = Path(config.workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     target_dir = convert.resolve_checkpoint(target_path(config))
     tokenizer = convert.load_tokenizer(target_dir)
     target_cfg = convert.load_config(target_dir)
-    dcfg = build_drafter_config(config, target_cfg, tokenizer)
-    dataset, data_stats = load_training_data(config, workdir, target_dir, tokenizer,
-                                             dcfg.block_size)
-    steps = total_steps(config, len(dataset))
+    dcfg, init_params = build_drafter(config, target_cfg, tokenizer)
+    if on_policy:
+        prompts, data_stats = opd.load_prompts(config, tokenizer)
+        steps, data_id = opd.total_steps(config), data_stats["prompts"]["fingerprint"]
+    else:
+        dataset, data_stats = load_training_data(config, workdir, target_dir, tokenizer,
+                                                 dcfg.block_size)
+        steps = total_steps(config, len(dataset))
+        data_id = data_stats["tokenize"].get("fingerprint")
     step_cfg = step_lib.StepConfig.from_config(config, steps)
     mesh = shard_lib.make_mesh(tuple(config.mesh.shape))
     if config.train.batch_size % shard_lib.num_batch_shards(mesh):
@@ -260,9 +250,7 @@ def setup(config) -> Run:
                                            shardings=target_shardings)
 
     optimizer = step_lib.make_optimizer(step_cfg)
-    if config.drafter.init_from:
-        init_params, _ = drafter_hf.import_drafter(config.drafter.init_from)
-    else:
+    if init_params is None:
         init_params = drafter_lib.init_drafter_params(dcfg, jax.random.PRNGKey(config.seed))
     abstract_state = jax.eval_shape(
         lambda p: step_lib.init_state(p, optimizer, config.seed), init_params)
@@ -272,8 +260,7 @@ def setup(config) -> Run:
 
     checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints",
                                          keep=int(config.train.keep_checkpoints))
-    fingerprint = resume.run_fingerprint(config, dcfg, steps,
-                                         data_stats["tokenize"].get("fingerprint"), target_dir)
+    fingerprint = resume.run_fingerprint(config, dcfg, steps, data_id, target_dir)
     changed = {}
 
     def check(meta):
@@ -289,12 +276,17 @@ def setup(config) -> Run:
         _, state, meta = found
         data_state = meta["data"]
 
-    batches = Batches(
-        dataset, batch_size=int(config.train.batch_size), seq_len=int(config.data.max_length),
-        seed=int(config.seed), state=data_state,
-        process_index=jax.process_index(), process_count=jax.process_count())
+    if on_policy:
+        batches = opd.round_batches(config, workdir, prompts, target_params, target_cfg, dcfg,
+                                    tokenizer, int(jax.device_get(state.step)))
+    else:
+        batches = Batches(
+            dataset, batch_size=int(config.train.batch_size),
+            seq_len=int(config.data.max_length), seed=int(config.seed), state=data_state,
+            process_index=jax.process_index(), process_count=jax.process_count())
     train_step = step_lib.make_train_step(target_cfg, dcfg, step_cfg, optimizer, mesh,
-                                          state_shardings, target_shardings)
+                                          state_shardings, target_shardings,
+                                          **(opd.STEP_ARGS if on_policy else {}))
     if jax.process_index() == 0:
         if found is None or not (workdir / "run_config.json").exists():  # the first start's
             with atomic_path(workdir / "run_config.json") as tmp:
@@ -324,15 +316,16 @@ def train(r: Run) -> dict:
     saved = start_step
     try:
         for step in range(start_step, end):
-            local = next(r.batches)
+            local = r.batches.take(state)
             batch = {name: jax.make_array_from_process_local_data(batch_sharding, local[name])
-                     for name in ("input_ids", "loss_mask")}
+                     for name in r.batches.keys}
             state, metrics = r.train_step(state, r.target_params, batch)
             first_bad, skipped = _track_nonfinite(first_bad, skipped, metrics["finite"], step + 1)
             tokens_seen += int(local["input_ids"].size) * jax.process_count()
             done = step + 1
             log_now = done % config.train.log_every == 0 or done == end
-            save_now = done % config.train.save_every == 0 or done == end
+            save_now = (done % config.train.save_every == 0 or done == end
+                        or r.batches.save_due(done))
             if log_now or save_now:
                 _stop_if_nonfinite(int(first_bad), config.train.nan_policy, saved)
             if log_now:
@@ -357,7 +350,8 @@ def train(r: Run) -> dict:
     hf_dir = None
     finished = int(jax.device_get(state.step)) == r.steps
     if finished:
-        params = gather_to_host(state.params, r.mesh)  # a collective: every process takes part
+        # a collective: every process takes part
+        params = shard_lib.gather_to_host(state.params, r.mesh)
         if is_main:
             hf_dir = drafter_hf.export_drafter(params, r.drafter_cfg, r.workdir / "hf")
     return {"final_metrics": last, "hf_dir": hf_dir and str(hf_dir), "finished": finished,

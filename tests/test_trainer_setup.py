@@ -23,7 +23,7 @@ def _config(**drafter):
 
 
 def test_default_drafter_follows_the_target():
-    dcfg = trainer.build_drafter_config(_config(), TARGET, make_tiny_tokenizer())
+    dcfg, _ = trainer.build_drafter(_config(), TARGET, make_tiny_tokenizer())
     assert dcfg.hidden_size == 64 and dcfg.num_target_layers == 6
     assert dcfg.target_layer_ids == (1, 3)  # round(1 + i * (6 - 4) / 1)
     assert dcfg.mask_token_id == make_tiny_tokenizer().convert_tokens_to_ids("<|MASK|>")
@@ -31,13 +31,13 @@ def test_default_drafter_follows_the_target():
 
 def test_layer_ids_beyond_the_target_are_refused():
     with pytest.raises(ValueError, match="target_layer_ids"):
-        trainer.build_drafter_config(_config(target_layer_ids=(1, 6)), TARGET,
+        trainer.build_drafter(_config(target_layer_ids=(1, 6)), TARGET,
                                      make_tiny_tokenizer())
 
 
 def test_mask_token_outside_vocab_is_refused():
     with pytest.raises(ValueError, match="mask_token_id=300"):
-        trainer.build_drafter_config(_config(mask_token_id=300), TARGET, make_tiny_tokenizer())
+        trainer.build_drafter(_config(mask_token_id=300), TARGET, make_tiny_tokenizer())
 
 
 @pytest.mark.parametrize("field,value", [("hidden_size", 32), ("num_layers", 8)])
@@ -52,7 +52,7 @@ def test_init_from_a_drafter_for_another_target_is_refused(tmp_path, field, valu
                               dcfg, tmp_path)
     expect = "hidden_size" if field == "hidden_size" else "num_target_layers"
     with pytest.raises(ValueError, match=expect):
-        trainer.build_drafter_config(_config(init_from=str(tmp_path)), TARGET,
+        trainer.build_drafter(_config(init_from=str(tmp_path)), TARGET,
                                      make_tiny_tokenizer())
 
 
@@ -71,23 +71,23 @@ def test_feature_layers_with_the_last_target_layer_warn_once():
     tok = make_tiny_tokenizer()
     with pytest.warns(UserWarning, match=r"drafter.target_layer_ids=\[1, 5\] includes the "
                                          r"target's last layer \(5\)"):
-        trainer.build_drafter_config(_config(target_layer_ids=(1, 5)), TARGET, tok)
+        trainer.build_drafter(_config(target_layer_ids=(1, 5)), TARGET, tok)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        trainer.build_drafter_config(_config(target_layer_ids=(1, 5)), TARGET, tok)  # once
-        trainer.build_drafter_config(_config(target_layer_ids=(1, 4)), TARGET, tok)  # no warning
+        trainer.build_drafter(_config(target_layer_ids=(1, 5)), TARGET, tok)  # once
+        trainer.build_drafter(_config(target_layer_ids=(1, 4)), TARGET, tok)  # no warning
 
 
 def test_attention_layout_options():
     tok = make_tiny_tokenizer()
-    dcfg = trainer.build_drafter_config(_config(sliding_window=16), TARGET, tok)
+    dcfg, _ = trainer.build_drafter(_config(sliding_window=16), TARGET, tok)
     assert dcfg.layer_types == ("sliding_attention",) * 2 and dcfg.sliding_window == 16
     mixed = ("full_attention", "sliding_attention")
-    dcfg = trainer.build_drafter_config(
+    dcfg, _ = trainer.build_drafter(
         _config(sliding_window=8, layer_types=mixed, is_causal=True), TARGET, tok)
     assert (dcfg.layer_types, dcfg.layer_windows, dcfg.layer_causal) == (mixed, (0, 8),
                                                                          (True, True))
-    plain = trainer.build_drafter_config(_config(), TARGET, tok)
+    plain, _ = trainer.build_drafter(_config(), TARGET, tok)
     assert plain.layer_types == ("full_attention",) * 2 and plain.layer_causal == (False,) * 2
     cases = [(dict(sliding_window=-1), "drafter.sliding_window=-1 must be >= 0"),
              (dict(layer_types=("full_attention",)), "drafter.layer_types has 1 entries.*"
@@ -99,7 +99,7 @@ def test_attention_layout_options():
               "no sliding_attention layer")]
     for fields, match in cases:
         with pytest.raises(ValueError, match=match):
-            trainer.build_drafter_config(_config(**fields), TARGET, tok)
+            trainer.build_drafter(_config(**fields), TARGET, tok)
 
 
 def test_training_imports_neither_evaluation_nor_the_demo():

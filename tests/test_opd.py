@@ -1,0 +1,229 @@
+"""On-policy post-training: replay blocks on hand-made rows, replay against the rollout that
+produced it, the OPD objective of a replay batch against dense logits, and the loop (rounds,
+resume after a kill mid-rollout and mid-training, bad input)."""
+
+import dataclasses
+import json
+import runpy
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from drafter_fixtures import CFG, TARGET, random_like
+
+from dpace_jax import decode, drafter_hf, opd_loss, opd_step, replay, rollout, trainer
+from dpace_jax import drafter as drafter_lib
+from dpace_jax import model as model_lib
+from dpace_jax import train_step as step_lib
+from dpace_jax.config import default_config
+from dpace_jax.demo.prepare import prepare
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# prompt of 3 tokens, response of 7, block size 4: the prefill emits 10; step 0 (anchor 3)
+# accepts one draft (11), emits the target's 12 and rejected the draft 98 at offset 2; step 1
+# (anchor 5) accepts all three drafts (13, 14, 15) and emits 16 (past its block).
+ROW = {"prompt": [5, 6, 7], "response": [10, 11, 12, 13, 14, 15, 16], "first_logp": -0.5,
+       "anchors": [3, 5], "emitted": [2, 4], "realized_logp": [[-0.1, -0.2], [-1, -2, -3, -4]],
+       "rejected": [98, -1], "rejected_logp": [-7.0, 0.0]}
+
+
+def test_replay_blocks_of_a_hand_made_row():
+    assert replay.blocks(ROW, 4) == [replay.Block(2, (-0.5,)),
+                                     replay.Block(3, (-0.1, -0.2), 98, -7.0),
+                                     replay.Block(5, (-1.0, -2.0, -3.0))]
+    batch, dropped = replay.replay_batch([ROW], block_size=4, seq_len=12, num_blocks=4)
+    assert dropped == 0
+    np.testing.assert_array_equal(batch["input_ids"][0], [5, 6, 7, 10, 11, 12, 13, 14, 15, 16,
+                                                          0, 0])
+    np.testing.assert_array_equal(batch["anchors"][0], [2, 3, 5, 0])
+    np.testing.assert_array_equal(batch["keep"][0], [1, 1, 1, 0])
+    np.testing.assert_array_equal(batch["real_mask"][0].astype(int),
+                                  [[0, 1, 0, 0], [0, 1, 1, 0], [0, 1, 1, 1], [0, 0, 0, 0]])
+    np.testing.assert_allclose(batch["logp_real"][0, 2], [0, -1, -2, -3])
+    np.testing.assert_array_equal(batch["rej_mask"][0], [0, 1, 0, 0])
+    assert batch["rej_token"][0, 1] == 98 and batch["rej_offset"][0, 1] == 2
+    assert batch["logp_rej"][0, 1] == np.float32(-7.0)
+    # cut at S = 8 (tokens up to 14) and at 2 blocks: the last block loses its third position...
+    batch, dropped = replay.replay_batch([ROW], block_size=4, seq_len=8, num_blocks=3)
+    np.testing.assert_array_equal(batch["real_mask"][0, 2].astype(int), [0, 1, 1, 0])
+    # ... and a row with more blocks than N keeps its first N
+    batch, dropped = replay.replay_batch([ROW], block_size=4, seq_len=12, num_blocks=2)
+    assert dropped == 1 and batch["anchors"][0].tolist() == [2, 3]
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("anchors", [3, 6], "step 1 .*anchor 5 expected"),
+    ("response", list(range(10, 18)), "the steps emit 7 tokens, the response has 8"),
+    ("realized_logp", [[-0.1], [-1, -2, -3, -4]], "step 0"),
+    ("rejected", [98], "field 'rejected' has 1 entries for 2 steps"),
+    ("rejected", [98, 97], "step 1 rejects a draft after accepting every one"),
+])
+def test_replay_refuses_inconsistent_rows(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        replay.blocks({**ROW, field: value}, 4, "rollouts.jsonl:3")
+    with pytest.raises(ValueError, match=r"rollouts.jsonl:3: missing field\(s\) \['emitted'\]"):
+        replay.blocks({k: v for k, v in ROW.items() if k != "emitted"}, 4, "rollouts.jsonl:3")
+
+
+def _step_cfg(**train):
+    c = default_config()
+    c.train.compute_dtype, c.train.loss, c.train.loss_chunk_size = "float32", "opd", 16
+    for k, v in train.items():
+        setattr(c.train, k, v)
+    return step_lib.StepConfig.from_config(c, 10)
+
+
+@pytest.mark.parametrize("dpace", [False, True])
+def test_replay_reproduces_the_rollout_drafts_and_the_objective_matches_dense_logits(dpace):
+    """Replayed at the rollout's anchors, the drafter's training forward drafts what the cached
+    decoder drafted (accepted drafts = realized tokens, then the rejected one), so the blocks sit
+    at the right boundaries with the right context; the OPD loss of the batch equals opd_loss
+    on log-probs taken from the dense logits."""
+    target = random_like(model_lib.init_params, TARGET, 0, 0.3)
+    params = random_like(drafter_lib.init_drafter_params, CFG, 1, 0.3)
+    rs = np.random.RandomState(0)
+    prompts = [list(rs.randint(0, 90, n)) for n in (5, 9, 3)]
+    padded, lengths = decode.pad_prompts(prompts, bucket=16)
+    out = decode.decode(target, TARGET, decode.dflash_drafter(params, CFG, TARGET), padded,
+                        lengths, max_new_tokens=14, record=True)
+    out = jax.tree.map(np.asarray, out)
+    rows = replay.rows_from_records(out.records, prompts, out.tokens, out.num_tokens,
+                                    out.num_steps)
+    batch, dropped = replay.replay_batch(rows, block_size=CFG.block_size, seq_len=32,
+                                         num_blocks=16)
+    assert dropped == 0
+    cfg = _step_cfg(opd_dpace=dpace)
+    hidden, head = step_lib.drafter_hidden(params, target, jnp.asarray(batch["input_ids"]),
+                                           jnp.asarray(batch["anchors"]), target_cfg=TARGET,
+                                           drafter_cfg=CFG, cfg=cfg)
+    logits = np.asarray(jnp.einsum("bnkd,dv->bnkv", hidden, head))
+    checked = 0
+    for b, row in enumerate(rows):
+        for n, blk in enumerate(replay.blocks(row, CFG.block_size)[1:], start=1):
+            if blk.rejected < 0:
+                continue
+            acc = len(blk.realized_logp) - 1
+            tokens = batch["input_ids"][b, blk.anchor + 1: blk.anchor + 1 + acc]
+            np.testing.assert_array_equal(logits[b, n, 1: acc + 1].argmax(-1), tokens)
+            assert logits[b, n, acc + 1].argmax() == blk.rejected
+            checked += 1
+    assert checked >= 10
+    loss, aux = opd_step.opd_loss_fn(params, target, jax.tree.map(jnp.asarray, batch), None,
+                                     target_cfg=TARGET, drafter_cfg=CFG, cfg=cfg)
+    logq = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    labels = np.take_along_axis(batch["input_ids"], np.minimum(
+        batch["anchors"][..., None] + np.arange(CFG.block_size), 31).reshape(3, -1), 1)
+    logq_real = np.take_along_axis(logq, labels.reshape(3, 16, -1)[..., None], -1)[..., 0]
+    at = np.take_along_axis(logq, batch["rej_offset"][..., None, None], 2)[:, :, 0]
+    logq_rej = np.take_along_axis(at, batch["rej_token"][..., None], -1)[..., 0]
+    want, _ = opd_loss.opd_loss(logq_real, batch["logp_real"], batch["real_mask"], logq_rej,
+                                batch["logp_rej"], batch["rej_offset"], batch["rej_mask"],
+                                dpace_alpha=0.5 if dpace else None)
+    np.testing.assert_allclose(float(loss), float(want), rtol=1e-5)
+    assert int(aux["num_blocks"]) == int(batch["keep"].sum())
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@pytest.fixture(scope="module")
+def sft(tmp_path_factory):
+    """A tiny SFT run (configs/tiny.py, shorter): the starting drafter, target and data."""
+    root = tmp_path_factory.mktemp("opd")
+    c = runpy.run_path(str(ROOT / "configs" / "tiny.py"))["get_config"]()
+    c.workdir, c.train.max_steps, c.train.progress = str(root / "sft"), 20, False
+    trainer.run(prepare(c))
+    return root
+
+
+def _opd_config(sft, name, **fields):
+    c = runpy.run_path(str(ROOT / "configs" / "tiny.py"))["get_config"]()
+    c.workdir, c.train.progress = str(sft / name), False
+    c.target.path = str(sft / "sft" / "target")
+    c.data.paths = (str(sft / "sft" / "data" / "demo.jsonl"),)
+    c.drafter.init_from = str(sft / "sft")
+    c.train.loss, c.train.max_steps, c.train.log_every, c.train.save_every = "opd", -1, 1, 100
+    c.train.lr, c.train.batch_size = 1e-3, 4
+    c.opd.rounds, c.opd.prompts_per_round, c.opd.max_new_tokens = 2, 8, 16
+    c.opd.rollout_batch_size = 4
+    for key, value in fields.items():
+        section, field = key.split("__")
+        setattr(c[section], field, value)
+    return c
+
+
+def _outputs(workdir: Path) -> dict:
+    files = sorted(workdir.glob("rollouts/*.jsonl")) + [workdir / "rounds.jsonl"]
+    metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    for m in metrics:
+        m.pop("tokens_per_s")
+    return {"files": {f.name: f.read_text() for f in files}, "metrics": metrics,
+            "weights": drafter_hf.import_drafter(workdir / "hf")[0]}
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("opd_runs")
+def test_opd_rounds_resume_after_kills_mid_rollout_and_mid_training(sft, monkeypatch):
+    summary = trainer.run(_opd_config(sft, "straight"))
+    assert summary["finished"] and summary["steps"] == 4  # 2 rounds x 8 prompts / batch 4
+    straight = _outputs(sft / "straight")
+    rounds = [json.loads(r) for r in straight["files"]["rounds.jsonl"].splitlines()]
+    assert [r["round"] for r in rounds] == [0, 1] and all(r["rows"] == 8 for r in rounds)
+    assert all(1.0 <= r["on_policy_tau"] <= 8 for r in rounds)
+
+    # killed in round 1's rollout, after its first batch was written (a torn line after it)
+    real_append = rollout.append_rows
+
+    def die_in_round_1(path, rows):
+        real_append(path, rows)
+        if path.name == "round-1.jsonl":
+            with path.open("a") as f:
+                f.write('{"prompt": [1, 2')
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(rollout, "append_rows", die_in_round_1)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run(_opd_config(sft, "killed"))
+    monkeypatch.setattr(rollout, "append_rows", real_append)
+    # killed in round 1's training (after its first step), then run to the end
+    trainer.run(_opd_config(sft, "killed", train__stop_at=3))
+    trainer.run(_opd_config(sft, "killed"))
+    killed = _outputs(sft / "killed")
+    assert killed["files"] == straight["files"] and killed["metrics"] == straight["metrics"]
+    jax.tree.map(np.testing.assert_array_equal, killed["weights"], straight["weights"])
+
+    # OPD with D-PACE weights trains on the same rollouts of round 0 to another drafter
+    trainer.run(_opd_config(sft, "dpace", train__opd_dpace=True))
+    dpace = _outputs(sft / "dpace")
+    assert dpace["files"]["round-0.jsonl"] == straight["files"]["round-0.jsonl"]
+    assert not np.array_equal(dpace["weights"].fc, straight["weights"].fc)
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("opd_runs")
+def test_opd_bad_input_names_it(sft, tmp_path):
+    with pytest.raises(ValueError, match="set drafter.init_from"):
+        trainer.check_config(_opd_config(sft, "x", drafter__init_from=""))
+    # prompts longer than opd.max_prompt_length: none left
+    with pytest.raises(ValueError, match="no prompt .*opd.max_prompt_length=2"):
+        trainer.run(_opd_config(sft, "short", opd__max_prompt_length=2))
+    # a rollout file from another drafter
+    c = _opd_config(sft, "other", train__stop_at=1)
+    trainer.run(c)
+    meta = sft / "other" / "rollouts" / "round-0.jsonl.meta.json"
+    stored = json.loads(meta.read_text())
+    meta.write_text(json.dumps({**stored, "drafter": "0" * 16}))
+    (sft / "other" / "checkpoints").rename(tmp_path / "moved")  # start again from round 0
+    with pytest.raises(ValueError, match=r"round-0.jsonl was written by another drafter.*"
+                                         r"\['drafter'\] differ"):
+        trainer.run(_opd_config(sft, "other"))
+    # a drafter for another target (hidden size)
+    dcfg = dataclasses.replace(drafter_hf.import_drafter(sft / "sft" / "hf")[1], hidden_size=16,
+                               num_heads=2, num_kv_heads=1, head_dim=8, intermediate_size=32)
+    drafter_hf.export_drafter(drafter_lib.init_drafter_params(dcfg, jax.random.PRNGKey(0)),
+                              dcfg, tmp_path / "wrong")
+    with pytest.raises(ValueError, match="hidden_size=16 .*does not match the target"):
+        trainer.run(_opd_config(sft, "wrong", drafter__init_from=str(tmp_path / "wrong")))
