@@ -39,6 +39,10 @@ def check(config) -> None:
                  "max_new_tokens", "rollout_batch_size"):
         if int(o[name]) < 1:
             raise ValueError(f"opd.{name}={o[name]} must be >= 1")
+    if int(config.train.max_steps) > 0:
+        raise ValueError(f"train.max_steps={config.train.max_steps} does not apply to "
+                         "train.loss=opd: a run is opd.rounds x opd.epochs_per_round x "
+                         "(opd.prompts_per_round // train.batch_size) steps; set it to -1")
     if not config.drafter.init_from:
         raise ValueError("train.loss=opd post-trains a drafter: set drafter.init_from (a DFlash "
                          "HF directory or a training run directory)")

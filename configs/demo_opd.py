@@ -1,0 +1,31 @@
+"""On-policy post-training of the demo's drafter (run `python -m dpace_jax.demo` first, which
+trains it in runs/demo): rounds of greedy rollouts of the demo's training prompts with the
+current drafter, then training on them (docs/opd.md). About ten minutes on a 2-core CPU.
+
+    python train.py --config configs/demo_opd.py
+    python evaluate.py --config configs/demo_opd.py
+
+--config.train.opd_dpace=True adds D-PACE weights to the realized-token stream.
+"""
+
+from dpace_jax.demo.config import get_config as _demo_config
+
+
+def get_config(sft: str = "runs/demo"):
+    c = _demo_config("cpu")
+    sft = sft or "runs/demo"
+    c.workdir = "runs/demo_opd"
+    c.target.path = f"{sft}/target"
+    c.data.demo, c.data.regenerate = False, False
+    c.data.paths = (f"{sft}/data/demo.jsonl",)  # the SFT run's prompts
+    c.drafter.init_from = sft
+    c.train.loss = "opd"
+    c.train.max_steps = -1  # the rounds set the length
+    c.train.lr = 5e-4
+    c.train.warmup_ratio = 0.05
+    c.train.num_anchors = 96  # blocks per row: 128 new tokens at tau >= 1.4
+    c.opd.rounds = 4
+    c.opd.prompts_per_round = 64
+    c.opd.max_new_tokens = 128
+    c.opd.rollout_batch_size = 32
+    return c
