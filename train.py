@@ -4,6 +4,9 @@
     python train.py --config configs/tiny.py --config.workdir=/tmp/tiny --config.train.loss=dflash
 """
 
+import json
+from pathlib import Path
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -27,17 +30,23 @@ def main(argv):
         summary = trainer.run(prepare(_CONFIG.value))
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         raise SystemExit(f"error: {e}") from None
-    load, tok = summary["data"]["load"], summary["data"]["tokenize"]
-    if load["skipped"] or tok["skipped"]:
+    load = summary["data"]["load"]
+    used = summary["data"].get("tokenize") or summary["data"]["prompts"]  # train.loss=opd: prompts
+    if load["skipped"] or used["skipped"]:
         first = f"; first: {load['skipped_examples'][0]}" if load["skipped_examples"] else ""
-        print(f"data: {tok['samples']} samples; skipped rows {load['skipped']}, skipped "
-              f"conversations {tok['skipped']}{first}")
+        kind = "samples" if "samples" in used else "prompts"
+        print(f"data: {used[kind]} {kind}; skipped rows {load['skipped']}, skipped "
+              f"conversations {used['skipped']}{first}")
     final = summary["final_metrics"]
     if final.get("skipped_steps"):
         print(f"warning: {int(final['skipped_steps'])} steps had a non-finite loss or gradients "
               "and were skipped (train.nan_policy=skip-step)")
     if final:
         print(f"step {final['step']}: loss {final['loss']:.4f}  accuracy {final['accuracy']:.3f}")
+    rounds = Path(_CONFIG.value.workdir) / "rounds.jsonl"
+    if _CONFIG.value.train.loss == "opd" and rounds.exists():
+        taus = [json.loads(line)["on_policy_tau"] for line in rounds.read_text().splitlines()]
+        print("on-policy tau per round: " + ", ".join(f"{t:.2f}" for t in taus))
     if not summary["finished"]:
         print("stopped before the last step; run the same command again to resume")
     elif summary["hf_dir"]:
