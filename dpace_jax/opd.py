@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpace_jax import data as data_lib
-from dpace_jax import decode, opd_step, replay, rollout
+from dpace_jax import decode, opd_step, replay, resume, rollout
 from dpace_jax import generation as gen_lib
 from dpace_jax.sampling import Sampling
 
@@ -148,14 +148,15 @@ class RoundBatches:
         path.write_text("".join(k + "\n" for k in [*kept, json.dumps(row)]))
 
 
-def round_batches(config, workdir: Path, prompts, target_params, target_cfg, drafter_cfg,
-                  tokenizer, start_step: int) -> RoundBatches:
+def round_batches(config, workdir: Path, prompts, target_dir: Path, target_params, target_cfg,
+                  drafter_cfg, tokenizer, start_step: int) -> RoundBatches:
     """The run's RoundBatches, rolling out with the target as loaded (its dtype) and opd.*."""
     o = config.opd
     gen = gen_lib.Generator(target_params, target_cfg, gen_lib.stop_token_ids(tokenizer),
                             int(tokenizer.pad_token_id or 0), int(o.max_new_tokens),
                             int(o.rollout_batch_size), Sampling(float(o.temperature), str(o.rule)))
-    meta = {"target": str(config.target.path), "max_new_tokens": int(o.max_new_tokens),
+    meta = {"target": resume.target_identity(target_dir), "target_dtype": str(config.target.dtype),
+            "max_new_tokens": int(o.max_new_tokens),
             "batch_size": int(o.rollout_batch_size), "temperature": float(o.temperature),
             "rule": str(o.rule), "seed": int(config.seed)}
     return RoundBatches(config, workdir, prompts, gen, drafter_cfg, target_params.embed.dtype,

@@ -277,8 +277,8 @@ def setup(config) -> Run:
         data_state = meta["data"]
 
     if on_policy:
-        batches = opd.round_batches(config, workdir, prompts, target_params, target_cfg, dcfg,
-                                    tokenizer, int(jax.device_get(state.step)))
+        batches = opd.round_batches(config, workdir, prompts, target_dir, target_params,
+                                    target_cfg, dcfg, tokenizer, int(jax.device_get(state.step)))
     else:
         batches = Batches(
             dataset, batch_size=int(config.train.batch_size),
