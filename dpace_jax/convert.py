@@ -305,10 +305,10 @@ def save_target(params, cfg: ModelConfig, out_dir: str | os.PathLike, *, tokeniz
             raise ValueError(f"cannot store {'/'.join(e.path)} as {dt.name}; "
                              f"expected one of {sorted(_SAFETENSORS_DTYPES)}")
         for index, key in e.hf_items(cfg):
-            part = ((lambda leaf=leaf, index=index: leaf[index]) if index else
-                    (lambda leaf=leaf: leaf))
-            plan.append((key, dt, e.hf_shape(d), lambda e=e, part=part, dt=dt:
-                         e.to_hf(np.asarray(part()), d).astype(dt)))
+            # leaf[l] of a layer (leaf[l, e] of an expert), read when that tensor is written
+            at = None if not index else index[0] if len(index) == 1 else index
+            plan.append((key, dt, e.hf_shape(d), lambda e=e, leaf=leaf, at=at, dt=dt:
+                         e.to_hf(np.asarray(leaf if at is None else leaf[at]), d).astype(dt)))
 
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for key, dt, shape, _ in plan:

@@ -243,3 +243,53 @@ def test_speculative_decoding_is_lossless():
     got = np.asarray(res.tokens)
     assert [got[b, :int(res.num_tokens[b])].tolist() for b in range(3)] == expected
     assert int(np.sum(res.num_steps)) > 0
+
+
+MESH_SCRIPT = """
+import dataclasses
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import PartitionSpec as P
+from dpace_jax import sharding
+from dpace_jax.model import ModelConfig, features, forward, init_params
+
+assert jax.device_count() == 4, jax.devices()
+mesh = sharding.make_mesh((1, 2, 2))
+cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4,
+                  num_kv_heads=2, head_dim=8, arch="qwen3_moe", num_experts=4,
+                  num_experts_per_tok=2, moe_intermediate_size=24, mlp_only_layers=(1,))
+params = init_params(cfg, jax.random.key(0), jnp.float32, scale=0.15)
+shardings = sharding.param_shardings(params, mesh)
+assert shardings.experts.expert_gate.spec == P(None, "fsdp", None, "tensor")
+assert shardings.experts.router.spec == P(None, "fsdp", None)
+assert shardings.mlp.down.spec == P(None, "tensor", "fsdp")
+placed = jax.device_put(params, shardings)
+tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 12)))
+run = jax.jit(forward, static_argnums=1, static_argnames="feature_layers")
+ref = run(params, dataclasses.replace(cfg, moe_dispatch="dense"), tokens, feature_layers=(0, 1))
+on_mesh = jax.device_put(tokens, sharding.batch_sharding(mesh))
+got = run(placed, cfg, on_mesh)  # the sorted dispatch
+np.testing.assert_allclose(np.asarray(got.logits), np.asarray(ref.logits), atol=1e-5, rtol=0)
+feats = jax.jit(features, static_argnums=(1, 3))(placed, cfg, on_mesh, (0, 1))
+np.testing.assert_allclose(np.asarray(feats), np.asarray(ref.features), atol=1e-5, rtol=0)
+print("MESH_OK")
+"""
+
+
+@pytest.mark.slow
+def test_forward_on_a_mesh_with_sharded_experts(tmp_path):
+    """On a 4-device CPU mesh (fsdp 2, tensor 2) with the experts split over fsdp, the sorted
+    dispatch gives the single-device dense reference's logits and features."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([str(tests.parent), os.environ.get("PYTHONPATH", "")]))
+    script = tmp_path / "mesh_check.py"
+    script.write_text(MESH_SCRIPT)
+    result = subprocess.run([sys.executable, str(script)], env=env, text=True,
+                            capture_output=True, timeout=300, cwd=tests.parent)
+    assert result.returncode == 0 and "MESH_OK" in result.stdout, result.stderr[-3000:]
