@@ -28,11 +28,12 @@ CASES = {  # name -> Qwen3MoeConfig fields beyond the shared tiny shape
     "mixed-unnormed": dict(norm_topk_prob=False, mlp_only_layers=[1]),
     "step2-norm-tied": dict(norm_topk_prob=True, decoder_sparse_step=2, tie_word_embeddings=True),
 }
+SHARDED = "step2-norm-tied"  # saved in several safetensors files
 jit_forward = jax.jit(forward, static_argnames=("cfg", "feature_layers", "logits"))
 jit_features = jax.jit(features, static_argnums=(1, 3))
 
 
-def make_hf_moe(path, seed=0, **fields):
+def make_hf_moe(path, seed=0, sharded=False, **fields):
     """A random transformers Qwen3MoeForCausalLM saved to `path`; returns the torch model."""
     import torch
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
@@ -47,7 +48,7 @@ def make_hf_moe(path, seed=0, **fields):
     randomize_(model, seed, std=0.15)
     if config.tie_word_embeddings:
         model.tie_weights()
-    model.save_pretrained(str(path))
+    model.save_pretrained(str(path), max_shard_size="20KB" if sharded else "50GB")
     return model
 
 
@@ -59,7 +60,8 @@ def build(tmp_path_factory):
     def get(name):
         if name not in built:
             path = tmp_path_factory.mktemp(name)
-            torch_model = make_hf_moe(path, seed=len(built), **CASES[name])
+            torch_model = make_hf_moe(path, seed=len(built), sharded=name == SHARDED,
+                                      **CASES[name])
             built[name] = (path, torch_model, *convert.load_target(path, dtype=jnp.float32))
         return built[name]
 
@@ -72,11 +74,12 @@ def _tokens(cfg, batch=2, length=24, seed=0):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_logits_and_features_match_pytorch(build, name):
-    _, torch_model, params, cfg = build(name)
+    path, torch_model, params, cfg = build(name)
     sparse = {"all-sparse-norm": (0, 1, 2), "mixed-unnormed": (0, 2), "step2-norm-tied": (1,)}
     assert cfg.arch == "qwen3_moe" and cfg.moe_layers == sparse[name]
     assert cfg.norm_topk_prob == CASES[name]["norm_topk_prob"]
     assert (params.mlp is None) == (len(sparse[name]) == LAYERS)
+    assert (path / convert.INDEX_NAME).is_file() == (name == SHARDED)
     tokens = _tokens(cfg)
     ref_logits, ref_hidden = torch_outputs(torch_model, tokens)
     ref_features = np.concatenate([ref_hidden[j + 1] for j in FEATURE_LAYERS], axis=-1)
