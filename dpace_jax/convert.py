@@ -27,6 +27,7 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy before safetensor
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from dpace_jax import moe
 from dpace_jax.atomic import atomic_path
 from dpace_jax.model import ModelConfig
 from dpace_jax.params import TARGET_SCHEMA, Param, dims, flatten, get
@@ -155,7 +156,7 @@ def index_tensors(ckpt: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
 
 def _check_keys(ckpt: Path, cfg: ModelConfig, entries: list[Param], tensors: dict) -> None:
     d = dims(cfg)
-    expected = {k: e.hf_shape(d) for e in entries for k in e.hf_keys(cfg.num_layers)}
+    expected = {k: e.hf_shape(d) for e in entries for k in e.hf_keys(cfg)}
     allowed = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
     missing = [k for k in expected if k not in tensors]
     unexpected = sorted(k for k in tensors if k not in expected and k not in allowed
@@ -198,7 +199,7 @@ def _place(host: np.ndarray, sharding) -> jax.Array:
 
 
 def load_target(path_or_id: str | os.PathLike, *, dtype=jnp.bfloat16, shardings=None):
-    """Load an HF Qwen3 / Llama checkpoint -> (params, cfg).
+    """Load an HF Qwen3 / Llama / Qwen3-MoE checkpoint -> (params, cfg).
 
     dtype: the parameters' dtype (None keeps each tensor's stored dtype). shardings: None (the
     default device), one Sharding for every array, a pytree of shardings matching the param tree,
@@ -208,6 +209,7 @@ def load_target(path_or_id: str | os.PathLike, *, dtype=jnp.bfloat16, shardings=
     cfg = load_config(ckpt)
     entries = TARGET_SCHEMA.params(cfg)
     tensors = index_tensors(ckpt)
+    moe.check_expert_count(cfg, tensors, str(ckpt))
     _check_keys(ckpt, cfg, entries, tensors)
     target = None if dtype is None else np.dtype(dtype)
 
@@ -231,14 +233,13 @@ def load_target(path_or_id: str | os.PathLike, *, dtype=jnp.bfloat16, shardings=
         leaves = {}
         d = dims(cfg)
         for entry in entries:
-            keys, host = entry.hf_keys(cfg.num_layers), None
-            for i, key in enumerate(keys):  # one [L, ...] array (a stacked one) layer by layer
+            host = None
+            for index, key in entry.hf_items(cfg):  # a stacked array layer (expert) by layer
                 w = entry.from_hf(read(key), d)
                 if host is None:
-                    host = np.empty((len(keys), *w.shape), w.dtype if target is None else target)
-                host[i] = w.astype(host.dtype, copy=False)
+                    host = np.empty(entry.leaf_shape(cfg), w.dtype if target is None else target)
+                host[index] = w.astype(host.dtype, copy=False)
                 del w
-            host = host if entry.stacked else host[0]
             leaves[entry.path] = _place(host, _sharding_for(shardings, entry.path))
             del host
     return TARGET_SCHEMA.build(leaves), cfg
@@ -248,8 +249,10 @@ def load_target(path_or_id: str | os.PathLike, *, dtype=jnp.bfloat16, shardings=
 
 
 def hf_config(cfg: ModelConfig, dtype_name: str = "float32") -> dict:
-    """A config.json dict that transformers loads as Qwen3ForCausalLM / LlamaForCausalLM."""
-    arch = {"qwen3": ("Qwen3ForCausalLM", "qwen3"), "llama": ("LlamaForCausalLM", "llama")}
+    """A config.json dict that transformers loads as Qwen3ForCausalLM / LlamaForCausalLM /
+    Qwen3MoeForCausalLM."""
+    arch = {"qwen3": ("Qwen3ForCausalLM", "qwen3"), "llama": ("LlamaForCausalLM", "llama"),
+            "qwen3_moe": ("Qwen3MoeForCausalLM", "qwen3_moe")}
     if cfg.arch not in arch:
         raise ValueError(f"cannot export arch {cfg.arch!r}; expected one of {sorted(arch)}")
     name, model_type = arch[cfg.arch]
@@ -264,8 +267,10 @@ def hf_config(cfg: ModelConfig, dtype_name: str = "float32") -> dict:
         "tie_word_embeddings": cfg.tie_word_embeddings, "attention_bias": False,
         "attention_dropout": 0.0, "torch_dtype": dtype_name, "dtype": dtype_name,
     }
-    if cfg.arch == "qwen3":
+    if cfg.arch in ("qwen3", "qwen3_moe"):
         out.update(use_sliding_window=False, sliding_window=None)
+    if cfg.arch == "qwen3_moe":
+        out.update(moe.hf_config_fields(cfg))
     else:
         out.update(mlp_bias=False, pretraining_tp=1)
     return out
@@ -299,10 +304,11 @@ def save_target(params, cfg: ModelConfig, out_dir: str | os.PathLike, *, tokeniz
         if dt.name not in _SAFETENSORS_DTYPES:
             raise ValueError(f"cannot store {'/'.join(e.path)} as {dt.name}; "
                              f"expected one of {sorted(_SAFETENSORS_DTYPES)}")
-        for i, key in enumerate(e.hf_keys(cfg.num_layers)):
-            part = (lambda leaf=leaf, i=i: leaf[i]) if e.stacked else (lambda leaf=leaf: leaf)
-            plan.append((key, dt, e.hf_shape(d), lambda e=e, part=part, dt=dt:
-                         e.to_hf(np.asarray(part()), d).astype(dt)))
+        for index, key in e.hf_items(cfg):
+            # leaf[l] of a layer (leaf[l, e] of an expert), read when that tensor is written
+            at = None if not index else index[0] if len(index) == 1 else index
+            plan.append((key, dt, e.hf_shape(d), lambda e=e, leaf=leaf, at=at, dt=dt:
+                         e.to_hf(np.asarray(leaf if at is None else leaf[at]), d).astype(dt)))
 
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for key, dt, shape, _ in plan:

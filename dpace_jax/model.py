@@ -1,5 +1,6 @@
-"""The frozen target: a Qwen3 / Llama-3.1 causal LM as pure functions over `TargetParams`
-(dpace_jax.params: embed, stacked decoder layers run with `lax.scan`, final_norm, lm_head or tied).
+"""The frozen target: a Qwen3 / Llama-3.1 / Qwen3-MoE causal LM as pure functions over
+`TargetParams` (dpace_jax.params: embed, stacked decoder layers run with `lax.scan`, final_norm,
+lm_head or tied; a Qwen3-MoE target's feed-forwards: dpace_jax.moe).
 
 Three forwards: `features` (training: the feature layers only), `forward` (the whole model, no
 cache) and `forward_cached` (decoding). KV cache: `KVCache(k, v)` with k, v [L, B, S, G, E], S
@@ -18,10 +19,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from dpace_jax import layers
+from dpace_jax import layers, moe
 from dpace_jax.params import TARGET_SCHEMA, LayerParams, TargetParams
 
-SUPPORTED_ARCHITECTURES = {"Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama"}
+SUPPORTED_ARCHITECTURES = {"Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama",
+                           "Qwen3MoeForCausalLM": "qwen3_moe"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +42,14 @@ class ModelConfig:
     rope_scaling: tuple[tuple[str, Any], ...] | None = None  # hashable form of the HF dict
     max_position_embeddings: int = 40960
     arch: str = "qwen3"
+    # Qwen3-MoE (arch "qwen3_moe", dpace_jax.moe); unused by the dense architectures
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+    moe_dispatch: str = "sorted"  # "dense" (the reference) or "sorted"; not an HF field
 
     @classmethod
     def from_hf(cls, hf: dict, source: str = "config.json") -> ModelConfig:
@@ -48,7 +58,8 @@ class ModelConfig:
         known = [SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES]
         arch = known[0] if known else None
         if arch is None and not archs:
-            arch = {"qwen3": "qwen3", "llama": "llama"}.get(hf.get("model_type"))
+            arch = {"qwen3": "qwen3", "llama": "llama", "qwen3_moe": "qwen3_moe"}.get(
+                hf.get("model_type"))
         if arch is None:
             raise ValueError(
                 f"{source}: unsupported architecture {archs or hf.get('model_type')!r}; "
@@ -75,13 +86,27 @@ class ModelConfig:
                 rope_theta=float(theta if theta is not None else 10000.0),
                 rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
                 tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                qk_norm=arch == "qwen3",
+                qk_norm=arch in ("qwen3", "qwen3_moe"),
                 rope_scaling=freeze_scaling(scaling),
                 max_position_embeddings=int(hf.get("max_position_embeddings", 40960)),
                 arch=arch,
+                **(moe.hf_fields(hf, int(hf["num_hidden_layers"]), source)
+                   if arch == "qwen3_moe" else {}),
             )
         except KeyError as e:
             raise ValueError(f"{source}: missing field {e.args[0]!r}") from None
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        """The layer ids with experts (Qwen3-MoE); () for a dense model."""
+        return moe.sparse_layers(self)
+
+    @property
+    def dense_mlp_layers(self) -> tuple[int, ...]:
+        """A Qwen3-MoE model's layer ids without experts (its dense MLP stack); () otherwise."""
+        sparse = self.moe_layers
+        return (tuple(i for i in range(self.num_layers) if i not in sparse)
+                if self.arch == "qwen3_moe" else ())
 
     @property
     def scaling_dict(self) -> dict | None:
@@ -135,10 +160,11 @@ def write_at(buf: jax.Array, update: jax.Array, start: jax.Array) -> jax.Array:
     return jax.vmap(one)(buf, update, start)
 
 
-def decoder_layer(x, p: LayerParams, cos, sin, cfg: ModelConfig, attend):
+def decoder_layer(x, p: LayerParams, cos, sin, cfg: ModelConfig, attend, mlp=None):
     """One pre-norm decoder layer on x [..., T, D] (the target's and the drafter's). `attend(q, k,
     v)` returns (attention output [..., T, H, E], extra) given this layer's queries [..., T, H, E]
-    and new keys / values [..., T, G, E]; extra is passed back (e.g. an updated cache)."""
+    and new keys / values [..., T, G, E]; extra is passed back (e.g. an updated cache). `mlp`: the
+    feed-forward h -> out when it is not p's SwiGLU MLP (a Qwen3-MoE layer, moe.layer_mlp)."""
     h = layers.rms_norm(x, p.attn_norm, cfg.rms_norm_eps)
     q = layers.apply_rope(layers.project_q(h, p, cfg.rms_norm_eps), cos, sin)
     k, v = layers.project_kv(h, p, cfg.rms_norm_eps)
@@ -146,7 +172,7 @@ def decoder_layer(x, p: LayerParams, cos, sin, cfg: ModelConfig, attend):
     attn, extra = attend(q, k, v)
     x = x + layers.output_projection(attn, p)
     h = layers.rms_norm(x, p.mlp_norm, cfg.rms_norm_eps)
-    return x + layers.mlp(h, p), extra
+    return x + (layers.mlp(h, p) if mlp is None else mlp(h)), extra
 
 
 def _einsum_attention(q, keys, values, mask):
@@ -160,6 +186,11 @@ def _check(cfg: ModelConfig, feature_layers, attention: str) -> None:
     bad = [j for j in feature_layers if not 0 <= j < cfg.num_layers]
     if bad:
         raise ValueError(f"feature_layers {bad} outside the target's {cfg.num_layers} layers")
+    moe.check(cfg)
+
+
+def _layer_ids(cfg: ModelConfig) -> jax.Array:
+    return jnp.arange(cfg.num_layers, dtype=jnp.int32)
 
 
 def _embed_and_rope(params: TargetParams, cfg: ModelConfig, tokens, start):
@@ -227,7 +258,7 @@ def features(params: TargetParams, cfg: ModelConfig, tokens: jax.Array,
             x, buf = carry
             p = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False),
                              params.layers)
-            x, _ = decoder_layer(x, p, cos, sin, cfg, attend)
+            x, _ = decoder_layer(x, p, cos, sin, cfg, attend, moe.layer_mlp(params, cfg, i))
             return (x, jax.lax.dynamic_update_index_in_dim(buf, x, slots[i], axis=0)), None
 
         (_, buf), _ = jax.lax.scan(step, (x, buf), jnp.arange(len(slot_of), dtype=jnp.int32))
@@ -249,11 +280,12 @@ def forward(params: TargetParams, cfg: ModelConfig, tokens: jax.Array, *,
                                                  jnp.zeros((tokens.shape[0],), jnp.int32))
         attend = _causal(positions, attention)
 
-        def step(x, p):
-            x, _ = decoder_layer(x, p, cos, sin, cfg, attend)
+        def step(x, inputs):
+            p, i = inputs
+            x, _ = decoder_layer(x, p, cos, sin, cfg, attend, moe.layer_mlp(params, cfg, i))
             return x, (x if feature_layers else None)
 
-        x, per_layer = jax.lax.scan(step, x, params.layers)
+        x, per_layer = jax.lax.scan(step, x, (params.layers, _layer_ids(cfg)))
         return _finish(params, cfg, x, per_layer, feature_layers, logits, None)
 
 
@@ -271,16 +303,18 @@ def forward_cached(params: TargetParams, cfg: ModelConfig, tokens: jax.Array, ca
         mask = (slots[None, None, :] <= positions[:, :, None])[:, None, None]  # [B,1,1,T,S]
 
         def step(x, inputs):
-            p, ck, cv = inputs
+            p, i, ck, cv = inputs
 
             def attend(q, k, v):
                 ck2, cv2 = write_at(ck, k, start), write_at(cv, v, start)
                 return _einsum_attention(q, ck2, cv2, mask), (ck2, cv2)
 
-            x, (ck2, cv2) = decoder_layer(x, p, cos, sin, cfg, attend)
+            x, (ck2, cv2) = decoder_layer(x, p, cos, sin, cfg, attend,
+                                          moe.layer_mlp(params, cfg, i))
             return x, (x if feature_layers else None, ck2, cv2)
 
-        x, (per_layer, ks, vs) = jax.lax.scan(step, x, (params.layers, cache.k, cache.v))
+        x, (per_layer, ks, vs) = jax.lax.scan(step, x, (params.layers, _layer_ids(cfg), cache.k,
+                                                             cache.v))
         return _finish(params, cfg, x, per_layer, feature_layers, logits, KVCache(ks, vs))
 
 

@@ -7,6 +7,12 @@ target (dpace_jax.convert) and of the DFlash drafter (dpace_jax.drafter_hf) all 
 tables below. The parameters live in typed pytrees: `LayerParams` (decoder layers, stacked on a
 leading L axis; the target and the drafter share it), `TargetParams` and `DrafterParams`.
 
+A Qwen3-MoE target (dpace_jax.moe) keeps its attention and norms in `LayerParams` (stacked over all
+L layers, without the MLP) and its feed-forwards in two more stacks: `ExpertParams` (router and
+experts, stacked over the layers with experts) and `MlpParams` (the dense MLP of the other layers,
+its `mlp_only_layers`). An expert's HF tensors are one per expert ("{e}" in the name); ours stack
+them on a P axis after the layer axis.
+
 Layouts, from an HF PyTorch Linear weight [out, in] to ours:
   same       as stored (norms, the embedding)
   t          transposed, [in, out]
@@ -51,6 +57,18 @@ LAYER = {
     "k_norm": ArrayInfo(("E",), (None,), "ones", "self_attn.k_norm.weight", "same"),
 }
 QK_NORM = ("q_norm", "k_norm")
+MLP = ("gate", "up", "down")
+
+# Qwen3-MoE: a sparse layer's router and experts (P experts of width M)
+EXPERTS = {
+    "router": ArrayInfo(("D", "P"), ("embed", None), "normal", "mlp.gate.weight", "t"),
+    "expert_gate": ArrayInfo(("P", "D", "M"), ("expert", "embed", "mlp"), "normal",
+                             "mlp.experts.{e}.gate_proj.weight", "t"),
+    "expert_up": ArrayInfo(("P", "D", "M"), ("expert", "embed", "mlp"), "normal",
+                           "mlp.experts.{e}.up_proj.weight", "t"),
+    "expert_down": ArrayInfo(("P", "M", "D"), ("expert", "mlp", "embed"), "normal",
+                             "mlp.experts.{e}.down_proj.weight", "t"),
+}
 
 TARGET = {
     "embed": ArrayInfo(("V", "D"), ("vocab", "embed"), "normal", "model.embed_tokens.weight",
@@ -66,7 +84,8 @@ DRAFTER = {
 }
 
 # name -> logical axes (without the stacked layer axis), for dpace_jax.sharding
-AXES = {name: info.axes for table in (LAYER, TARGET, DRAFTER) for name, info in table.items()}
+AXES = {name: info.axes for table in (LAYER, EXPERTS, TARGET, DRAFTER)
+        for name, info in table.items()}
 
 
 @jax.tree_util.register_dataclass
@@ -80,11 +99,32 @@ class LayerParams:
     v: jax.Array
     o: jax.Array
     mlp_norm: jax.Array
-    gate: jax.Array
-    up: jax.Array
-    down: jax.Array
+    gate: jax.Array | None = None  # None in a Qwen3-MoE target (its MLPs: MlpParams, ExpertParams)
+    up: jax.Array | None = None
+    down: jax.Array | None = None
     q_norm: jax.Array | None = None
     k_norm: jax.Array | None = None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class MlpParams:
+    """A Qwen3-MoE target's dense MLPs, stacked over its layers without experts."""
+
+    gate: jax.Array  # [Ld, D, F]
+    up: jax.Array  # [Ld, D, F]
+    down: jax.Array  # [Ld, F, D]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ExpertParams:
+    """A Qwen3-MoE target's routers and experts, stacked over its layers with experts."""
+
+    router: jax.Array  # [Ls, D, P]
+    expert_gate: jax.Array  # [Ls, P, D, M]
+    expert_up: jax.Array  # [Ls, P, D, M]
+    expert_down: jax.Array  # [Ls, P, M, D]
 
 
 @jax.tree_util.register_dataclass
@@ -94,6 +134,8 @@ class TargetParams:
     layers: LayerParams
     final_norm: jax.Array  # [D]
     lm_head: jax.Array | None = None  # [D, V]; None when tied to the embedding
+    mlp: MlpParams | None = None  # Qwen3-MoE only
+    experts: ExpertParams | None = None  # Qwen3-MoE only
 
 
 @jax.tree_util.register_dataclass
@@ -105,29 +147,60 @@ class DrafterParams:
     final_norm: jax.Array  # [D]
 
 
+GROUPS = {"layers": LayerParams, "mlp": MlpParams, "experts": ExpertParams}
+
+
+def group_layers(group: str, cfg) -> tuple[int, ...]:
+    """The layer ids a stack holds, in order: every layer, or (Qwen3-MoE) those without / with
+    experts."""
+    if group == "layers":
+        return tuple(range(cfg.num_layers))
+    return cfg.dense_mlp_layers if group == "mlp" else cfg.moe_layers
+
+
 class Param(NamedTuple):
-    path: tuple[str, ...]  # ("embed",) or ("layers", "q")
+    path: tuple[str, ...]  # ("embed",), or (group, name): ("layers", "q"), ("experts", "router")
     info: ArrayInfo
-    hf: str  # HF name; "{i}" stands for the layer index of a stacked parameter
+    hf: str  # HF name; "{i}": the layer index of a stacked parameter, "{e}": the expert index
 
     @property
     def stacked(self) -> bool:
-        return self.path[0] == "layers"
+        return len(self.path) == 2
 
-    def hf_keys(self, num_layers: int) -> list[str]:
-        return [self.hf.format(i=i) for i in range(num_layers)] if self.stacked else [self.hf]
+    @property
+    def per_expert(self) -> bool:
+        return "{e}" in self.hf
+
+    def hf_items(self, cfg) -> list[tuple[tuple[int, ...], str]]:
+        """(index into the leaf, HF key) of each HF tensor: () for a top-level parameter, (l,)
+        for the l-th layer of a stack, (l, e) for its expert e."""
+        if not self.stacked:
+            return [((), self.hf)]
+        ids = group_layers(self.path[0], cfg)
+        if not self.per_expert:
+            return [((n,), self.hf.format(i=i)) for n, i in enumerate(ids)]
+        return [((n, e), self.hf.format(i=i, e=e)) for n, i in enumerate(ids)
+                for e in range(cfg.num_experts)]
+
+    def hf_keys(self, cfg) -> list[str]:
+        return [key for _, key in self.hf_items(cfg)]
 
     def shape(self, dims: dict[str, int]) -> tuple[int, ...]:
         """Our shape, per layer for a stacked parameter."""
         return tuple(dims[d] for d in self.info.shape)
 
+    def tensor_shape(self, dims: dict[str, int]) -> tuple[int, ...]:
+        """Our shape of what one HF tensor holds (one expert's, for a per-expert parameter)."""
+        s = self.shape(dims)
+        return s[1:] if self.per_expert else s
+
     def leaf_shape(self, cfg) -> tuple[int, ...]:
-        """The whole leaf's shape: with the leading L axis of a stacked parameter."""
+        """The whole leaf's shape: with the leading layer axis of a stacked parameter."""
         s = self.shape(dims(cfg))
-        return (cfg.num_layers, *s) if self.stacked else s
+        return (len(group_layers(self.path[0], cfg)), *s) if self.stacked else s
 
     def hf_shape(self, dims: dict[str, int]) -> tuple[int, ...]:
-        s, layout = self.shape(dims), self.info.layout
+        s, layout = self.tensor_shape(dims), self.info.layout
         if layout == "same":
             return s
         if layout == "t":
@@ -135,7 +208,7 @@ class Param(NamedTuple):
         return (s[1] * s[2], s[0]) if layout == "in_heads" else (s[2], s[0] * s[1])
 
     def from_hf(self, w: np.ndarray, dims: dict[str, int]) -> np.ndarray:
-        return w if self.info.layout == "same" else w.T.reshape(self.shape(dims))
+        return w if self.info.layout == "same" else w.T.reshape(self.tensor_shape(dims))
 
     def to_hf(self, x: np.ndarray, dims: dict[str, int]) -> np.ndarray:
         return x if self.info.layout == "same" else x.reshape(self.hf_shape(dims)[::-1]).T
@@ -143,7 +216,8 @@ class Param(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Schema:
-    """A model's parameters: its own tables, the shared decoder layer, its HF layer prefix."""
+    """A model's parameters: its own tables, the shared decoder layer, its HF layer prefix (and,
+    for the target, the Qwen3-MoE stacks when the config has them)."""
 
     name: str
     top: dict[str, ArrayInfo]
@@ -151,18 +225,26 @@ class Schema:
     tree: type
 
     def params(self, cfg) -> list[Param]:
-        """The parameters `cfg` has (q/k norms only with qk_norm; lm_head only untied)."""
+        """The parameters `cfg` has (q/k norms only with qk_norm; lm_head only untied; a MoE
+        config's MLPs in its "mlp" and "experts" stacks)."""
+        moe = self.tree is TargetParams and getattr(cfg, "arch", None) == "qwen3_moe"
         top = [Param((n, ), i, i.hf) for n, i in self.top.items()
                if not (n == "lm_head" and cfg.tie_word_embeddings)]
         layer = [Param(("layers", n), i, self.layer_prefix + i.hf) for n, i in LAYER.items()
-                 if cfg.qk_norm or n not in QK_NORM]
+                 if (cfg.qk_norm or n not in QK_NORM) and not (moe and n in MLP)]
+        if moe:
+            layer += [Param(("mlp", n), LAYER[n], self.layer_prefix + LAYER[n].hf)
+                      for n in MLP if cfg.dense_mlp_layers]
+            layer += [Param(("experts", n), i, self.layer_prefix + i.hf)
+                      for n, i in EXPERTS.items() if cfg.moe_layers]
         return top + layer
 
     def build(self, leaves: dict[tuple[str, ...], object]):
         """The typed tree from {path: leaf}."""
-        layers = LayerParams(**{p[1]: v for p, v in leaves.items() if p[0] == "layers"})
-        return self.tree(layers=layers, **{p[0]: v for p, v in leaves.items()
-                                           if p[0] != "layers"})
+        groups = {g: {p[1]: v for p, v in leaves.items() if p[0] == g}
+                  for g in GROUPS if any(p[0] == g for p in leaves)}
+        return self.tree(**{g: GROUPS[g](**fields) for g, fields in groups.items()},
+                         **{p[0]: v for p, v in leaves.items() if len(p) == 1})
 
     def abstract(self, cfg, dtype=jnp.float32):
         """ShapeDtypeStructs of `cfg`'s parameters."""
@@ -172,12 +254,16 @@ class Schema:
     def init(self, cfg, key: jax.Array, dtype=jnp.float32, scale: float = 0.02):
         """Random parameters: normal(0, scale) matrices, unit norms. `key` splits into one key
         for the layers (split again, one per layer matrix in table order) and one per top-level
-        matrix in table order, so a seed gives the same values whatever the config leaves out."""
+        matrix in table order, so a seed gives the same values whatever the config leaves out.
+        The experts' keys come from fold_in(key, 1) (one per EXPERTS entry); a MoE config's
+        dense MLPs use the layer keys of gate / up / down."""
         top_normal = [n for n, i in self.top.items() if i.init == "normal"]
         layer_normal = [n for n, i in LAYER.items() if i.init == "normal"]
         k_layers, *k_top = jax.random.split(key, 1 + len(top_normal))
         keys = {**dict(zip(top_normal, k_top, strict=True)),
                 **dict(zip(layer_normal, jax.random.split(k_layers, len(layer_normal)),
+                           strict=True)),
+                **dict(zip(EXPERTS, jax.random.split(jax.random.fold_in(key, 1), len(EXPERTS)),
                            strict=True))}
         leaves = {}
         for p in self.params(cfg):
@@ -197,15 +283,15 @@ class Schema:
             if x.shape != want:
                 raise ValueError(f"parameter {'/'.join(p.path)} has shape {x.shape}, expected "
                                  f"{want} for this {self.name} config")
-            for i, key in enumerate(p.hf_keys(cfg.num_layers)):
-                out[key] = np.ascontiguousarray(p.to_hf(x[i] if p.stacked else x, d))
+            for index, key in p.hf_items(cfg):
+                out[key] = np.ascontiguousarray(p.to_hf(x[index], d))
         return out
 
     def from_hf(self, cfg, tensors: dict[str, np.ndarray], source: str):
         """The typed tree from {HF key: array}; strict: a missing, unexpected or misshapen
         tensor is a ValueError naming it (and `source`)."""
         d, params = dims(cfg), self.params(cfg)
-        expected = {k: p.hf_shape(d) for p in params for k in p.hf_keys(cfg.num_layers)}
+        expected = {k: p.hf_shape(d) for p in params for k in p.hf_keys(cfg)}
 
         def listed(keys):
             return f"{keys[:8]}{' ...' if len(keys) > 8 else ''}"
@@ -222,8 +308,12 @@ class Schema:
                                  f"expected {shape}")
         leaves = {}
         for p in params:
-            arrays = [p.from_hf(tensors[k], d) for k in p.hf_keys(cfg.num_layers)]
-            leaves[p.path] = jnp.asarray(np.stack(arrays) if p.stacked else arrays[0])
+            items = p.hf_items(cfg)
+            first = p.from_hf(tensors[items[0][1]], d)
+            host = np.empty(p.leaf_shape(cfg), first.dtype)
+            for index, key in items:
+                host[index] = p.from_hf(tensors[key], d)
+            leaves[p.path] = jnp.asarray(host)
         return self.build(leaves)
 
 
@@ -234,7 +324,8 @@ DRAFTER_SCHEMA = Schema("drafter", DRAFTER, "layers.{i}.", DrafterParams)
 def dims(cfg) -> dict[str, int]:
     """The dimension letters' sizes for a ModelConfig or DrafterConfig."""
     out = {"D": cfg.hidden_size, "H": cfg.num_heads, "G": cfg.num_kv_heads, "E": cfg.head_dim,
-           "F": cfg.intermediate_size, "V": cfg.vocab_size}
+           "F": cfg.intermediate_size, "V": cfg.vocab_size,
+           "P": getattr(cfg, "num_experts", 0), "M": getattr(cfg, "moe_intermediate_size", 0)}
     if hasattr(cfg, "feature_size"):
         out["X"] = cfg.feature_size
     return out
@@ -252,7 +343,7 @@ def flatten(tree) -> dict[tuple[str, ...], object]:
     out = {}
     for field in dataclasses.fields(tree):
         value = getattr(tree, field.name)
-        if isinstance(value, LayerParams):
+        if isinstance(value, tuple(GROUPS.values())):
             out.update(((field.name, k), v) for (k,), v in flatten(value).items())
         elif value is not None:
             out[(field.name,)] = value

@@ -31,6 +31,7 @@ LOGICAL_RULES: dict[str, str | None] = {
     "mlp": "tensor",
     "vocab": "tensor",
     "features": "tensor",  # the drafter's fc input (n * D)
+    "expert": "fsdp",  # a Qwen3-MoE layer's experts (P); their D axis then stays whole
 }
 
 

@@ -1,0 +1,298 @@
+"""Qwen3-MoE targets (dpace_jax.moe): parity with transformers' PyTorch Qwen3MoeForCausalLM, the
+two token dispatches, the cached forward, HF conversion both ways and lossless speculative
+decoding, on tiny random models (CPU, fp32)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import references
+from hf_fixtures import randomize_, torch_outputs
+from safetensors.numpy import load_file, save_file
+
+from dpace_jax import convert, decode, moe
+from dpace_jax import drafter as dflash
+from dpace_jax.model import KVCache, ModelConfig, features, forward, forward_cached, init_params
+from dpace_jax.params import TARGET_SCHEMA, flatten
+
+LAYERS = 3
+FEATURE_LAYERS = (2, 0, 1, 2)  # every layer, the last one (after the final norm) included
+CASES = {  # name -> Qwen3MoeConfig fields beyond the shared tiny shape
+    "all-sparse-norm": dict(norm_topk_prob=True),
+    "mixed-unnormed": dict(norm_topk_prob=False, mlp_only_layers=[1]),
+    "step2-norm-tied": dict(norm_topk_prob=True, decoder_sparse_step=2, tie_word_embeddings=True),
+}
+SHARDED = "step2-norm-tied"  # saved in several safetensors files
+jit_forward = jax.jit(forward, static_argnames=("cfg", "feature_layers", "logits"))
+jit_features = jax.jit(features, static_argnums=(1, 3))
+
+
+def make_hf_moe(path, seed=0, sharded=False, **fields):
+    """A random transformers Qwen3MoeForCausalLM saved to `path`; returns the torch model."""
+    import torch
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    config = Qwen3MoeConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=24,
+        num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        num_experts=4, num_experts_per_tok=2, rms_norm_eps=1e-6, rope_theta=10000.0,
+        max_position_embeddings=256, attn_implementation="eager", **fields)
+    torch.manual_seed(seed)
+    model = Qwen3MoeForCausalLM(config).eval()
+    randomize_(model, seed, std=0.15)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    model.save_pretrained(str(path), max_shard_size="20KB" if sharded else "50GB")
+    return model
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory):
+    """name -> (path, torch_model, fp32 params, cfg), each built once per module."""
+    built = {}
+
+    def get(name):
+        if name not in built:
+            path = tmp_path_factory.mktemp(name)
+            torch_model = make_hf_moe(path, seed=len(built), sharded=name == SHARDED,
+                                      **CASES[name])
+            built[name] = (path, torch_model, *convert.load_target(path, dtype=jnp.float32))
+        return built[name]
+
+    return get
+
+
+def _tokens(cfg, batch=2, length=24, seed=0):
+    return np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, length))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_logits_and_features_match_pytorch(build, name):
+    path, torch_model, params, cfg = build(name)
+    sparse = {"all-sparse-norm": (0, 1, 2), "mixed-unnormed": (0, 2), "step2-norm-tied": (1,)}
+    assert cfg.arch == "qwen3_moe" and cfg.moe_layers == sparse[name]
+    assert cfg.norm_topk_prob == CASES[name]["norm_topk_prob"]
+    assert (params.mlp is None) == (len(sparse[name]) == LAYERS)
+    assert (path / convert.INDEX_NAME).is_file() == (name == SHARDED)
+    tokens = _tokens(cfg)
+    ref_logits, ref_hidden = torch_outputs(torch_model, tokens)
+    ref_features = np.concatenate([ref_hidden[j + 1] for j in FEATURE_LAYERS], axis=-1)
+    assert np.abs(ref_logits).max() > 0.5  # the comparison is not between near-zero numbers
+    for dispatch in moe.DISPATCHES:
+        c = dataclasses.replace(cfg, moe_dispatch=dispatch)
+        out = jit_forward(params, c, jnp.asarray(tokens), feature_layers=FEATURE_LAYERS)
+        np.testing.assert_allclose(np.asarray(out.logits), ref_logits, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(np.asarray(out.features), ref_features, atol=1e-4, rtol=0)
+    # the training forward (stops after the deepest feature layer), the default dispatch
+    early = jit_features(params, cfg, jnp.asarray(tokens), FEATURE_LAYERS)
+    np.testing.assert_allclose(np.asarray(early), ref_features, atol=1e-4, rtol=0)
+
+
+def _moe_cfg(**kw):
+    base = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4,
+                num_kv_heads=2, head_dim=8, rope_theta=10000.0, arch="qwen3_moe", num_experts=4,
+                num_experts_per_tok=2, moe_intermediate_size=24, norm_topk_prob=True,
+                mlp_only_layers=(1,))
+    return ModelConfig(**{**base, **kw})
+
+
+def _random_params(cfg, seed=0):
+    params = init_params(cfg, jax.random.key(seed), jnp.float32, scale=0.15)
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.asarray(rng.uniform(0.5, 1.5, x.shape), x.dtype)
+        if "norm" in jax.tree_util.keystr(path) else x, params)
+
+
+def test_dispatches_agree_and_route_top_k():
+    """Sorted (grouped, capacity-free) dispatch == the dense reference, on a layer slice with
+    more tokens than experts; every token gets exactly k nonzero routing weights."""
+    cfg = _moe_cfg(num_experts=6, num_experts_per_tok=3)
+    params = _random_params(cfg)
+    p = jax.tree.map(lambda a: a[0], params.experts)
+    h = jnp.asarray(np.random.default_rng(2).standard_normal((3, 17, 32)), jnp.float32)
+    weights, experts = jax.jit(moe.route, static_argnums=2)(h, p.router, cfg)
+    np.testing.assert_allclose(np.asarray(weights.sum(-1)), 1.0, rtol=1e-6)
+    assert all(len(set(row)) == 3 for row in np.asarray(experts).reshape(-1, 3).tolist())
+    dense = jax.jit(moe.dense_dispatch, static_argnums=4)(h, p, weights, experts, cfg)
+    grouped = jax.jit(moe.sorted_dispatch, static_argnums=4)(h, p, weights, experts, cfg)
+    np.testing.assert_allclose(np.asarray(grouped), np.asarray(dense), atol=1e-5, rtol=0)
+    # by hand: the chosen experts' SwiGLU outputs, weighted
+    x, e, w = np.asarray(h)[1, 5], np.asarray(experts)[1, 5], np.asarray(weights)[1, 5]
+    g, u, d = (np.asarray(a) for a in (p.expert_gate, p.expert_up, p.expert_down))
+    want = sum(wk * ((x @ g[k]) / (1 + np.exp(-(x @ g[k]))) * (x @ u[k])) @ d[k]
+               for k, wk in zip(e, w, strict=True))
+    np.testing.assert_allclose(np.asarray(grouped)[1, 5], want, atol=1e-5)
+
+
+@functools.cache
+def _cached_step(cfg):
+    return jax.jit(lambda params, cache, tokens, start:
+                   forward_cached(params, cfg, tokens, cache, start, feature_layers=(0, 2)))
+
+
+def test_cached_blocks_with_rollbacks_match_full_forward():
+    """Prefill, then blocks of 4 and 1 with rollbacks, on a mixed layout (both branches)."""
+    cfg = _moe_cfg()
+    params = _random_params(cfg)
+    rng = np.random.default_rng(1)
+    batch, width = 2, 32
+    cache = KVCache.zeros(cfg, batch, width, jnp.float32)
+    seq = np.zeros((batch, 0), np.int64)
+    for start, length in [(0, 8), (8, 4), (10, 4), (14, 1), (12, 4), (16, 1), (17, 4)]:
+        block = rng.integers(0, cfg.vocab_size, (batch, length))
+        seq = np.concatenate([seq[:, :start], block], axis=1)
+        out = _cached_step(cfg)(params, cache, jnp.asarray(block),
+                                jnp.full((batch,), start, jnp.int32))
+        cache = out.cache
+        padded = np.zeros((batch, width), np.int32)
+        padded[:, :seq.shape[1]] = seq
+        ref = jit_forward(params, cfg, jnp.asarray(padded), feature_layers=(0, 2))
+        sl = slice(start, seq.shape[1])
+        np.testing.assert_allclose(np.asarray(out.logits), np.asarray(ref.logits)[:, sl],
+                                   atol=1e-5, rtol=0, err_msg=f"block at {start}")
+        np.testing.assert_allclose(np.asarray(out.features), np.asarray(ref.features)[:, sl],
+                                   atol=1e-5, rtol=0)
+
+
+def test_save_load_round_trip_and_transformers_reads_ours(build, tmp_path):
+    """Saved by transformers -> ours -> saved by us -> ours again: bit-exact; the in-memory key
+    map agrees with the file; transformers loads our file to the same model."""
+    import torch
+    from transformers import Qwen3MoeForCausalLM
+
+    path, torch_model, params, cfg = build("mixed-unnormed")
+    theirs = load_file(str(path / convert.WEIGHTS_NAME))
+    assert TARGET_SCHEMA.to_hf(cfg, params).keys() == theirs.keys()
+    for key, value in TARGET_SCHEMA.to_hf(cfg, params).items():
+        np.testing.assert_array_equal(value, theirs[key], err_msg=key)
+    again = TARGET_SCHEMA.from_hf(cfg, theirs, "memory")
+    convert.save_target(params, cfg, tmp_path)
+    loaded, cfg2 = convert.load_target(tmp_path, dtype=None)
+    assert cfg2 == cfg
+    for tree in (loaded, again):
+        assert jax.tree.structure(tree) == jax.tree.structure(params)
+        for (p, a), b in zip(flatten(tree).items(), flatten(params).values(), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg="/".join(p))
+    reloaded = Qwen3MoeForCausalLM.from_pretrained(str(tmp_path),
+                                                   attn_implementation="eager").eval()
+    want = torch_model.state_dict()
+    assert reloaded.state_dict().keys() == want.keys()
+    for key, value in reloaded.state_dict().items():
+        assert torch.equal(value, want[key]), key
+    tokens = torch.as_tensor(_tokens(cfg, batch=1, length=9))
+    with torch.no_grad():
+        np.testing.assert_array_equal(reloaded(tokens).logits.numpy(),
+                                      torch_model(tokens).logits.numpy())
+
+
+def _edited_copy(src, dst, drop=(), **config_changes):
+    dst.mkdir()
+    tensors = {k: v for k, v in load_file(str(src / convert.WEIGHTS_NAME)).items()
+               if k not in drop}
+    save_file(tensors, str(dst / convert.WEIGHTS_NAME))
+    config = json.loads((src / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**config, **config_changes}))
+    return dst
+
+
+def test_bad_checkpoints_name_the_tensor_or_field(build, tmp_path):
+    path, *_ = build("mixed-unnormed")
+    gone = "model.layers.2.mlp.experts.3.up_proj.weight"
+    with pytest.raises(ValueError, match=r"missing tensor.*\n.*" + gone.replace(".", r"\.")):
+        convert.load_target(_edited_copy(path, tmp_path / "a", drop=(gone,)))
+    for n in (3, 5):  # the checkpoint has 4 experts per layer
+        bad = _edited_copy(path, tmp_path / f"n{n}", num_local_experts=n, num_experts=n)
+        with pytest.raises(ValueError, match=f"num_experts={n}.*holds 4 experts"):
+            convert.load_target(bad)
+    router = "model.layers.0.mlp.gate.weight"
+    with pytest.raises(ValueError, match=rf"missing tensor.*\n.*{router.replace('.', '[.]')}"):
+        convert.load_target(_edited_copy(path, tmp_path / "r", drop=(router,)))
+    for fields, field in ((dict(num_experts_per_tok=5), "num_experts_per_tok"),
+                          (dict(mlp_only_layers=[3]), "mlp_only_layers"),
+                          (dict(num_experts=None, num_local_experts=None), "num_experts"),
+                          (dict(moe_intermediate_size=None), "moe_intermediate_size")):
+        cfg = json.loads((path / "config.json").read_text())
+        cfg.update(fields)
+        with pytest.raises(ValueError, match=field):
+            ModelConfig.from_hf({k: v for k, v in cfg.items() if v is not None})
+    with pytest.raises(ValueError, match="moe_dispatch"):
+        jit_forward(_random_params(_moe_cfg()), _moe_cfg(moe_dispatch="ragged"),
+                    jnp.zeros((1, 4), jnp.int32))
+
+
+def test_speculative_decoding_is_lossless():
+    """Greedy speculative decoding with a DFlash drafter (random parameters) on a mixed MoE
+    target gives the brute-force greedy continuation."""
+    cfg = _moe_cfg(vocab_size=64)
+    params = _random_params(cfg, seed=3)
+    dcfg = dflash.DrafterConfig.for_target(cfg, num_layers=1, block_size=4, mask_token_id=63,
+                                           target_layer_ids=(0, 2))
+    dparams = dflash.init_drafter_params(dcfg, jax.random.key(0), jnp.float32, 0.02)
+    rs = np.random.RandomState(0)
+    lengths = [5, 9, 7]
+    prompts = rs.randint(0, 63, (3, 9))
+    new = 14
+    res = decode.decode(params, cfg, decode.dflash_drafter(dparams, dcfg, cfg), prompts, lengths,
+                        max_new_tokens=new)
+    rows = [prompts[b, :lengths[b]] for b in range(3)]
+    expected = references.greedy_reference(params, cfg, rows, new, rows=3, width=32)
+    got = np.asarray(res.tokens)
+    assert [got[b, :int(res.num_tokens[b])].tolist() for b in range(3)] == expected
+    assert int(np.sum(res.num_steps)) > 0
+
+
+MESH_SCRIPT = """
+import dataclasses
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import PartitionSpec as P
+from dpace_jax import sharding
+from dpace_jax.model import ModelConfig, features, forward, init_params
+
+assert jax.device_count() == 4, jax.devices()
+mesh = sharding.make_mesh((1, 2, 2))
+cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4,
+                  num_kv_heads=2, head_dim=8, arch="qwen3_moe", num_experts=4,
+                  num_experts_per_tok=2, moe_intermediate_size=24, mlp_only_layers=(1,))
+params = init_params(cfg, jax.random.key(0), jnp.float32, scale=0.15)
+shardings = sharding.param_shardings(params, mesh)
+assert shardings.experts.expert_gate.spec == P(None, "fsdp", None, "tensor")
+assert shardings.experts.router.spec == P(None, "fsdp", None)
+assert shardings.mlp.down.spec == P(None, "tensor", "fsdp")
+placed = jax.device_put(params, shardings)
+tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 12)))
+run = jax.jit(forward, static_argnums=1, static_argnames="feature_layers")
+ref = run(params, dataclasses.replace(cfg, moe_dispatch="dense"), tokens, feature_layers=(0, 1))
+on_mesh = jax.device_put(tokens, sharding.batch_sharding(mesh))
+got = run(placed, cfg, on_mesh)  # the sorted dispatch
+np.testing.assert_allclose(np.asarray(got.logits), np.asarray(ref.logits), atol=1e-5, rtol=0)
+feats = jax.jit(features, static_argnums=(1, 3))(placed, cfg, on_mesh, (0, 1))
+np.testing.assert_allclose(np.asarray(feats), np.asarray(ref.features), atol=1e-5, rtol=0)
+print("MESH_OK")
+"""
+
+
+@pytest.mark.slow
+def test_forward_on_a_mesh_with_sharded_experts(tmp_path):
+    """On a 4-device CPU mesh (fsdp 2, tensor 2) with the experts split over fsdp, the sorted
+    dispatch gives the single-device dense reference's logits and features."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([str(tests.parent), os.environ.get("PYTHONPATH", "")]))
+    script = tmp_path / "mesh_check.py"
+    script.write_text(MESH_SCRIPT)
+    result = subprocess.run([sys.executable, str(script)], env=env, text=True,
+                            capture_output=True, timeout=300, cwd=tests.parent)
+    assert result.returncode == 0 and "MESH_OK" in result.stdout, result.stderr[-3000:]
