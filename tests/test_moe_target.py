@@ -38,11 +38,12 @@ def make_hf_moe(path, seed=0, sharded=False, **fields):
     import torch
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    config = Qwen3MoeConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=24,
-        num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-        num_experts=4, num_experts_per_tok=2, rms_norm_eps=1e-6, rope_theta=10000.0,
-        max_position_embeddings=256, attn_implementation="eager", **fields)
+    config = Qwen3MoeConfig(**{
+        "vocab_size": 96, "hidden_size": 32, "intermediate_size": 48,
+        "moe_intermediate_size": 24, "num_hidden_layers": LAYERS, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 8, "num_experts": 4, "num_experts_per_tok": 2,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 256,
+        "attn_implementation": "eager", **fields})
     torch.manual_seed(seed)
     model = Qwen3MoeForCausalLM(config).eval()
     randomize_(model, seed, std=0.15)
@@ -296,3 +297,35 @@ def test_forward_on_a_mesh_with_sharded_experts(tmp_path):
     result = subprocess.run([sys.executable, str(script)], env=env, text=True,
                             capture_output=True, timeout=300, cwd=tests.parent)
     assert result.returncode == 0 and "MESH_OK" in result.stdout, result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_a_drafter_trains_on_a_moe_target_end_to_end(tmp_path):
+    """train.py's run on a tiny mixed-layout MoE target (the demo tokenizer's vocabulary):
+    trains, exports in the DFlash format, and the export re-imports to the trained weights."""
+    import runpy
+    import shutil
+    from pathlib import Path
+
+    from dpace_jax import drafter_hf, generation, trainer
+    from dpace_jax.demo import target as demo_target
+    from dpace_jax.demo.prepare import prepare
+
+    dense = demo_target.build_random_target(tmp_path / "dense", seed=0)
+    vocab = json.loads((dense / "config.json").read_text())["vocab_size"]
+    target = tmp_path / "moe"
+    make_hf_moe(target, vocab_size=vocab, mlp_only_layers=[1], norm_topk_prob=True)
+    for f in dense.iterdir():
+        if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
+            shutil.copy(f, target / f.name)
+    root = Path(__file__).resolve().parents[1]
+    c = runpy.run_path(str(root / "configs" / "tiny.py"))["get_config"]()
+    c.workdir, c.target.path, c.train.progress = str(tmp_path / "run"), str(target), False
+    c.train.max_steps, c.train.save_every, c.data.demo_samples = 4, 4, 64
+    summary = trainer.run(prepare(c))
+    assert summary["finished"] and np.isfinite(summary["final_metrics"]["loss"])
+    exported, dcfg = drafter_hf.import_drafter(tmp_path / "run" / "hf")
+    assert dcfg.num_target_layers == LAYERS and dcfg.hidden_size == 32
+    trained = generation.load_drafter(tmp_path / "run").params  # the last checkpoint
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 exported, trained)
