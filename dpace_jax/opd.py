@@ -17,6 +17,7 @@ continue where they were. WORKDIR/rounds.jsonl logs each round's on-policy tau.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -27,8 +28,10 @@ import numpy as np
 from dpace_jax import data as data_lib
 from dpace_jax import decode, opd_step, replay, resume, rollout
 from dpace_jax import generation as gen_lib
+from dpace_jax.atomic import atomic_path
 from dpace_jax.sampling import Sampling
 
+log = logging.getLogger(__name__)
 STEP_ARGS = {"objective": opd_step.opd_loss_fn, "batch_keys": opd_step.BATCH_KEYS}
 
 
@@ -95,7 +98,7 @@ class RoundBatches:
         self.drafter_cfg, self.rollout_dtype, self.meta = drafter_cfg, rollout_dtype, meta
         self.step, self.per_round = int(start_step), steps_per_round(config)
         self.batch_size = int(config.train.batch_size)
-        self.round, self.rows, self.dropped = -1, [], 0
+        self.round, self.rows = -1, []
 
     def state(self) -> dict:
         return {"round": self.step // self.per_round, "step": self.step}
@@ -113,11 +116,10 @@ class RoundBatches:
         order = np.random.default_rng([int(self.config.seed), r, epoch]).permutation(
             len(self.rows))
         rows = [self.rows[i] for i in order[b * self.batch_size: (b + 1) * self.batch_size]]
-        batch, dropped = replay.replay_batch(
+        batch, _ = replay.replay_batch(
             rows, block_size=self.drafter_cfg.block_size,
             seq_len=int(self.config.data.max_length), num_blocks=int(self.config.train.num_anchors),
             pad_token_id=self.gen.pad_id)
-        self.dropped += dropped
         self.step += 1
         return batch
 
@@ -136,16 +138,28 @@ class RoundBatches:
         key = jax.random.fold_in(jax.random.PRNGKey(int(self.config.seed)), r)
         self.rows = rollout.rollout(path, self.gen, drafter, chosen, key=key,
                                     meta={**meta, "drafter": rollout.params_fingerprint(host)})
+        counts = [replay.kept_blocks(row, self.drafter_cfg.block_size,
+                                     int(self.config.data.max_length),
+                                     int(self.config.train.num_anchors)) for row in self.rows]
+        dropped = sum(lost for _, lost in counts)
+        if dropped:
+            log.warning("round %d: %d of %d replay blocks do not fit train.num_anchors=%d blocks "
+                        "per row or data.max_length=%d and are not trained on", r, dropped,
+                        dropped + sum(len(kept) for kept, _ in counts),
+                        self.config.train.num_anchors, self.config.data.max_length)
         self._log_round(r, {"round": r, "step": r * self.per_round,
                             "on_policy_tau": rollout.tau(self.rows), "rows": len(self.rows),
-                            "tokens": sum(len(row["response"]) for row in self.rows)})
+                            "tokens": sum(len(row["response"]) for row in self.rows),
+                            "blocks": sum(len(kept) for kept, _ in counts),
+                            "blocks_dropped": dropped})
 
     def _log_round(self, r: int, row: dict) -> None:
         """WORKDIR/rounds.jsonl: one row per round (rows of later rounds dropped on resume)."""
         path = self.workdir / "rounds.jsonl"
         kept = [line for line in (path.read_text().splitlines() if path.exists() else [])
                 if line.strip() and json.loads(line).get("round", math.inf) < r]
-        path.write_text("".join(k + "\n" for k in [*kept, json.dumps(row)]))
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(k + "\n" for k in [*kept, json.dumps(row)]))
 
 
 def round_batches(config, workdir: Path, prompts, target_dir: Path, target_params, target_cfg,

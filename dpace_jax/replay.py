@@ -64,6 +64,14 @@ def blocks(row: dict, block_size: int, where: str = "rollout row") -> list[Block
     return out
 
 
+def kept_blocks(row: dict, block_size: int, seq_len: int, num_blocks: int):
+    """(the blocks of a row that a batch of S = seq_len positions and N = num_blocks blocks
+    keeps, the number it drops): blocks anchored at or past S - 1, then all past the first N."""
+    every = blocks(row, block_size)
+    inside = [blk for blk in every if blk.anchor < seq_len - 1]
+    return inside[:num_blocks], len(every) - min(len(inside), num_blocks)
+
+
 def replay_batch(rows: Sequence[dict], *, block_size: int, seq_len: int, num_blocks: int,
                  pad_token_id: int = 0) -> tuple[dict[str, np.ndarray], int]:
     """Arrays of one train step from rollout rows -> (batch, blocks dropped).
@@ -88,9 +96,9 @@ def replay_batch(rows: Sequence[dict], *, block_size: int, seq_len: int, num_blo
     for b, row in enumerate(rows):
         tokens = [*row["prompt"], *row["response"]][:seq_len]
         out["input_ids"][b, : len(tokens)] = tokens
-        kept = [blk for blk in blocks(row, k) if blk.anchor < seq_len - 1]
-        dropped += max(len(kept) - num_blocks, 0)
-        for n, blk in enumerate(kept[:num_blocks]):
+        kept, lost = kept_blocks(row, k, seq_len, num_blocks)
+        dropped += lost
+        for n, blk in enumerate(kept):
             real = np.asarray(blk.realized_logp[: seq_len - 1 - blk.anchor], np.float32)
             out["anchors"][b, n], out["keep"][b, n] = blk.anchor, True
             out["real_mask"][b, n, 1: 1 + len(real)] = True

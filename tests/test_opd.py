@@ -53,6 +53,9 @@ def test_replay_blocks_of_a_hand_made_row():
     # ... and a row with more blocks than N keeps its first N
     batch, dropped = replay.replay_batch([ROW], block_size=4, seq_len=12, num_blocks=2)
     assert dropped == 1 and batch["anchors"][0].tolist() == [2, 3]
+    # a block anchored at S - 1 or later has no position to supervise: dropped as well
+    kept, dropped = replay.kept_blocks(ROW, 4, seq_len=4, num_blocks=8)
+    assert [blk.anchor for blk in kept] == [2] and dropped == 2
 
 
 @pytest.mark.parametrize("field,value,match", [
@@ -174,9 +177,9 @@ def _opd_config(sft, name, **fields):
     c.data.paths = (str(sft / "sft" / "data" / "demo.jsonl"),)
     c.drafter.init_from = str(sft / "sft")
     c.train.loss, c.train.max_steps, c.train.log_every, c.train.save_every = "opd", -1, 1, 100
-    c.train.lr, c.train.batch_size = 1e-3, 4
+    c.train.lr, c.train.batch_size, c.train.num_anchors = 1e-3, 4, 24
     c.opd.rounds, c.opd.prompts_per_round, c.opd.max_new_tokens = 2, 8, 16
-    c.opd.rollout_batch_size = 4
+    c.opd.rollout_batch_size, c.opd.max_prompt_length, c.data.max_length = 4, 300, 320
     for key, value in fields.items():
         section, field = key.split("__")
         setattr(c[section], field, value)
@@ -200,6 +203,7 @@ def test_opd_rounds_resume_after_kills_mid_rollout_and_mid_training(sft, monkeyp
     straight = _outputs(sft / "straight")
     rounds = [json.loads(r) for r in straight["files"]["rounds.jsonl"].splitlines()]
     assert [r["round"] for r in rounds] == [0, 1] and all(r["rows"] == 8 for r in rounds)
+    assert all(r["blocks"] > 8 and r["blocks_dropped"] == 0 for r in rounds)
     assert all(1.0 <= r["on_policy_tau"] <= 8 for r in rounds)
 
     # killed in round 1's rollout, after its first batch was written (a torn line after it)
