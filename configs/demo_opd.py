@@ -27,5 +27,6 @@ def get_config(sft: str = "runs/demo"):
     c.opd.rounds = 4
     c.opd.prompts_per_round = 64
     c.opd.max_new_tokens = 128
+    c.opd.max_prompt_length = 256  # + 128 new tokens: every replay block fits data.max_length
     c.opd.rollout_batch_size = 32
     return c
