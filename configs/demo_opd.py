@@ -23,7 +23,7 @@ def get_config(sft: str = "runs/demo"):
     c.train.max_steps = -1  # the rounds set the length
     c.train.lr = 5e-4
     c.train.warmup_ratio = 0.05
-    c.train.num_anchors = 96  # blocks per row: 128 new tokens at tau >= 1.4
+    c.train.num_anchors = 129  # blocks per row: one per new token at most, plus the prompt's
     c.opd.rounds = 4
     c.opd.prompts_per_round = 64
     c.opd.max_new_tokens = 128
