@@ -80,6 +80,7 @@ def _step_cfg(**train):
     return step_lib.StepConfig.from_config(c, 10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dpace", [False, True])
 def test_replay_reproduces_the_rollout_drafts_and_the_objective_matches_dense_logits(dpace):
     """Replayed at the rollout's anchors, the drafter's training forward drafts what the cached
