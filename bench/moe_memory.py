@@ -275,10 +275,10 @@ def estimate(target: Target, mesh: dict[str, int], plan: Plan = Plan()) -> dict:
             "decode": decode, "decode_total": sum(decode.values())}
 
 
-def meshes_for(devices: int) -> list[dict[str, int]]:
+def meshes_for(devices: int, max_data: int = 8) -> list[dict[str, int]]:
     """The (data, fsdp, tensor) shapes with data * fsdp dividing the global batch of 16."""
     out = []
-    for data in (1, 2, 4, 8):
+    for data in (d for d in (1, 2, 4, 8) if d <= max_data):
         for tensor in (1, 2, 4, 8):
             if devices % (data * tensor) == 0:
                 fsdp = devices // (data * tensor)
@@ -291,7 +291,8 @@ def fmt(x: float) -> str:
     return f"{x / GB:.1f}"
 
 
-def report(plans: dict[str, Plan], budget_fraction: float) -> tuple[str, list]:
+def report(plans: dict[str, Plan], budget_fraction: float,
+           max_data: int = 8) -> tuple[str, list]:
     lines, rows = [], []
     for name, target in TARGETS.items():
         p, a = target.params(), target.active_params()
@@ -305,7 +306,7 @@ def report(plans: dict[str, Plan], budget_fraction: float) -> tuple[str, list]:
                       f"{fmt(memory)} GB). GB per device:", "",
                       "| mesh (data, fsdp, tensor) | plan | b/dev | target | drafter state | "
                       "activations | train total | fits | decode total |", "|" + "---|" * 9]
-            for mesh in meshes_for(devices):
+            for mesh in meshes_for(devices, max_data):
                 for label, plan in plans.items():
                     e = estimate(target, mesh, plan)
                     state = sum(v for k, v in e["train_fixed"].items() if k.startswith("drafter"))
@@ -347,9 +348,11 @@ def main(argv=None):
     ap.add_argument("--budget-fraction", type=float, default=0.9,
                     help="share of a device's memory the plan may use (the rest: XLA workspace, "
                          "fragmentation)")
+    ap.add_argument("--max-data", type=int, default=8,
+                    help="only meshes with at most this many data replicas")
     ap.add_argument("--json", default="", help="also write the rows here")
     args = ap.parse_args(argv)
-    text, rows = report(PLANS, args.budget_fraction)
+    text, rows = report(PLANS, args.budget_fraction, args.max_data)
     print(text)
     one = {"data": 1, "fsdp": 8, "tensor": 1}
     for name, mesh, plan in (("Qwen3-30B-A3B", one, Plan()),

@@ -10,8 +10,9 @@ config uses). About 0.30 B drafter parameters.
 
 Mesh: every device on fsdp, (1, -1, 1): the experts split over fsdp (dpace_jax/sharding.py), 61 GB
 of bf16 target weights -> 7.6 GB per device on 8 x 80 GB GPUs, 15.3 GB per chip on a TPU v5p-8
-(4 chips). docs/moe.md has the memory estimate (bench/moe_memory.py). Name the regenerated chat
-data with --config.data.paths="('data/train.jsonl',)"."""
+(4 chips). Drafter attention "flash": the dense one would keep ~55 GB of scores per GPU. On paper
+(docs/moe.md, bench/moe_memory.py) the step needs ~22 GB per GPU on 8 x 80 GB, ~38 GB per chip on
+a v5p-8. Name the regenerated chat data with --config.data.paths="('data/train.jsonl',)"."""
 
 from dpace_jax.config import default_config
 
@@ -21,5 +22,6 @@ def get_config():
     c.target.path = "Qwen/Qwen3-30B-A3B"
     c.drafter.num_layers = 5
     c.drafter.block_size = 16
+    c.train.attention = "flash"
     c.mesh.shape = (1, -1, 1)
     return c
