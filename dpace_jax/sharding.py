@@ -56,6 +56,19 @@ def make_mesh(shape: Sequence[int] | None = None, devices=None) -> Mesh:
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 
+def mesh_axes(shape: Sequence[int], axes: Sequence[str | None], axis_sizes: dict[str, int],
+              rules: dict[str, str | None] = LOGICAL_RULES) -> tuple[str | None, ...]:
+    """Per dimension, the mesh axis it is split over (None: whole): its logical axis's rule,
+    when that mesh axis is not used by an earlier dimension and divides the size. Shape-only
+    (no devices), so that memory plans (bench/moe_memory.py) use the same rule as the run."""
+    spec = []
+    for dim, logical in zip(shape, axes, strict=True):
+        mesh_axis = rules.get(logical) if logical else None
+        usable = mesh_axis is not None and mesh_axis not in spec
+        spec.append(mesh_axis if usable and dim % axis_sizes[mesh_axis] == 0 else None)
+    return tuple(spec)
+
+
 def _spec_for(name: str, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
     axes = PARAM_AXES.get(name)
     if axes is None:
@@ -64,12 +77,7 @@ def _spec_for(name: str, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
         axes = ("layers", *axes)
     if len(shape) != len(axes):
         raise ValueError(f"parameter {name!r} has shape {shape}, expected rank {len(axes)}")
-    spec = []
-    for dim, logical in zip(shape, axes, strict=True):
-        mesh_axis = LOGICAL_RULES.get(logical) if logical else None
-        usable = mesh_axis is not None and mesh_axis not in spec
-        spec.append(mesh_axis if usable and dim % mesh.shape[mesh_axis] == 0 else None)
-    return PartitionSpec(*spec)
+    return PartitionSpec(*mesh_axes(shape, axes, dict(mesh.shape)))
 
 
 def param_shardings(params, mesh: Mesh):

@@ -276,13 +276,13 @@ SCFG = ModelConfig(vocab_size=6, hidden_size=16, intermediate_size=32, num_layer
 SPROMPT = [3, 1, 4, 1, 5]
 
 
-def exact_conditionals(params, temperature, top_k, top_p):
-    """p(t0 | prompt) [V], p(t1 | t0) [V, V], p(t2 | t0, t1) [V, V, V] from full forwards over
-    every (t0, t1)."""
-    v, n = SCFG.vocab_size, len(SPROMPT)
+def exact_conditionals(params, temperature, top_k, top_p, cfg=SCFG, prompt=SPROMPT):
+    """p(t0 | prompt) [V], p(t1 | t0) [V, V], p(t2 | t0, t1) [V, V, V] from full forwards of
+    the target `cfg` over every (t0, t1)."""
+    v, n = cfg.vocab_size, len(prompt)
     pairs = np.array(list(itertools.product(range(v), repeat=2)))
-    seqs = np.concatenate([np.tile(SPROMPT, (len(pairs), 1)), pairs], axis=1)
-    logits = np.asarray(references.full_logits(SCFG)(params, seqs), np.float64)
+    seqs = np.concatenate([np.tile(prompt, (len(pairs), 1)), pairs], axis=1)
+    logits = np.asarray(references.full_logits(cfg)(params, seqs), np.float64)
     p0 = np_filtered_probs(logits[0, n - 1], temperature, top_k, top_p)
     p1 = np_filtered_probs(logits[:, n], temperature, top_k, top_p).reshape(v, v, v)[:, 0]
     p2 = np_filtered_probs(logits[:, n + 1], temperature, top_k, top_p).reshape(v, v, v)

@@ -1,6 +1,6 @@
 """Qwen3-MoE targets (dpace_jax.moe): parity with transformers' PyTorch Qwen3MoeForCausalLM, the
 two token dispatches, the cached forward, HF conversion both ways and lossless speculative
-decoding, on tiny random models (CPU, fp32)."""
+decoding (greedy and sampled), on tiny random models (CPU, fp32)."""
 
 from __future__ import annotations
 
@@ -15,11 +15,19 @@ import pytest
 import references
 from hf_fixtures import randomize_, torch_outputs
 from safetensors.numpy import load_file, save_file
+from test_decode import (
+    SPROMPT,
+    chi_square_z,
+    exact_conditionals,
+    near_target_drafter,
+    random_target,
+)
 
 from dpace_jax import convert, decode, moe
 from dpace_jax import drafter as dflash
 from dpace_jax.model import KVCache, ModelConfig, features, forward, forward_cached, init_params
 from dpace_jax.params import TARGET_SCHEMA, flatten
+from dpace_jax.sampling import Sampling
 
 LAYERS = 3
 FEATURE_LAYERS = (2, 0, 1, 2)  # every layer, the last one (after the final norm) included
@@ -247,6 +255,40 @@ def test_speculative_decoding_is_lossless():
     got = np.asarray(res.tokens)
     assert [got[b, :int(res.num_tokens[b])].tolist() for b in range(3)] == expected
     assert int(np.sum(res.num_steps)) > 0
+
+
+# a tiny-vocab mixed target (layer 0 dense, layer 1 with experts): its exact conditionals over
+# three tokens are 6 + 36 full forwards
+SAMPLING_CFG = ModelConfig(vocab_size=6, hidden_size=16, intermediate_size=32, num_layers=2,
+                           num_heads=2, num_kv_heads=1, head_dim=8, rope_theta=10000.0,
+                           arch="qwen3_moe", num_experts=4, num_experts_per_tok=2,
+                           moe_intermediate_size=16, norm_topk_prob=True, mlp_only_layers=(0,))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rule,temperature,top_k,top_p", [("dflash", 1.0, 0, 1.0),
+                                                           ("speculative", 0.7, 4, 0.9)])
+def test_sampling_is_lossless(rule, temperature, top_k, top_p):
+    """Sampled speculative decoding on a Qwen3-MoE target (the default, sorted dispatch) with a
+    near-target drafter: the first three tokens follow the target's exact filtered distribution
+    (tests/test_decode.py's check: Pearson chi-square over the V^3 cells, z < 3.5)."""
+    cfg, n = SAMPLING_CFG, 12000
+    v = cfg.vocab_size
+    params = random_target(11, cfg, scale=0.5)
+    p0, p1, p2 = exact_conditionals(params, temperature, top_k, top_p, cfg=cfg)
+    res = decode.decode(params, cfg, near_target_drafter(p1, p2, seed=3),
+                        np.tile(SPROMPT, (n, 1)), [len(SPROMPT)] * n, max_new_tokens=3,
+                        sampling=Sampling(temperature, rule, top_k, top_p),
+                        rng=jax.random.PRNGKey(5))
+    tokens = np.asarray(res.tokens)
+    assert np.all(np.asarray(res.num_tokens) == 3)
+    counts = np.bincount(tokens[:, 0] * v * v + tokens[:, 1] * v + tokens[:, 2],
+                         minlength=v**3)
+    exact = (p0[:, None, None] * p1[:, :, None] * p2).reshape(-1)
+    assert counts[exact == 0].sum() == 0  # nothing outside the filtered support
+    assert chi_square_z(counts, exact) < 3.5
+    hist = decode.acceptance_histogram(res, 3)
+    assert hist[1] > 0.1 * hist.sum() and hist[2:].sum() > 0.1 * hist.sum()  # both paths run
 
 
 MESH_SCRIPT = """
