@@ -121,7 +121,8 @@ def test_cached_blocks_with_rollbacks_match_full_forward_past_the_window():
     batch, width = 2, 32
     cache = KVCache.zeros(cfg, batch, width, jnp.float32)
     seq = np.zeros((batch, 0), np.int64)
-    for start, length in [(0, 8), (8, 4), (10, 4), (14, 1), (12, 4), (16, 1), (17, 4), (21, 4), (25, 1)]:
+    blocks = [(0, 8), (8, 4), (10, 4), (14, 1), (12, 4), (16, 1), (17, 4), (21, 4), (25, 1)]
+    for start, length in blocks:  # sequences up to 26, the window is 4
         block = rng.integers(0, cfg.vocab_size, (batch, length))
         seq = np.concatenate([seq[:, :start], block], axis=1)
         out = _cached_step(cfg)(params, cache, jnp.asarray(block),
@@ -198,8 +199,8 @@ def _mxfp4_copy(src, dst, rng, drop=(), quant=None):
             refs[key] = (blocks, scales)
     save_file({k: v for k, v in tensors.items() if k not in drop}, str(dst / "model.safetensors"))
     config = json.loads((src / "config.json").read_text())
-    config["quantization_config"] = quant or {"quant_method": "mxfp4",
-                                              "modules_to_not_convert": ["model.layers.*.self_attn"]}
+    config["quantization_config"] = quant or {
+        "quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
     (dst / "config.json").write_text(json.dumps(config))
     return refs
 
