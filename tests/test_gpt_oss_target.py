@@ -114,6 +114,7 @@ def _cached_step(cfg):
                    forward_cached(params, cfg, tokens, cache, start, feature_layers=(0, 2)))
 
 
+@pytest.mark.slow
 def test_cached_blocks_with_rollbacks_match_full_forward_past_the_window():
     cfg = _oss_cfg()
     params = _random_params(cfg)
@@ -272,6 +273,7 @@ def test_speculative_decoding_is_lossless():
     assert int(np.sum(res.num_steps)) > 0
 
 
+@pytest.mark.slow
 def test_sampling_is_lossless_on_a_gpt_oss_target():
     """tests/test_decode.py's chi-square test on a tiny-vocabulary gpt-oss target (window 2 <
     the 7 positions): the sampled (t0, t1, t2) follow the target's exact conditionals."""
