@@ -27,7 +27,7 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy before safetensor
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from dpace_jax import moe
+from dpace_jax import gpt_oss, moe, mxfp4
 from dpace_jax.atomic import atomic_path
 from dpace_jax.model import ModelConfig
 from dpace_jax.params import TARGET_SCHEMA, Param, dims, flatten, get
@@ -103,9 +103,12 @@ def load_config(path_or_id: str | os.PathLike) -> ModelConfig:
     """ModelConfig from the checkpoint's config.json; unsupported variants raise ValueError."""
     path = resolve_checkpoint(path_or_id) / "config.json"
     hf = read_config_json(path)
+    cfg = ModelConfig.from_hf(hf, source=str(path))
+    mxfp4.check_config(hf, cfg.arch, str(path))
+    oss = cfg.arch == "gpt_oss"  # biases, and its own clamped SwiGLU whatever hidden_act says
     unsupported = {
-        "hidden_act": (hf.get("hidden_act", "silu") not in ("silu", "swish"), "silu"),
-        "attention_bias": (bool(hf.get("attention_bias", False)), False),
+        "hidden_act": (hf.get("hidden_act", "silu") not in ("silu", "swish") and not oss, "silu"),
+        "attention_bias": (bool(hf.get("attention_bias", False)) and not oss, False),
         "mlp_bias": (bool(hf.get("mlp_bias", False)), False),
         "use_sliding_window": (bool(hf.get("use_sliding_window", False)), False),
     }
@@ -113,7 +116,7 @@ def load_config(path_or_id: str | os.PathLike) -> ModelConfig:
         if bad:
             raise ValueError(
                 f"{path}: {field}={hf[field]!r} is not supported (expected {expected!r})")
-    return ModelConfig.from_hf(hf, source=str(path))
+    return cfg
 
 
 # ----------------------------------------------------------------------------- loading
@@ -199,7 +202,8 @@ def _place(host: np.ndarray, sharding) -> jax.Array:
 
 
 def load_target(path_or_id: str | os.PathLike, *, dtype=jnp.bfloat16, shardings=None):
-    """Load an HF Qwen3 / Llama / Qwen3-MoE checkpoint -> (params, cfg).
+    """Load an HF Qwen3 / Llama / Qwen3-MoE / gpt-oss checkpoint -> (params, cfg); gpt-oss's
+    MXFP4 experts are dequantized (dpace_jax.mxfp4).
 
     dtype: the parameters' dtype (None keeps each tensor's stored dtype). shardings: None (the
     default device), one Sharding for every array, a pytree of shardings matching the param tree,
@@ -208,7 +212,11 @@ def load_target(path_or_id: str | os.PathLike, *, dtype=jnp.bfloat16, shardings=
     ckpt = resolve_checkpoint(path_or_id)
     cfg = load_config(ckpt)
     entries = TARGET_SCHEMA.params(cfg)
-    tensors = index_tensors(ckpt)
+    raw = index_tensors(ckpt)
+    packed: dict[str, tuple[str, str]] = {}
+    tensors = raw
+    if mxfp4.check_config(read_config_json(ckpt / "config.json"), cfg.arch, str(ckpt)):
+        tensors, packed = mxfp4.fold(raw, str(ckpt))
     moe.check_expert_count(cfg, tensors, str(ckpt))
     _check_keys(ckpt, cfg, entries, tensors)
     target = None if dtype is None else np.dtype(dtype)
@@ -217,7 +225,9 @@ def load_target(path_or_id: str | os.PathLike, *, dtype=jnp.bfloat16, shardings=
         handles: dict[Path, Any] = {}
 
         def read(key: str) -> np.ndarray:
-            file = tensors[key][0]
+            if key in packed:
+                return mxfp4.dequantize(*(read(k) for k in packed[key]), name=key)
+            file = raw[key][0]
             try:
                 if file not in handles:
                     handles[file] = stack.enter_context(safe_open(str(file), framework="numpy"))
@@ -250,9 +260,10 @@ def load_target(path_or_id: str | os.PathLike, *, dtype=jnp.bfloat16, shardings=
 
 def hf_config(cfg: ModelConfig, dtype_name: str = "float32") -> dict:
     """A config.json dict that transformers loads as Qwen3ForCausalLM / LlamaForCausalLM /
-    Qwen3MoeForCausalLM."""
+    Qwen3MoeForCausalLM / GptOssForCausalLM (unquantized)."""
     arch = {"qwen3": ("Qwen3ForCausalLM", "qwen3"), "llama": ("LlamaForCausalLM", "llama"),
-            "qwen3_moe": ("Qwen3MoeForCausalLM", "qwen3_moe")}
+            "qwen3_moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
+            "gpt_oss": ("GptOssForCausalLM", "gpt_oss")}
     if cfg.arch not in arch:
         raise ValueError(f"cannot export arch {cfg.arch!r}; expected one of {sorted(arch)}")
     name, model_type = arch[cfg.arch]
@@ -271,6 +282,9 @@ def hf_config(cfg: ModelConfig, dtype_name: str = "float32") -> dict:
         out.update(use_sliding_window=False, sliding_window=None)
     if cfg.arch == "qwen3_moe":
         out.update(moe.hf_config_fields(cfg))
+    elif cfg.arch == "gpt_oss":
+        del out["rope_theta"], out["rope_scaling"]
+        out.update(gpt_oss.hf_config_fields(cfg))
     else:
         out.update(mlp_bias=False, pretraining_tp=1)
     return out

@@ -27,8 +27,11 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: Mapping | None = None) -
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind == "default":
         return inv
+    if kind == "yarn":
+        return _yarn_inv_freq(head_dim, theta, scaling)
     if kind != "llama3":
-        raise ValueError(f"rope_scaling.rope_type={kind!r} is not supported (expected 'llama3')")
+        raise ValueError(f"rope_scaling.rope_type={kind!r} is not supported (expected 'llama3' "
+                         "or 'yarn')")
     factor = float(scaling["factor"])
     low = float(scaling["low_freq_factor"])
     high = float(scaling["high_freq_factor"])
@@ -40,6 +43,57 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: Mapping | None = None) -
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return jnp.where(medium, smoothed, scaled)
+
+
+def _yarn_factor(scaling: Mapping) -> float:
+    if scaling.get("factor") is None:
+        raise ValueError("rope_scaling: a 'yarn' rope needs its 'factor'")
+    return float(scaling["factor"])
+
+
+def _yarn_inv_freq(head_dim: int, theta: float, scaling: Mapping) -> jax.Array:
+    """YaRN (transformers' `_compute_yarn_parameters`): per frequency pair j, a blend
+    inv = interp * (1 - x_j) + extrap * x_j of extrap = theta^(-2j/E) and interp = extrap / factor,
+    with x_j = 1 - clip((j - low) / (high - low), 0, 1) and [low, high] the dims where
+    beta_fast / beta_slow rotations fit in original_max_position_embeddings (floor / ceil unless
+    truncate is false; high += 0.001 when they meet)."""
+    factor = _yarn_factor(scaling)
+    fast, slow = float(scaling.get("beta_fast") or 32), float(scaling.get("beta_slow") or 1)
+    old_ctx = float(scaling["original_max_position_embeddings"])
+
+    def dim_of(rotations):
+        return head_dim * math.log(old_ctx / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_of(fast), dim_of(slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001
+    extrap = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    interp = 1.0 / (factor * theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    ramp = jnp.clip((jnp.arange(head_dim // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
+    keep = 1 - ramp
+    return interp * (1 - keep) + extrap * keep
+
+
+def rope_attention_factor(scaling: Mapping | None) -> float:
+    """The factor transformers multiplies cos and sin by: 1 except for YaRN, where it is
+    `attention_factor`, else mscale(factor, mscale) / mscale(factor, mscale_all_dim) when both
+    are set, else mscale(factor) with mscale(s, m) = 0.1 m ln(s) + 1 (1 for s <= 1)."""
+    if not scaling or scaling.get("rope_type", scaling.get("type")) != "yarn":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    factor = _yarn_factor(scaling)
+
+    def mscale(s, m=1.0):
+        return 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0
+
+    m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    if m and m_all:
+        return float(mscale(factor, m) / mscale(factor, m_all))
+    return mscale(factor)
 
 
 def rope_cos_sin(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -1,6 +1,6 @@
-"""The frozen target: a Qwen3 / Llama-3.1 / Qwen3-MoE causal LM as pure functions over
+"""The frozen target: a Qwen3 / Llama-3.1 / Qwen3-MoE / gpt-oss causal LM as pure functions over
 `TargetParams` (dpace_jax.params: embed, stacked decoder layers run with `lax.scan`, final_norm,
-lm_head or tied; a Qwen3-MoE target's feed-forwards: dpace_jax.moe).
+lm_head or tied; a Qwen3-MoE target's feed-forwards: dpace_jax.moe; gpt-oss: dpace_jax.gpt_oss).
 
 Three forwards: `features` (training: the feature layers only), `forward` (the whole model, no
 cache) and `forward_cached` (decoding). KV cache: `KVCache(k, v)` with k, v [L, B, S, G, E], S
@@ -8,7 +8,8 @@ fixed (the drafter uses the same type for its context). The cache holds no lengt
 says where each sequence's new tokens go (`start` [B]); a query at absolute position p sees cache
 slots 0..p. Rolling back is therefore just writing the next block at an earlier `start`; slots
 past the live length hold stale entries that no query can see until they are overwritten.
-Callers must keep start + T <= S (XLA clamps out-of-range updates).
+Callers must keep start + T <= S (XLA clamps out-of-range updates). gpt-oss's sliding-window
+layers use the same full-length cache, with the window in their mask.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from dpace_jax import layers, moe
+from dpace_jax import gpt_oss, layers, moe
 from dpace_jax.params import TARGET_SCHEMA, LayerParams, TargetParams
 
 SUPPORTED_ARCHITECTURES = {"Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama",
-                           "Qwen3MoeForCausalLM": "qwen3_moe"}
+                           "Qwen3MoeForCausalLM": "qwen3_moe", "GptOssForCausalLM": "gpt_oss"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +51,11 @@ class ModelConfig:
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
     moe_dispatch: str = "sorted"  # "dense" (the reference) or "sorted"; not an HF field
+    # gpt-oss (arch "gpt_oss", dpace_jax.gpt_oss; also num_experts..moe_intermediate_size)
+    sliding_window: int = 0
+    layer_types: tuple[str, ...] = ()
+    swiglu_limit: float = 7.0
+    swiglu_alpha: float = 1.702
 
     @classmethod
     def from_hf(cls, hf: dict, source: str = "config.json") -> ModelConfig:
@@ -58,8 +64,8 @@ class ModelConfig:
         known = [SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES]
         arch = known[0] if known else None
         if arch is None and not archs:
-            arch = {"qwen3": "qwen3", "llama": "llama", "qwen3_moe": "qwen3_moe"}.get(
-                hf.get("model_type"))
+            arch = {"qwen3": "qwen3", "llama": "llama", "qwen3_moe": "qwen3_moe",
+                    "gpt_oss": "gpt_oss"}.get(hf.get("model_type"))
         if arch is None:
             raise ValueError(
                 f"{source}: unsupported architecture {archs or hf.get('model_type')!r}; "
@@ -92,6 +98,8 @@ class ModelConfig:
                 arch=arch,
                 **(moe.hf_fields(hf, int(hf["num_hidden_layers"]), source)
                    if arch == "qwen3_moe" else {}),
+                **(gpt_oss.hf_fields(hf, int(hf["num_hidden_layers"]), source)
+                   if arch == "gpt_oss" else {}),
             )
         except KeyError as e:
             raise ValueError(f"{source}: missing field {e.args[0]!r}") from None
@@ -120,7 +128,8 @@ def freeze_scaling(scaling: dict | None) -> tuple | None:
     if kind == "default":
         return None
     keys = ("rope_type", "factor", "low_freq_factor", "high_freq_factor",
-            "original_max_position_embeddings")
+            "original_max_position_embeddings", "beta_fast", "beta_slow", "truncate",
+            "attention_factor", "mscale", "mscale_all_dim")
     frozen = {"rope_type": kind, **{k: scaling[k] for k in keys[1:] if k in scaling}}
     return tuple(sorted(frozen.items()))
 
@@ -175,6 +184,18 @@ def decoder_layer(x, p: LayerParams, cos, sin, cfg: ModelConfig, attend, mlp=Non
     return x + (layers.mlp(h, p) if mlp is None else mlp(h)), extra
 
 
+def _layer(params: TargetParams, cfg: ModelConfig, i, p, x, cos, sin, attend):
+    """Decoder layer i (traced) of the target, p its LayerParams slice."""
+    if cfg.arch == "gpt_oss":
+        return gpt_oss.decoder_layer(x, p, moe._slice(params.oss, i), cos, sin, cfg, attend,
+                                     gpt_oss.sliding_flags(cfg)[i])
+    return decoder_layer(x, p, cos, sin, cfg, attend, moe.layer_mlp(params, cfg, i))
+
+
+def _norm(cfg: ModelConfig):
+    return gpt_oss.rms_norm if cfg.arch == "gpt_oss" else layers.rms_norm
+
+
 def _einsum_attention(q, keys, values, mask):
     probs = layers.masked_softmax(layers.attention_logits(q, keys), mask)
     return layers.attention_output(probs, values)
@@ -187,6 +208,10 @@ def _check(cfg: ModelConfig, feature_layers, attention: str) -> None:
     if bad:
         raise ValueError(f"feature_layers {bad} outside the target's {cfg.num_layers} layers")
     moe.check(cfg)
+    gpt_oss.check(cfg)
+    if cfg.arch == "gpt_oss" and attention != "einsum":
+        raise ValueError(f"attention={attention!r}: a gpt-oss target (attention sinks) needs "
+                         "attention='einsum'")
 
 
 def _layer_ids(cfg: ModelConfig) -> jax.Array:
@@ -198,14 +223,21 @@ def _embed_and_rope(params: TargetParams, cfg: ModelConfig, tokens, start):
     positions = start[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
     inv_freq = layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.scaling_dict)
     cos, sin = layers.rope_cos_sin(positions, inv_freq)
+    factor = layers.rope_attention_factor(cfg.scaling_dict)
+    if factor != 1.0:  # YaRN
+        cos, sin = cos * factor, sin * factor
     return jnp.take(params.embed, tokens, axis=0), positions, cos, sin
 
 
-def _causal(positions, attention: str):
-    """attend(q, k, v) of the cache-free forwards: query t sees keys 0..t."""
+def _causal(positions, attention: str, cfg: ModelConfig):
+    """attend(q, k, v) of the cache-free forwards: query t sees keys 0..t (gpt-oss: attend(q, k,
+    v, sinks, sliding), within the window when sliding)."""
     mask = (positions[:, :, None] >= positions[:, None, :])[:, None, None]  # [B, 1, 1, T, T]
 
-    def attend(q, k, v):
+    def attend(q, k, v, sinks=None, sliding=None):
+        if sinks is not None:
+            window = gpt_oss.visible(positions, positions, sliding, cfg.sliding_window)
+            return gpt_oss.attention(q, k, v, window, sinks), None
         if ATTENTION[attention] is None:
             return _einsum_attention(q, k, v, mask), None
         return layers.causal_attention(q, k, v, ATTENTION[attention]), None
@@ -219,7 +251,7 @@ def _features(layer_outputs, ids, final_norm, cfg: ModelConfig) -> jax.Array:
     (docs/design.md §2)."""
     last = cfg.num_layers - 1
     return jnp.concatenate(
-        [layers.rms_norm(x, final_norm, cfg.rms_norm_eps) if j == last else x
+        [_norm(cfg)(x, final_norm, cfg.rms_norm_eps) if j == last else x
          for j, x in zip(ids, layer_outputs, strict=True)], axis=-1)
 
 
@@ -229,7 +261,7 @@ def _finish(params: TargetParams, cfg: ModelConfig, x, per_layer, feature_layers
     if feature_layers:
         features = _features([per_layer[j] for j in feature_layers], feature_layers,
                              params.final_norm, cfg)
-    hidden = layers.rms_norm(x, params.final_norm, cfg.rms_norm_eps)
+    hidden = _norm(cfg)(x, params.final_norm, cfg.rms_norm_eps)
     return Output(lm_head(params, hidden) if logits else None, features, cache, hidden)
 
 
@@ -246,7 +278,7 @@ def features(params: TargetParams, cfg: ModelConfig, tokens: jax.Array,
     with jax.named_scope("target_features"):
         x, positions, cos, sin = _embed_and_rope(params, cfg, tokens,
                                                  jnp.zeros((tokens.shape[0],), jnp.int32))
-        attend = _causal(positions, attention)
+        attend = _causal(positions, attention, cfg)
         distinct = sorted(set(feature_layers))
         slot_of = [len(distinct)] * (distinct[-1] + 1)
         for slot, j in enumerate(distinct):
@@ -258,7 +290,7 @@ def features(params: TargetParams, cfg: ModelConfig, tokens: jax.Array,
             x, buf = carry
             p = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False),
                              params.layers)
-            x, _ = decoder_layer(x, p, cos, sin, cfg, attend, moe.layer_mlp(params, cfg, i))
+            x, _ = _layer(params, cfg, i, p, x, cos, sin, attend)
             return (x, jax.lax.dynamic_update_index_in_dim(buf, x, slots[i], axis=0)), None
 
         (_, buf), _ = jax.lax.scan(step, (x, buf), jnp.arange(len(slot_of), dtype=jnp.int32))
@@ -278,11 +310,11 @@ def forward(params: TargetParams, cfg: ModelConfig, tokens: jax.Array, *,
     with jax.named_scope("target_forward"):
         x, positions, cos, sin = _embed_and_rope(params, cfg, tokens,
                                                  jnp.zeros((tokens.shape[0],), jnp.int32))
-        attend = _causal(positions, attention)
+        attend = _causal(positions, attention, cfg)
 
         def step(x, inputs):
             p, i = inputs
-            x, _ = decoder_layer(x, p, cos, sin, cfg, attend, moe.layer_mlp(params, cfg, i))
+            x, _ = _layer(params, cfg, i, p, x, cos, sin, attend)
             return x, (x if feature_layers else None)
 
         x, per_layer = jax.lax.scan(step, x, (params.layers, _layer_ids(cfg)))
@@ -305,12 +337,14 @@ def forward_cached(params: TargetParams, cfg: ModelConfig, tokens: jax.Array, ca
         def step(x, inputs):
             p, i, ck, cv = inputs
 
-            def attend(q, k, v):
+            def attend(q, k, v, sinks=None, sliding=None):
                 ck2, cv2 = write_at(ck, k, start), write_at(cv, v, start)
+                if sinks is not None:
+                    window = gpt_oss.visible(positions, slots[None], sliding, cfg.sliding_window)
+                    return gpt_oss.attention(q, ck2, cv2, window, sinks), (ck2, cv2)
                 return _einsum_attention(q, ck2, cv2, mask), (ck2, cv2)
 
-            x, (ck2, cv2) = decoder_layer(x, p, cos, sin, cfg, attend,
-                                          moe.layer_mlp(params, cfg, i))
+            x, (ck2, cv2) = _layer(params, cfg, i, p, x, cos, sin, attend)
             return x, (x if feature_layers else None, ck2, cv2)
 
         x, (per_layer, ks, vs) = jax.lax.scan(step, x, (params.layers, _layer_ids(cfg), cache.k,

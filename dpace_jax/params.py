@@ -13,11 +13,15 @@ experts, stacked over the layers with experts) and `MlpParams` (the dense MLP of
 its `mlp_only_layers`). An expert's HF tensors are one per expert ("{e}" in the name); ours stack
 them on a P axis after the layer axis.
 
+A gpt-oss target (dpace_jax.gpt_oss): attention and norms in `LayerParams`, the rest of a layer
+(biases, sinks, router, experts fused in HF's layout: GPT_OSS) in `GptOssParams` over all L layers.
+
 Layouts, from an HF PyTorch Linear weight [out, in] to ours:
   same       as stored (norms, the embedding)
   t          transposed, [in, out]
   in_heads   [heads * E, D] -> [D, heads, E]   (q, k, v)
   out_heads  [D, H * E] -> [H, E, D]           (o)
+  flat       [heads * E] -> [heads, E]          (q, k, v biases)
 """
 
 from __future__ import annotations
@@ -70,6 +74,24 @@ EXPERTS = {
                              "mlp.experts.{e}.down_proj.weight", "t"),
 }
 
+def _oss(shape, axes, hf, layout="same"):
+    return ArrayInfo(shape, axes, "normal", hf, layout)
+
+
+GPT_OSS = {  # N = 2M: gate and up interleaved on the last axis, as HF stores them
+    "q_bias": _oss(("H", "E"), ("heads", "head_dim"), "self_attn.q_proj.bias", "flat"),
+    "k_bias": _oss(("G", "E"), ("kv_heads", "head_dim"), "self_attn.k_proj.bias", "flat"),
+    "v_bias": _oss(("G", "E"), ("kv_heads", "head_dim"), "self_attn.v_proj.bias", "flat"),
+    "o_bias": _oss(("D",), (None,), "self_attn.o_proj.bias"),
+    "sinks": _oss(("H",), ("heads",), "self_attn.sinks"),
+    "router": _oss(("D", "P"), ("embed", None), "mlp.router.weight", "t"),
+    "router_bias": _oss(("P",), (None,), "mlp.router.bias"),
+    "expert_gate_up": _oss(("P", "D", "N"), ("expert", "embed", "mlp"), "mlp.experts.gate_up_proj"),
+    "expert_gate_up_bias": _oss(("P", "N"), ("expert", "mlp"), "mlp.experts.gate_up_proj_bias"),
+    "expert_down": _oss(("P", "M", "D"), ("expert", "mlp", "embed"), "mlp.experts.down_proj"),
+    "expert_down_bias": _oss(("P", "D"), ("expert", None), "mlp.experts.down_proj_bias"),
+}
+
 TARGET = {
     "embed": ArrayInfo(("V", "D"), ("vocab", "embed"), "normal", "model.embed_tokens.weight",
                        "same"),
@@ -84,7 +106,7 @@ DRAFTER = {
 }
 
 # name -> logical axes (without the stacked layer axis), for dpace_jax.sharding
-AXES = {name: info.axes for table in (LAYER, EXPERTS, TARGET, DRAFTER)
+AXES = {name: info.axes for table in (LAYER, EXPERTS, GPT_OSS, TARGET, DRAFTER)
         for name, info in table.items()}
 
 
@@ -129,6 +151,23 @@ class ExpertParams:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
+class GptOssParams:
+    """A gpt-oss target's GPT_OSS parameters, stacked over all its layers (shapes: GPT_OSS)."""
+    q_bias: jax.Array
+    k_bias: jax.Array
+    v_bias: jax.Array
+    o_bias: jax.Array
+    sinks: jax.Array
+    router: jax.Array
+    router_bias: jax.Array
+    expert_gate_up: jax.Array
+    expert_gate_up_bias: jax.Array
+    expert_down: jax.Array
+    expert_down_bias: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
 class TargetParams:
     embed: jax.Array  # [V, D]
     layers: LayerParams
@@ -136,6 +175,7 @@ class TargetParams:
     lm_head: jax.Array | None = None  # [D, V]; None when tied to the embedding
     mlp: MlpParams | None = None  # Qwen3-MoE only
     experts: ExpertParams | None = None  # Qwen3-MoE only
+    oss: GptOssParams | None = None  # gpt-oss only
 
 
 @jax.tree_util.register_dataclass
@@ -147,13 +187,13 @@ class DrafterParams:
     final_norm: jax.Array  # [D]
 
 
-GROUPS = {"layers": LayerParams, "mlp": MlpParams, "experts": ExpertParams}
+GROUPS = {"layers": LayerParams, "mlp": MlpParams, "experts": ExpertParams, "oss": GptOssParams}
 
 
 def group_layers(group: str, cfg) -> tuple[int, ...]:
     """The layer ids a stack holds, in order: every layer, or (Qwen3-MoE) those without / with
     experts."""
-    if group == "layers":
+    if group in ("layers", "oss"):
         return tuple(range(cfg.num_layers))
     return cfg.dense_mlp_layers if group == "mlp" else cfg.moe_layers
 
@@ -205,6 +245,8 @@ class Param(NamedTuple):
             return s
         if layout == "t":
             return s[::-1]
+        if layout == "flat":
+            return (s[0] * s[1],)
         return (s[1] * s[2], s[0]) if layout == "in_heads" else (s[2], s[0] * s[1])
 
     def from_hf(self, w: np.ndarray, dims: dict[str, int]) -> np.ndarray:
@@ -227,7 +269,8 @@ class Schema:
     def params(self, cfg) -> list[Param]:
         """The parameters `cfg` has (q/k norms only with qk_norm; lm_head only untied; a MoE
         config's MLPs in its "mlp" and "experts" stacks)."""
-        moe = self.tree is TargetParams and getattr(cfg, "arch", None) == "qwen3_moe"
+        arch = getattr(cfg, "arch", None) if self.tree is TargetParams else None
+        moe = arch in ("qwen3_moe", "gpt_oss")
         top = [Param((n, ), i, i.hf) for n, i in self.top.items()
                if not (n == "lm_head" and cfg.tie_word_embeddings)]
         layer = [Param(("layers", n), i, self.layer_prefix + i.hf) for n, i in LAYER.items()
@@ -237,6 +280,8 @@ class Schema:
                       for n in MLP if cfg.dense_mlp_layers]
             layer += [Param(("experts", n), i, self.layer_prefix + i.hf)
                       for n, i in EXPERTS.items() if cfg.moe_layers]
+        if arch == "gpt_oss":
+            layer += [Param(("oss", n), i, self.layer_prefix + i.hf) for n, i in GPT_OSS.items()]
         return top + layer
 
     def build(self, leaves: dict[tuple[str, ...], object]):
@@ -265,12 +310,15 @@ class Schema:
                            strict=True)),
                 **dict(zip(EXPERTS, jax.random.split(jax.random.fold_in(key, 1), len(EXPERTS)),
                            strict=True))}
+        oss_keys = dict(zip(GPT_OSS, jax.random.split(jax.random.fold_in(key, 2), len(GPT_OSS)),
+                            strict=True))
         leaves = {}
         for p in self.params(cfg):
             shape = p.leaf_shape(cfg)
             leaves[p.path] = (
                 jnp.ones(shape, dtype) if p.info.init == "ones" else
-                (scale * jax.random.normal(keys[p.path[-1]], shape, jnp.float32)).astype(dtype))
+                (scale * jax.random.normal((oss_keys if p.path[0] == "oss" else keys)[p.path[-1]],
+                                           shape, jnp.float32)).astype(dtype))
         return self.build(leaves)
 
     def to_hf(self, cfg, tree, dtype=None) -> dict[str, np.ndarray]:
@@ -325,7 +373,8 @@ def dims(cfg) -> dict[str, int]:
     """The dimension letters' sizes for a ModelConfig or DrafterConfig."""
     out = {"D": cfg.hidden_size, "H": cfg.num_heads, "G": cfg.num_kv_heads, "E": cfg.head_dim,
            "F": cfg.intermediate_size, "V": cfg.vocab_size,
-           "P": getattr(cfg, "num_experts", 0), "M": getattr(cfg, "moe_intermediate_size", 0)}
+           "P": getattr(cfg, "num_experts", 0), "M": getattr(cfg, "moe_intermediate_size", 0),
+           "N": 2 * getattr(cfg, "moe_intermediate_size", 0)}
     if hasattr(cfg, "feature_size"):
         out["X"] = cfg.feature_size
     return out
