@@ -298,40 +298,56 @@ from jax.sharding import PartitionSpec as P
 from dpace_jax import sharding
 from dpace_jax.model import ModelConfig, features, forward, init_params
 
-assert jax.device_count() == 4, jax.devices()
-mesh = sharding.make_mesh((1, 2, 2))
-cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4,
-                  num_kv_heads=2, head_dim=8, arch="qwen3_moe", num_experts=4,
-                  num_experts_per_tok=2, moe_intermediate_size=24, mlp_only_layers=(1,))
-params = init_params(cfg, jax.random.key(0), jnp.float32, scale=0.15)
-shardings = sharding.param_shardings(params, mesh)
-assert shardings.experts.expert_gate.spec == P(None, "fsdp", None, "tensor")
-assert shardings.experts.router.spec == P(None, "fsdp", None)
-assert shardings.mlp.down.spec == P(None, "tensor", "fsdp")
-placed = jax.device_put(params, shardings)
-tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 12)))
+assert jax.device_count() == 8, jax.devices()
+mesh = sharding.make_mesh((2, 2, 2))
+shared = dict(vocab_size=64, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2,
+              head_dim=8, num_experts=4, num_experts_per_tok=2)
+yarn = (("beta_fast", 32.0), ("beta_slow", 1.0), ("factor", 4.0),
+        ("original_max_position_embeddings", 16), ("rope_type", "yarn"), ("truncate", False))
+configs = {
+    "qwen3_moe": ModelConfig(**shared, intermediate_size=48, arch="qwen3_moe",
+                             moe_intermediate_size=24, mlp_only_layers=(1,)),
+    "gpt_oss": ModelConfig(**shared, intermediate_size=32, arch="gpt_oss", qk_norm=False,
+                           moe_intermediate_size=32, sliding_window=4, swiglu_limit=0.8,
+                           rope_theta=10000.0, rope_scaling=yarn,
+                           layer_types=("sliding_attention", "full_attention",
+                                        "sliding_attention")),
+}
+tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (4, 12)))
 run = jax.jit(forward, static_argnums=1, static_argnames="feature_layers")
-ref = run(params, dataclasses.replace(cfg, moe_dispatch="dense"), tokens, feature_layers=(0, 1))
-on_mesh = jax.device_put(tokens, sharding.batch_sharding(mesh))
-got = run(placed, cfg, on_mesh)  # the sorted dispatch
-np.testing.assert_allclose(np.asarray(got.logits), np.asarray(ref.logits), atol=1e-5, rtol=0)
-feats = jax.jit(features, static_argnums=(1, 3))(placed, cfg, on_mesh, (0, 1))
-np.testing.assert_allclose(np.asarray(feats), np.asarray(ref.features), atol=1e-5, rtol=0)
+for name, cfg in configs.items():
+    params = init_params(cfg, jax.random.key(0), jnp.float32, scale=0.15)
+    shardings = sharding.param_shardings(params, mesh)
+    if name == "qwen3_moe":
+        assert shardings.experts.expert_gate.spec == P(None, "fsdp", None, "tensor")
+        assert shardings.experts.router.spec == P(None, "fsdp", None)
+        assert shardings.mlp.down.spec == P(None, "tensor", "fsdp")
+    placed = jax.device_put(params, shardings)
+    ref = run(params, dataclasses.replace(cfg, moe_dispatch="dense"), tokens,
+              feature_layers=(0, 1))
+    on_mesh = jax.device_put(tokens, sharding.batch_sharding(mesh))
+    got = run(placed, cfg, on_mesh)  # the sorted dispatch
+    np.testing.assert_allclose(np.asarray(got.logits), np.asarray(ref.logits), atol=1e-5,
+                               rtol=0, err_msg=name)
+    feats = jax.jit(features, static_argnums=(1, 3))(placed, cfg, on_mesh, (0, 1))
+    np.testing.assert_allclose(np.asarray(feats), np.asarray(ref.features), atol=1e-5, rtol=0,
+                               err_msg=name)
 print("MESH_OK")
 """
 
 
 @pytest.mark.slow
 def test_forward_on_a_mesh_with_sharded_experts(tmp_path):
-    """On a 4-device CPU mesh (fsdp 2, tensor 2) with the experts split over fsdp, the sorted
-    dispatch gives the single-device dense reference's logits and features."""
+    """On an 8-device CPU mesh (data 2, fsdp 2, tensor 2) with the experts split over fsdp, the
+    sorted dispatch gives the single-device dense reference's logits and features, for a
+    Qwen3-MoE and a gpt-oss target."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
     tests = Path(__file__).resolve().parent
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
                JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([str(tests.parent), os.environ.get("PYTHONPATH", "")]))
     script = tmp_path / "mesh_check.py"
