@@ -1,6 +1,6 @@
 """On-policy post-training of the demo's drafter (run `python -m dpace_jax.demo` first, which
 trains it in runs/demo): rounds of greedy rollouts of the demo's training prompts with the
-current drafter, then training on them (docs/opd.md). About ten minutes on a 2-core CPU.
+current drafter, then training on them (docs/opd.md). About 80 s on a 2-core CPU.
 
     python train.py --config configs/demo_opd.py
     python evaluate.py --config configs/demo_opd.py
