@@ -102,3 +102,50 @@ def torch_outputs(model, tokens: np.ndarray):
                     output_hidden_states=True)
     hidden = tuple(h.double().numpy() for h in out.hidden_states)
     return out.logits.double().numpy(), hidden
+
+
+def check_transformers_reads_ours(saved_dir, model_class, torch_model, tokens: np.ndarray):
+    """transformers loads the checkpoint we saved in saved_dir to torch_model's exact state dict,
+    and the two models give bitwise-equal logits on tokens [1, T]."""
+    reloaded = model_class.from_pretrained(str(saved_dir), attn_implementation="eager").eval()
+    want = torch_model.state_dict()
+    assert reloaded.state_dict().keys() == want.keys()
+    for key, value in reloaded.state_dict().items():
+        assert torch.equal(value, want[key]), key
+    with torch.no_grad():
+        np.testing.assert_array_equal(reloaded(torch.as_tensor(tokens)).logits.numpy(),
+                                      torch_model(torch.as_tensor(tokens)).logits.numpy())
+
+
+def check_drafter_trains_on(tmp_path: Path, make_target) -> tuple:
+    """The trainer's run (configs/tiny.py, 4 steps) on the target that make_target(path,
+    vocab_size) saves, with the demo tokenizer's files copied beside it: it finishes with a
+    finite loss, and the DFlash export re-imports to the last checkpoint's weights. Returns the
+    exported drafter's config."""
+    import json
+    import runpy
+    import shutil
+
+    import jax
+
+    from dpace_jax import drafter_hf, generation, trainer
+    from dpace_jax.demo import target as demo_target
+    from dpace_jax.demo.prepare import prepare
+
+    dense = demo_target.build_random_target(tmp_path / "dense", seed=0)
+    target = tmp_path / "target"
+    make_target(target, json.loads((dense / "config.json").read_text())["vocab_size"])
+    for f in dense.iterdir():
+        if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
+            shutil.copy(f, target / f.name)
+    root = Path(__file__).resolve().parents[1]
+    c = runpy.run_path(str(root / "configs" / "tiny.py"))["get_config"]()
+    c.workdir, c.target.path, c.train.progress = str(tmp_path / "run"), str(target), False
+    c.train.max_steps, c.train.save_every, c.data.demo_samples = 4, 4, 64
+    summary = trainer.run(prepare(c))
+    assert summary["finished"] and np.isfinite(summary["final_metrics"]["loss"])
+    exported, dcfg = drafter_hf.import_drafter(tmp_path / "run" / "hf")
+    trained = generation.load_drafter(tmp_path / "run").params  # the last checkpoint
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 exported, trained)
+    return dcfg

@@ -52,3 +52,64 @@ def greedy_reference(params, cfg: model.ModelConfig, prompts: Sequence[Sequence[
         if not any(live):
             break
     return out
+
+
+@functools.lru_cache
+def _cached_forward(cfg: model.ModelConfig, feature_layers: tuple[int, ...]):
+    return jax.jit(lambda params, cache, tokens, start: model.forward_cached(
+        params, cfg, tokens, cache, start, feature_layers=feature_layers))
+
+
+@functools.lru_cache
+def _full_forward(cfg: model.ModelConfig, feature_layers: tuple[int, ...]):
+    return jax.jit(lambda params, tokens: model.forward(params, cfg, tokens,
+                                                        feature_layers=feature_layers))
+
+
+def check_cached_blocks(params, cfg: model.ModelConfig, blocks, *, batch: int = 2,
+                        width: int = 32, feature_layers=(0, 2), seed: int = 1) -> None:
+    """The cached forward over `blocks` [(start, length)] of random tokens (a prefill, appends,
+    rollbacks: a block at start < the length so far replaces the rest) gives, for each block,
+    the logits and features of a full forward over the sequence so far."""
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(seed)
+    cache = model.KVCache.zeros(cfg, batch, width, jnp.float32)
+    seq = np.zeros((batch, 0), np.int64)
+    for start, length in blocks:
+        block = rng.integers(0, cfg.vocab_size, (batch, length))
+        seq = np.concatenate([seq[:, :start], block], axis=1)
+        out = _cached_forward(cfg, tuple(feature_layers))(
+            params, cache, jnp.asarray(block), jnp.full((batch,), start, jnp.int32))
+        cache = out.cache
+        padded = np.zeros((batch, width), np.int32)
+        padded[:, :seq.shape[1]] = seq
+        ref = _full_forward(cfg, tuple(feature_layers))(params, jnp.asarray(padded))
+        now = slice(start, seq.shape[1])
+        np.testing.assert_allclose(np.asarray(out.logits), np.asarray(ref.logits)[:, now],
+                                   atol=1e-5, rtol=0, err_msg=f"block at {start}")
+        np.testing.assert_allclose(np.asarray(out.features), np.asarray(ref.features)[:, now],
+                                   atol=1e-5, rtol=0, err_msg=f"block at {start}")
+
+
+def check_greedy_speculative(params, cfg: model.ModelConfig, *, new: int = 14) -> None:
+    """Greedy speculative decoding with a random one-layer DFlash drafter (block 4, mask id 63,
+    features of layers 0 and 2) on the target `cfg` equals greedy_reference, for three prompts
+    of different lengths."""
+    import jax.numpy as jnp
+
+    from dpace_jax import decode
+    from dpace_jax import drafter as dflash
+
+    dcfg = dflash.DrafterConfig.for_target(cfg, num_layers=1, block_size=4, mask_token_id=63,
+                                           target_layer_ids=(0, 2))
+    dparams = dflash.init_drafter_params(dcfg, jax.random.key(0), jnp.float32, 0.02)
+    lengths = [5, 9, 7]
+    prompts = np.random.RandomState(0).randint(0, 63, (3, 9))
+    res = decode.decode(params, cfg, decode.dflash_drafter(dparams, dcfg, cfg), prompts, lengths,
+                        max_new_tokens=new)
+    rows = [prompts[b, :lengths[b]] for b in range(3)]
+    expected = greedy_reference(params, cfg, rows, new, rows=3, width=32)
+    got = np.asarray(res.tokens)
+    assert [got[b, :int(res.num_tokens[b])].tolist() for b in range(3)] == expected
+    assert int(np.sum(res.num_steps)) > 0

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import json
 
 import jax
@@ -15,12 +14,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import references
-from hf_fixtures import randomize_, torch_outputs
+from hf_fixtures import (
+    check_drafter_trains_on,
+    check_transformers_reads_ours,
+    randomize_,
+    torch_outputs,
+)
 from safetensors.numpy import load_file, save_file
 
-from dpace_jax import convert, decode, gpt_oss, moe, mxfp4
-from dpace_jax import drafter as dflash
-from dpace_jax.model import KVCache, ModelConfig, features, forward, forward_cached, init_params
+from dpace_jax import convert, gpt_oss, moe, mxfp4
+from dpace_jax.model import ModelConfig, features, forward, forward_cached, init_params
 from dpace_jax.params import TARGET_SCHEMA, flatten
 
 LAYERS = 3
@@ -117,30 +120,11 @@ def _cached_step(cfg):
 @pytest.mark.slow
 def test_cached_blocks_with_rollbacks_match_full_forward_past_the_window():
     cfg = _oss_cfg()
-    params = _random_params(cfg)
-    rng = np.random.default_rng(1)
-    batch, width = 2, 32
-    cache = KVCache.zeros(cfg, batch, width, jnp.float32)
-    seq = np.zeros((batch, 0), np.int64)
     blocks = [(0, 8), (8, 4), (10, 4), (14, 1), (12, 4), (16, 1), (17, 4), (21, 4), (25, 1)]
-    for start, length in blocks:  # sequences up to 26, the window is 4
-        block = rng.integers(0, cfg.vocab_size, (batch, length))
-        seq = np.concatenate([seq[:, :start], block], axis=1)
-        out = _cached_step(cfg)(params, cache, jnp.asarray(block),
-                                jnp.full((batch,), start, jnp.int32))
-        cache = out.cache
-        padded = np.zeros((batch, width), np.int32)
-        padded[:, :seq.shape[1]] = seq
-        ref = jit_forward(params, cfg, jnp.asarray(padded), feature_layers=(0, 2))
-        sl = slice(start, seq.shape[1])
-        np.testing.assert_allclose(np.asarray(out.logits), np.asarray(ref.logits)[:, sl],
-                                   atol=1e-5, rtol=0, err_msg=f"block at {start}")
-        np.testing.assert_allclose(np.asarray(out.features), np.asarray(ref.features)[:, sl],
-                                   atol=1e-5, rtol=0)
+    references.check_cached_blocks(_random_params(cfg), cfg, blocks)  # past the window 4
 
 
 def test_save_load_round_trip_and_transformers_reads_ours(hf_target, tmp_path):
-    import torch
     from transformers import GptOssForCausalLM
 
     path, torch_model, params, cfg = hf_target
@@ -154,16 +138,8 @@ def test_save_load_round_trip_and_transformers_reads_ours(hf_target, tmp_path):
     assert cfg2 == cfg
     for (p, a), b in zip(flatten(loaded).items(), flatten(params).values(), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg="/".join(p))
-    reloaded = GptOssForCausalLM.from_pretrained(str(tmp_path),
-                                                 attn_implementation="eager").eval()
-    want = torch_model.state_dict()
-    assert reloaded.state_dict().keys() == want.keys()
-    for key, value in reloaded.state_dict().items():
-        assert torch.equal(value, want[key]), key
-    tokens = torch.as_tensor(_tokens(cfg, batch=1, length=11))
-    with torch.no_grad():
-        np.testing.assert_array_equal(reloaded(tokens).logits.numpy(),
-                                      torch_model(tokens).logits.numpy())
+    check_transformers_reads_ours(tmp_path, GptOssForCausalLM, torch_model,
+                                  _tokens(cfg, batch=1, length=11))
 
 
 def _quantize_codes(rng, shape):
@@ -257,79 +233,29 @@ def test_speculative_decoding_is_lossless():
     sequences up to 23) gives the brute-force greedy continuation."""
     cfg = _oss_cfg()
     params = _random_params(cfg, seed=3, scale=0.3)
-    dcfg = dflash.DrafterConfig.for_target(cfg, num_layers=1, block_size=4, mask_token_id=63,
-                                           target_layer_ids=(0, 2))
-    dparams = dflash.init_drafter_params(dcfg, jax.random.key(0), jnp.float32, 0.02)
-    rs = np.random.RandomState(0)
-    lengths = [5, 9, 7]
-    prompts = rs.randint(0, 63, (3, 9))
-    new = 14
-    res = decode.decode(params, cfg, decode.dflash_drafter(dparams, dcfg, cfg), prompts, lengths,
-                        max_new_tokens=new)
-    rows = [prompts[b, :lengths[b]] for b in range(3)]
-    expected = references.greedy_reference(params, cfg, rows, new, rows=3, width=32)
-    got = np.asarray(res.tokens)
-    assert [got[b, :int(res.num_tokens[b])].tolist() for b in range(3)] == expected
-    assert int(np.sum(res.num_steps)) > 0
+    references.check_greedy_speculative(params, cfg)
 
 
 @pytest.mark.slow
 def test_sampling_is_lossless_on_a_gpt_oss_target():
     """tests/test_decode.py's chi-square test on a tiny-vocabulary gpt-oss target (window 2 <
     the 7 positions): the sampled (t0, t1, t2) follow the target's exact conditionals."""
-    from test_decode import chi_square_z, near_target_drafter, np_filtered_probs
-
-    from dpace_jax.sampling import Sampling
+    from test_decode import check_sampling
 
     cfg = _oss_cfg(vocab_size=6, hidden_size=16, head_dim=8, num_heads=2, num_kv_heads=1,
                    sliding_window=2, num_layers=2, layer_types=("sliding_attention",
                                                                 "full_attention"))
-    params = _random_params(cfg, seed=11, scale=0.5)
-    prompt, v, n = [3, 1, 4, 1, 5], cfg.vocab_size, 6000
-    pairs = np.array(list(itertools.product(range(v), repeat=2)))
-    seqs = np.concatenate([np.tile(prompt, (len(pairs), 1)), pairs], axis=1)
-    logits = np.asarray(references.full_logits(cfg)(params, seqs), np.float64)
-    p0 = np_filtered_probs(logits[0, 4], 1.0, 0, 1.0)
-    p1 = np_filtered_probs(logits[:, 5], 1.0, 0, 1.0).reshape(v, v, v)[:, 0]
-    p2 = np_filtered_probs(logits[:, 6], 1.0, 0, 1.0).reshape(v, v, v)
-    res = decode.decode(params, cfg, near_target_drafter(p1, p2, seed=3), np.tile(prompt, (n, 1)),
-                        [len(prompt)] * n, max_new_tokens=3, sampling=Sampling(1.0, "dflash"),
-                        rng=jax.random.PRNGKey(5))
-    tokens = np.asarray(res.tokens)
-    counts = np.bincount(tokens[:, 0] * v * v + tokens[:, 1] * v + tokens[:, 2], minlength=v**3)
-    assert chi_square_z(counts, (p0[:, None, None] * p1[:, :, None] * p2).reshape(-1)) < 3.5
+    check_sampling(_random_params(cfg, seed=11, scale=0.5), cfg, "dflash", 1.0, 0, 1.0, n=6000,
+                   both_paths=False)
 
 
 @pytest.mark.slow
 def test_a_drafter_trains_on_a_gpt_oss_target_end_to_end(tmp_path):
     """train.py's run on a tiny gpt-oss target (the demo tokenizer's vocabulary): trains,
     exports in the DFlash format, and the export re-imports to the trained weights."""
-    import runpy
-    import shutil
-    from pathlib import Path
-
-    from dpace_jax import drafter_hf, generation, trainer
-    from dpace_jax.demo import target as demo_target
-    from dpace_jax.demo.prepare import prepare
-
-    dense = demo_target.build_random_target(tmp_path / "dense", seed=0)
-    vocab = json.loads((dense / "config.json").read_text())["vocab_size"]
-    target = tmp_path / "oss"
-    make_hf_gpt_oss(target, vocab_size=vocab)
-    for f in dense.iterdir():
-        if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
-            shutil.copy(f, target / f.name)
-    root = Path(__file__).resolve().parents[1]
-    c = runpy.run_path(str(root / "configs" / "tiny.py"))["get_config"]()
-    c.workdir, c.target.path, c.train.progress = str(tmp_path / "run"), str(target), False
-    c.train.max_steps, c.train.save_every, c.data.demo_samples = 4, 4, 64
-    summary = trainer.run(prepare(c))
-    assert summary["finished"] and np.isfinite(summary["final_metrics"]["loss"])
-    exported, dcfg = drafter_hf.import_drafter(tmp_path / "run" / "hf")
+    dcfg = check_drafter_trains_on(
+        tmp_path, lambda path, vocab: make_hf_gpt_oss(path, vocab_size=vocab))
     assert dcfg.num_target_layers == LAYERS and dcfg.hidden_size == 64
-    trained = generation.load_drafter(tmp_path / "run").params
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
-                 exported, trained)
 
 
 def test_gpt_oss_config_file():

@@ -13,21 +13,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import references
-from hf_fixtures import randomize_, torch_outputs
-from safetensors.numpy import load_file, save_file
-from test_decode import (
-    SPROMPT,
-    chi_square_z,
-    exact_conditionals,
-    near_target_drafter,
-    random_target,
+from hf_fixtures import (
+    check_drafter_trains_on,
+    check_transformers_reads_ours,
+    randomize_,
+    torch_outputs,
 )
+from safetensors.numpy import load_file, save_file
+from test_decode import check_sampling, random_target
 
-from dpace_jax import convert, decode, moe
-from dpace_jax import drafter as dflash
-from dpace_jax.model import KVCache, ModelConfig, features, forward, forward_cached, init_params
+from dpace_jax import convert, moe
+from dpace_jax.model import ModelConfig, features, forward, forward_cached, init_params
 from dpace_jax.params import TARGET_SCHEMA, flatten
-from dpace_jax.sampling import Sampling
 
 LAYERS = 3
 FEATURE_LAYERS = (2, 0, 1, 2)  # every layer, the last one (after the final norm) included
@@ -149,31 +146,13 @@ def _cached_step(cfg):
 def test_cached_blocks_with_rollbacks_match_full_forward():
     """Prefill, then blocks of 4 and 1 with rollbacks, on a mixed layout (both branches)."""
     cfg = _moe_cfg()
-    params = _random_params(cfg)
-    rng = np.random.default_rng(1)
-    batch, width = 2, 32
-    cache = KVCache.zeros(cfg, batch, width, jnp.float32)
-    seq = np.zeros((batch, 0), np.int64)
-    for start, length in [(0, 8), (8, 4), (10, 4), (14, 1), (12, 4), (16, 1), (17, 4)]:
-        block = rng.integers(0, cfg.vocab_size, (batch, length))
-        seq = np.concatenate([seq[:, :start], block], axis=1)
-        out = _cached_step(cfg)(params, cache, jnp.asarray(block),
-                                jnp.full((batch,), start, jnp.int32))
-        cache = out.cache
-        padded = np.zeros((batch, width), np.int32)
-        padded[:, :seq.shape[1]] = seq
-        ref = jit_forward(params, cfg, jnp.asarray(padded), feature_layers=(0, 2))
-        sl = slice(start, seq.shape[1])
-        np.testing.assert_allclose(np.asarray(out.logits), np.asarray(ref.logits)[:, sl],
-                                   atol=1e-5, rtol=0, err_msg=f"block at {start}")
-        np.testing.assert_allclose(np.asarray(out.features), np.asarray(ref.features)[:, sl],
-                                   atol=1e-5, rtol=0)
+    blocks = [(0, 8), (8, 4), (10, 4), (14, 1), (12, 4), (16, 1), (17, 4)]
+    references.check_cached_blocks(_random_params(cfg), cfg, blocks)
 
 
 def test_save_load_round_trip_and_transformers_reads_ours(build, tmp_path):
     """Saved by transformers -> ours -> saved by us -> ours again: bit-exact; the in-memory key
     map agrees with the file; transformers loads our file to the same model."""
-    import torch
     from transformers import Qwen3MoeForCausalLM
 
     path, torch_model, params, cfg = build("mixed-unnormed")
@@ -189,16 +168,8 @@ def test_save_load_round_trip_and_transformers_reads_ours(build, tmp_path):
         assert jax.tree.structure(tree) == jax.tree.structure(params)
         for (p, a), b in zip(flatten(tree).items(), flatten(params).values(), strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg="/".join(p))
-    reloaded = Qwen3MoeForCausalLM.from_pretrained(str(tmp_path),
-                                                   attn_implementation="eager").eval()
-    want = torch_model.state_dict()
-    assert reloaded.state_dict().keys() == want.keys()
-    for key, value in reloaded.state_dict().items():
-        assert torch.equal(value, want[key]), key
-    tokens = torch.as_tensor(_tokens(cfg, batch=1, length=9))
-    with torch.no_grad():
-        np.testing.assert_array_equal(reloaded(tokens).logits.numpy(),
-                                      torch_model(tokens).logits.numpy())
+    check_transformers_reads_ours(tmp_path, Qwen3MoeForCausalLM, torch_model,
+                                  _tokens(cfg, batch=1, length=9))
 
 
 def _edited_copy(src, dst, drop=(), **config_changes):
@@ -241,20 +212,7 @@ def test_speculative_decoding_is_lossless():
     target gives the brute-force greedy continuation."""
     cfg = _moe_cfg(vocab_size=64)
     params = _random_params(cfg, seed=3)
-    dcfg = dflash.DrafterConfig.for_target(cfg, num_layers=1, block_size=4, mask_token_id=63,
-                                           target_layer_ids=(0, 2))
-    dparams = dflash.init_drafter_params(dcfg, jax.random.key(0), jnp.float32, 0.02)
-    rs = np.random.RandomState(0)
-    lengths = [5, 9, 7]
-    prompts = rs.randint(0, 63, (3, 9))
-    new = 14
-    res = decode.decode(params, cfg, decode.dflash_drafter(dparams, dcfg, cfg), prompts, lengths,
-                        max_new_tokens=new)
-    rows = [prompts[b, :lengths[b]] for b in range(3)]
-    expected = references.greedy_reference(params, cfg, rows, new, rows=3, width=32)
-    got = np.asarray(res.tokens)
-    assert [got[b, :int(res.num_tokens[b])].tolist() for b in range(3)] == expected
-    assert int(np.sum(res.num_steps)) > 0
+    references.check_greedy_speculative(params, cfg)
 
 
 # a tiny-vocab mixed target (layer 0 dense, layer 1 with experts): its exact conditionals over
@@ -272,23 +230,8 @@ def test_sampling_is_lossless(rule, temperature, top_k, top_p):
     """Sampled speculative decoding on a Qwen3-MoE target (the default, sorted dispatch) with a
     near-target drafter: the first three tokens follow the target's exact filtered distribution
     (tests/test_decode.py's check: Pearson chi-square over the V^3 cells, z < 3.5)."""
-    cfg, n = SAMPLING_CFG, 12000
-    v = cfg.vocab_size
-    params = random_target(11, cfg, scale=0.5)
-    p0, p1, p2 = exact_conditionals(params, temperature, top_k, top_p, cfg=cfg)
-    res = decode.decode(params, cfg, near_target_drafter(p1, p2, seed=3),
-                        np.tile(SPROMPT, (n, 1)), [len(SPROMPT)] * n, max_new_tokens=3,
-                        sampling=Sampling(temperature, rule, top_k, top_p),
-                        rng=jax.random.PRNGKey(5))
-    tokens = np.asarray(res.tokens)
-    assert np.all(np.asarray(res.num_tokens) == 3)
-    counts = np.bincount(tokens[:, 0] * v * v + tokens[:, 1] * v + tokens[:, 2],
-                         minlength=v**3)
-    exact = (p0[:, None, None] * p1[:, :, None] * p2).reshape(-1)
-    assert counts[exact == 0].sum() == 0  # nothing outside the filtered support
-    assert chi_square_z(counts, exact) < 3.5
-    hist = decode.acceptance_histogram(res, 3)
-    assert hist[1] > 0.1 * hist.sum() and hist[2:].sum() > 0.1 * hist.sum()  # both paths run
+    check_sampling(random_target(11, SAMPLING_CFG, scale=0.5), SAMPLING_CFG, rule,
+                   temperature, top_k, top_p)
 
 
 MESH_SCRIPT = """
@@ -361,29 +304,6 @@ def test_forward_on_a_mesh_with_sharded_experts(tmp_path):
 def test_a_drafter_trains_on_a_moe_target_end_to_end(tmp_path):
     """train.py's run on a tiny mixed-layout MoE target (the demo tokenizer's vocabulary):
     trains, exports in the DFlash format, and the export re-imports to the trained weights."""
-    import runpy
-    import shutil
-    from pathlib import Path
-
-    from dpace_jax import drafter_hf, generation, trainer
-    from dpace_jax.demo import target as demo_target
-    from dpace_jax.demo.prepare import prepare
-
-    dense = demo_target.build_random_target(tmp_path / "dense", seed=0)
-    vocab = json.loads((dense / "config.json").read_text())["vocab_size"]
-    target = tmp_path / "moe"
-    make_hf_moe(target, vocab_size=vocab, mlp_only_layers=[1], norm_topk_prob=True)
-    for f in dense.iterdir():
-        if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
-            shutil.copy(f, target / f.name)
-    root = Path(__file__).resolve().parents[1]
-    c = runpy.run_path(str(root / "configs" / "tiny.py"))["get_config"]()
-    c.workdir, c.target.path, c.train.progress = str(tmp_path / "run"), str(target), False
-    c.train.max_steps, c.train.save_every, c.data.demo_samples = 4, 4, 64
-    summary = trainer.run(prepare(c))
-    assert summary["finished"] and np.isfinite(summary["final_metrics"]["loss"])
-    exported, dcfg = drafter_hf.import_drafter(tmp_path / "run" / "hf")
+    dcfg = check_drafter_trains_on(tmp_path, lambda path, vocab: make_hf_moe(
+        path, vocab_size=vocab, mlp_only_layers=[1], norm_topk_prob=True))
     assert dcfg.num_target_layers == LAYERS and dcfg.hidden_size == 32
-    trained = generation.load_drafter(tmp_path / "run").params  # the last checkpoint
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
-                 exported, trained)
