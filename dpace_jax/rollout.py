@@ -96,6 +96,9 @@ def rollout(path: Path, gen: gen_lib.Generator, drafter: decode.Drafter, prompts
     meta = {**meta, "prompts": prompts_fingerprint(prompts), "num_prompts": len(prompts)}
     meta_path = path.with_name(path.name + ".meta.json")
     done = count_complete_rows(path)
+    if done > len(prompts):
+        raise ValueError(f"{path} holds {done} rows for {len(prompts)} prompts; delete it and "
+                         f"{meta_path.name} to roll out again")
     if done or meta_path.exists():
         _check_meta(path, meta)
     else:

@@ -154,6 +154,8 @@ def test_rollout_file_is_completed_not_duplicated_and_refuses_another_drafter(tm
     with pytest.raises(ValueError, match=r"round-0.jsonl was written by another drafter, target "
                                          r"or setting .*\['drafter'\] differ"):
         rollout.rollout(path, gen, drafter, prompts, key=key, meta={"drafter": "b"})
+    with pytest.raises(ValueError, match="holds 5 rows for 4 prompts"):
+        rollout.rollout(path, gen, drafter, prompts[:4], key=key, meta=meta)
     with pytest.raises(ValueError, match="no prompts to roll out"):
         rollout.rollout(path, gen, drafter, [], key=key, meta=meta)
 
