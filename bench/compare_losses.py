@@ -3,11 +3,14 @@
     python bench/compare_losses.py --size cpu --workdir runs/compare --out docs/compare_cpu
     python bench/compare_losses.py --size gpu --workdir runs/compare_gpu --out docs/compare_gpu
     python bench/compare_losses.py ... --losses dflash,dpace --seed 1   # another training seed
+    python bench/compare_losses.py ... --losses dflash,dpace --seeds 0,1,2   # with statistics
 
 Trains one drafter per objective (dflash with gamma, dpace with alpha, and the two D-PACE
 ablations), evaluates each on held-out HumanEval prompts at temperature 0 and 1 (DFlash's
 match-the-target-sample rule), and writes to OUT: `results.md` (tau, acceptance histogram, final
-per-position training accuracy), `results.json`, `weights.png` (mean D-PACE weight per block
+per-position training accuracy; with --seeds, per objective the pooled tau over seeds with a 95%
+bootstrap interval over seeds and prompts and the paired per-seed difference against dflash, from
+bench/stats.py), `results.json`, `weights.png` (mean D-PACE weight per block
 position over training: the paper's weight-dynamics figure) and `histograms.png`.
 
 Every stage is cached under WORKDIR: the same command after an interruption (e.g. a device's
@@ -22,6 +25,9 @@ import shlex
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/stats.py
+import stats  # noqa: E402
 
 LOSSES = ("dflash", "dpace", "dpace-cumulative-confidence-only", "dpace-continuation-value-only")
 
@@ -105,6 +111,36 @@ def markdown(results: dict, config, command: str, device: str, seconds: float, s
     return "\n".join(lines) + "\n"
 
 
+def seed_statistics(per_seed: dict, base: str = "dflash") -> dict:
+    """{T: {"tau": {loss: bootstrap_tau}, "paired": {loss: paired_differences vs base}}} from
+    {seed: {loss: {"eval": {T: HumanEval report with its samples}}}}."""
+    acc: dict = {}
+    for seed, results in per_seed.items():
+        for loss, r in results.items():
+            for t, e in r["eval"].items():
+                acc.setdefault(t, {}).setdefault(loss, {})[seed] = [
+                    s["acceptance_lengths"] for s in e["samples"]]
+    return {t: {"tau": {loss: stats.bootstrap_tau(v) for loss, v in losses.items()},
+                "paired": {loss: stats.paired_differences(v, losses[base])
+                           for loss, v in losses.items() if base in losses and loss != base}}
+            for t, losses in acc.items()}
+
+
+def markdown_statistics(st: dict, seeds) -> str:
+    lines = [f"## Over training seeds {', '.join(str(s) for s in seeds)}", "",
+             "Pooled tau with a 95% bootstrap interval (seeds, then prompts within a seed), and "
+             "the paired per-seed difference against dflash.", ""]
+    for t, r in st.items():
+        lines += [f"T={t}:", "", "| loss | tau (95% CI) | vs dflash (per seed) |", "|---|---|---|"]
+        for loss, b in r["tau"].items():
+            d = r["paired"].get(loss)
+            diff = "" if d is None else f"{d['mean_percent']:+.1f}% (" + ", ".join(
+                f"{v:+.1f}%" for v in d["per_seed_percent"].values()) + ")"
+            lines.append(f"| {loss} | {b['mean']:.3f} ({b['lo']:.3f}-{b['hi']:.3f}) | {diff} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def plot(results: dict, out: Path, block_size: int) -> None:
     import matplotlib
 
@@ -160,8 +196,13 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=None,
                    help="training seed (drafter init, anchors, data order); the target and the "
                         "data stay those of the config's seed. Default: the config's seed")
+    p.add_argument("--seeds", default="",
+                   help="comma-separated training seeds: train and evaluate each, and report "
+                        "the statistics over them (instead of --seed)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    if args.seeds and args.seed is not None:
+        p.error("--seed and --seeds: give one of them")
     command = "python bench/compare_losses.py " + " ".join(shlex.quote(a) for a in
                                                             (argv or sys.argv[1:]))
 
@@ -192,20 +233,32 @@ def main(argv=None) -> None:
     data = workdir / "data" / "regenerated.jsonl"
 
     temperatures = [float(t) for t in args.temperatures.split(",")]
-    seed = base.seed if args.seed is None else args.seed
-    runs = workdir if seed == base.seed else workdir / f"seed{seed}"
-    results = {}
-    for loss in args.losses.split(","):
-        results[loss] = train_and_evaluate(base, loss, runs / loss, target, data,
-                                           temperatures, not args.no_progress, seed)
+    seeds = ([int(x) for x in args.seeds.split(",")] if args.seeds
+             else [base.seed if args.seed is None else args.seed])
+    per_seed = {}
+    for seed in seeds:
+        runs = workdir if seed == base.seed else workdir / f"seed{seed}"
+        per_seed[seed] = {loss: train_and_evaluate(base, loss, runs / loss, target, data,
+                                                   temperatures, not args.no_progress, seed)
+                          for loss in args.losses.split(",")}
+    results, seed = per_seed[seeds[0]], seeds[0]
     seconds = time.perf_counter() - t0
     device = f"{jax.devices()[0].platform}:{getattr(jax.devices()[0], 'device_kind', '')}"
     report = markdown(results, base, command, device, seconds, seed)
+    summary = {loss: {"train": r["train"], "eval": {t: {k: v for k, v in e.items()
+                                                         if k != "samples"}
+                                                     for t, e in r["eval"].items()}}
+               for loss, r in results.items()}
+    if len(seeds) > 1:
+        st = seed_statistics(per_seed)
+        report += "\n" + markdown_statistics(st, seeds)
+        summary = {"device": device, "seeds": seeds, "statistics": st,
+                   "per_seed": {s: {loss: {"train": r["train"], "eval": {
+                       t: {k: v for k, v in e.items() if k != "samples"}
+                       for t, e in r["eval"].items()}} for loss, r in res.items()}
+                                for s, res in per_seed.items()}}
     (out / "results.md").write_text(report)
-    (out / "results.json").write_text(json.dumps(
-        {loss: {"train": r["train"], "eval": {t: {k: v for k, v in e.items() if k != "samples"}
-                                               for t, e in r["eval"].items()}}
-         for loss, r in results.items()}, indent=1))
+    (out / "results.json").write_text(json.dumps(summary, indent=1))
     plot(results, out, base.drafter.block_size)
     print(report)
 

@@ -60,3 +60,28 @@ def test_cached_eval_only_for_the_same_config(tmp_path):
     assert cl.cached_eval(path, other) is None
     path.write_text(path.read_text()[:40])  # a report cut off mid-write
     assert cl.cached_eval(path, config) is None
+
+
+def _with_samples(accs0, accs1):
+    """A per-seed result whose T=0 / T=1 evaluations hold these prompts' acceptance lengths."""
+    return {"eval": {"0": {"samples": [{"acceptance_lengths": a} for a in accs0]},
+                     "1": {"samples": [{"acceptance_lengths": a} for a in accs1]}}}
+
+
+def test_seed_statistics_pool_seeds_and_pair_them_against_dflash():
+    per_seed = {
+        0: {"dflash": _with_samples([[2, 2], [2]], [[1]]), "dpace": _with_samples([[3, 3], [3]],
+                                                                                  [[1]])},
+        1: {"dflash": _with_samples([[4], [4]], [[1]]), "dpace": _with_samples([[5], [5]], [[2]])},
+    }
+    st = cl.seed_statistics(per_seed)
+    assert st["0"]["tau"]["dflash"]["mean"] == (6 + 8) / 5
+    assert st["0"]["tau"]["dpace"]["mean"] == (9 + 10) / 5
+    assert st["0"]["paired"]["dpace"]["per_seed_percent"] == {0: 50.0, 1: 25.0}
+    assert st["1"]["paired"]["dpace"]["per_seed_percent"] == {0: 0.0, 1: 100.0}
+    assert "dflash" not in st["0"]["paired"]
+    lo, hi = st["0"]["tau"]["dpace"]["lo"], st["0"]["tau"]["dpace"]["hi"]
+    assert 3.0 <= lo <= hi <= 5.0
+    text = cl.markdown_statistics(st, [0, 1])
+    assert "## Over training seeds 0, 1" in text
+    assert "| dpace | 3.800 (" in text and "| +37.5% (+50.0%, +25.0%) |" in text
