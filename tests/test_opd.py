@@ -4,7 +4,10 @@ resume after a kill mid-rollout and mid-training, bad input)."""
 
 import dataclasses
 import json
+import os
 import runpy
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -173,19 +176,27 @@ def sft(tmp_path_factory):
     return root
 
 
+OPD_SETTINGS = {  # configs/tiny.py's fields a tiny on-policy run changes
+    "train.loss": "opd", "train.max_steps": -1, "train.log_every": 1, "train.save_every": 100,
+    "train.lr": 1e-3, "train.batch_size": 4, "train.num_anchors": 24, "train.progress": False,
+    "opd.rounds": 2, "opd.prompts_per_round": 8, "opd.max_new_tokens": 16,
+    "opd.rollout_batch_size": 4, "opd.max_prompt_length": 300, "data.max_length": 320}
+
+
+def _opd_settings(sft, name) -> dict:
+    return {**OPD_SETTINGS, "workdir": str(sft / name),
+            "target.path": str(sft / "sft" / "target"),
+            "data.paths": (str(sft / "sft" / "data" / "demo.jsonl"),),
+            "drafter.init_from": str(sft / "sft")}
+
+
 def _opd_config(sft, name, **fields):
     c = runpy.run_path(str(ROOT / "configs" / "tiny.py"))["get_config"]()
-    c.workdir, c.train.progress = str(sft / name), False
-    c.target.path = str(sft / "sft" / "target")
-    c.data.paths = (str(sft / "sft" / "data" / "demo.jsonl"),)
-    c.drafter.init_from = str(sft / "sft")
-    c.train.loss, c.train.max_steps, c.train.log_every, c.train.save_every = "opd", -1, 1, 100
-    c.train.lr, c.train.batch_size, c.train.num_anchors = 1e-3, 4, 24
-    c.opd.rounds, c.opd.prompts_per_round, c.opd.max_new_tokens = 2, 8, 16
-    c.opd.rollout_batch_size, c.opd.max_prompt_length, c.data.max_length = 4, 300, 320
-    for key, value in fields.items():
-        section, field = key.split("__")
-        setattr(c[section], field, value)
+    settings = _opd_settings(sft, name)
+    settings.update({k.replace("__", "."): v for k, v in fields.items()})
+    for key, value in settings.items():
+        *sections, field = key.split(".")
+        setattr(c[sections[0]] if sections else c, field, value)
     return c
 
 
@@ -208,6 +219,17 @@ def test_opd_rounds_resume_after_kills_mid_rollout_and_mid_training(sft, monkeyp
     assert [r["round"] for r in rounds] == [0, 1] and all(r["rows"] == 8 for r in rounds)
     assert all(r["blocks"] > 8 and r["blocks_dropped"] == 0 for r in rounds)
     assert all(1.0 <= r["on_policy_tau"] <= 8 for r in rounds)
+    # train.py on the finished run: it resumes at the end, re-exports and reports the rounds
+    flags = [f"--config.{k}={v!r}" if isinstance(v, tuple) else f"--config.{k}={v}"
+             for k, v in _opd_settings(sft, "straight").items()]
+    out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config",
+                          str(ROOT / "configs" / "tiny.py"), *flags], capture_output=True,
+                         text=True, timeout=300, cwd=ROOT, env=dict(os.environ,
+                                                                   JAX_PLATFORMS="cpu"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    taus = ", ".join(f"{r['on_policy_tau']:.2f}" for r in rounds)
+    assert f"on-policy tau per round: {taus}" in out.stdout
+    assert "drafter (DFlash HF format)" in out.stdout
 
     # killed in round 1's rollout, after its first batch was written (a torn line after it)
     real_append = rollout.append_rows
