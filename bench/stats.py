@@ -14,10 +14,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-
-def pooled_tau(prompts: Sequence[Sequence[int]]) -> float:
-    steps = [a for p in prompts for a in p]
-    return float(np.mean(steps)) if steps else float("nan")
+from dpace_jax.decode import mean_acceptance  # tau as the decoder reports it
 
 
 def bootstrap_tau(per_seed: Mapping[int, Sequence[Sequence[int]]], *, draws: int = 2000,
@@ -51,8 +48,8 @@ def paired_differences(arm: Mapping[int, Sequence[Sequence[int]]],
     shared = sorted(set(arm) & set(base))
     if not shared:
         raise ValueError("paired_differences: the two arms share no seed")
-    diff = {s: pooled_tau(arm[s]) - pooled_tau(base[s]) for s in shared}
-    rel = {s: 100 * diff[s] / pooled_tau(base[s]) for s in shared}
+    diff = {s: mean_acceptance(arm[s]) - mean_acceptance(base[s]) for s in shared}
+    rel = {s: 100 * diff[s] / mean_acceptance(base[s]) for s in shared}
     return {"per_seed": diff, "per_seed_percent": rel,
             "mean": float(np.mean(list(diff.values()))),
             "mean_percent": float(np.mean(list(rel.values())))}

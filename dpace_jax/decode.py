@@ -27,7 +27,7 @@ import collections
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -180,11 +180,14 @@ def _record_step(r: Records, slot, anchors, block, emitted, verify_logits, acc, 
     """Records with step `slot` (per sequence; out of range: dropped) written."""
     k_block = block.shape[1]
     rows = jnp.arange(block.shape[0])
-    realized = jnp.where(jnp.arange(k_block) < n_emit[:, None], _logp(verify_logits, emitted), 0)
+    logits = verify_logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)  # [B, K]: log-probs are logit - lse
+    picked = jnp.take_along_axis(logits, emitted[..., None], axis=-1)[..., 0] - lse
+    realized = jnp.where(jnp.arange(k_block) < n_emit[:, None], picked, 0)
     offset = jnp.minimum(acc + 1, k_block - 1)
     has = (acc < k_block - 1) & (n_emit == acc + 1)  # a draft was rejected, the step not cut
     draft = jnp.take_along_axis(block, offset[:, None], axis=1)[:, 0]
-    draft_logp = _logp(verify_logits[rows, acc], draft)
+    draft_logp = logits[rows, acc, draft] - lse[rows, acc]
 
     def put(buf, value):
         return buf.at[rows, slot].set(value, mode="drop")
@@ -364,14 +367,16 @@ def acceptance_lengths(result: DecodeResult) -> list[list[int]]:
     return [acc[b, : steps[b]].tolist() for b in range(acc.shape[0])]
 
 
+def mean_acceptance(lengths: Iterable[Sequence[int]]) -> float:
+    """tau of per-sequence acceptance lengths: the mean over all their verify steps (nan
+    without steps)."""
+    steps = [a for row in lengths for a in row]
+    return float(np.mean(steps)) if steps else float("nan")
+
+
 def tau(result: DecodeResult) -> float:
     """Mean acceptance length over all verify steps of all sequences (nan without steps)."""
-    steps = np.asarray(result.num_steps)
-    if steps.sum() == 0:
-        return float("nan")
-    acc = np.asarray(result.acceptance)
-    real = np.arange(acc.shape[1])[None, :] < steps[:, None]
-    return float(acc[real].mean())
+    return mean_acceptance(acceptance_lengths(result))
 
 
 def acceptance_histogram(result: DecodeResult, block_size: int) -> np.ndarray:

@@ -97,7 +97,7 @@ def summarize(runs: dict, block_size: int, check_lossless: bool) -> dict:
                         s["acceptance_lengths"], "ar_output_ids": a["output_ids"],
                         "matches_ar": same})
     return {
-        "tau": float(np.mean(lengths)) if lengths else float("nan"),
+        "tau": decode.mean_acceptance([lengths]),
         "histogram": hist[: block_size + 1].tolist(),
         "spec_tokens_per_s": spec_tps, "ar_tokens_per_s": ar_tps,
         "speedup": spec_tps / ar_tps if ar_tps > 0 else float("nan"),

@@ -148,7 +148,8 @@ class RoundBatches:
                         dropped + sum(len(kept) for kept, _ in counts),
                         self.config.train.num_anchors, self.config.data.max_length)
         self._log_round(r, {"round": r, "step": r * self.per_round,
-                            "on_policy_tau": rollout.tau(self.rows), "rows": len(self.rows),
+                            "on_policy_tau": decode.mean_acceptance(
+                                row["acceptance"] for row in self.rows), "rows": len(self.rows),
                             "tokens": sum(len(row["response"]) for row in self.rows),
                             "blocks": sum(len(kept) for kept, _ in counts),
                             "blocks_dropped": dropped})

@@ -110,22 +110,24 @@ def replay_batch(rows: Sequence[dict], *, block_size: int, seq_len: int, num_blo
     return out, dropped
 
 
-def rows_from_records(records, prompts: Sequence[Sequence[int]], tokens, num_tokens,
-                      num_steps) -> list[dict]:
-    """Rollout rows from a decode's Records (host arrays) for the first len(prompts) rows."""
+def rows_from_result(result, prompts: Sequence[Sequence[int]]) -> list[dict]:
+    """Rollout rows (FIELDS plus `acceptance`, acc + 1 per step) from a `decode(record=True)`
+    result on host arrays, for its first len(prompts) sequences."""
+    r = result.records
     rows = []
     for b, prompt in enumerate(prompts):
-        steps, n = int(num_steps[b]), int(num_tokens[b])
-        emitted = [int(e) for e in records.emitted[b, :steps]]
+        steps, n = int(result.num_steps[b]), int(result.num_tokens[b])
+        emitted = [int(e) for e in r.emitted[b, :steps]]
         rows.append({
             "prompt": [int(t) for t in prompt],
-            "response": [int(t) for t in tokens[b, :n]],
-            "first_logp": float(records.first_logp[b]),
-            "anchors": [int(a) for a in records.anchors[b, :steps]],
+            "response": [int(t) for t in result.tokens[b, :n]],
+            "first_logp": float(r.first_logp[b]),
+            "anchors": [int(a) for a in r.anchors[b, :steps]],
             "emitted": emitted,
-            "realized_logp": [[float(x) for x in records.realized_logp[b, s, :e]]
+            "realized_logp": [[float(x) for x in r.realized_logp[b, s, :e]]
                               for s, e in enumerate(emitted)],
-            "rejected": [int(t) for t in records.rejected[b, :steps]],
-            "rejected_logp": [float(x) for x in records.rejected_logp[b, :steps]],
+            "rejected": [int(t) for t in r.rejected[b, :steps]],
+            "rejected_logp": [float(x) for x in r.rejected_logp[b, :steps]],
+            "acceptance": [int(a) for a in result.acceptance[b, :steps]],
         })
     return rows

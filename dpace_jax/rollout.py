@@ -1,8 +1,8 @@
 """Rollouts for on-policy training: the drafter's own speculative decoding of training prompts,
 recorded per verify step (`decode(record=True)`) into a resumable JSONL file.
 
-One row per prompt (fields: `dpace_jax.replay.FIELDS` plus `index`, the prompt's index in the
-prompt set, and `acceptance`, acc + 1 per step). Prompts are decoded in fixed batches
+One row per prompt (`dpace_jax.replay.rows_from_result`, plus `index`, the prompt's index in
+the prompt set). Prompts are decoded in fixed batches
 [k*B, (k+1)*B) with the RNG key folded from k, and each batch's rows are appended with flush +
 fsync, so a restart keeps the complete rows, cuts a torn last line, redoes the partly written
 batch exactly and appends only what is missing: the file ends equal to an uninterrupted one.
@@ -53,12 +53,6 @@ def prompts_fingerprint(prompts: Sequence[Sequence[int]]) -> str:
     for p in prompts:
         h.update(np.asarray(p, np.int64).tobytes() + b"|")
     return h.hexdigest()[:16]
-
-
-def tau(rows: Sequence[dict]) -> float:
-    """Mean acceptance length (acc + 1) over every verify step of the rows (nan: no step)."""
-    steps = [a for row in rows for a in row["acceptance"]]
-    return float(np.mean(steps)) if steps else float("nan")
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -113,11 +107,8 @@ def rollout(path: Path, gen: gen_lib.Generator, drafter: decode.Drafter, prompts
                             max_new_tokens=gen.max_new_tokens, sampling=gen.sampling,
                             stop_token_ids=gen.stop_ids, rng=jax.random.fold_in(key, start // size),
                             pad_token_id=gen.pad_id, record=True)
-        out = jax.tree.map(np.asarray, out)
-        rows = replay.rows_from_records(out.records, batch, out.tokens, out.num_tokens,
-                                        out.num_steps)
+        rows = replay.rows_from_result(jax.tree.map(np.asarray, out), batch)
         for i, row in enumerate(rows):
             row["index"] = start + i
-            row["acceptance"] = [int(a) for a in out.acceptance[i, : int(out.num_steps[i])]]
         append_rows(path, rows[max(done - start, 0):])
     return read_rows(path)

@@ -12,8 +12,9 @@ import stats  # noqa: E402
 
 
 def test_pooled_tau_weights_prompts_by_their_steps():
-    assert stats.pooled_tau([[1, 3], [2]]) == 2.0
-    assert stats.pooled_tau([[4], [1, 1, 1]]) == pytest.approx(7 / 4)
+    assert stats.mean_acceptance([[1, 3], [2]]) == 2.0
+    assert stats.mean_acceptance([[4], [1, 1, 1]]) == pytest.approx(7 / 4)
+    assert np.isnan(stats.mean_acceptance([[], []]))
 
 
 def test_bootstrap_is_degenerate_without_spread_and_covers_the_truth_with_it():

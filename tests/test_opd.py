@@ -98,8 +98,7 @@ def test_replay_reproduces_the_rollout_drafts_and_the_objective_matches_dense_lo
     out = decode.decode(target, TARGET, decode.dflash_drafter(params, CFG, TARGET), padded,
                         lengths, max_new_tokens=14, record=True)
     out = jax.tree.map(np.asarray, out)
-    rows = replay.rows_from_records(out.records, prompts, out.tokens, out.num_tokens,
-                                    out.num_steps)
+    rows = replay.rows_from_result(out, prompts)
     batch, dropped = replay.replay_batch(rows, block_size=CFG.block_size, seq_len=32,
                                          num_blocks=16)
     assert dropped == 0
