@@ -149,3 +149,29 @@ def check_drafter_trains_on(tmp_path: Path, make_target) -> tuple:
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                  exported, trained)
     return dcfg
+
+
+def check_moe_matches_torch(params, cfg, torch_model, tokens: np.ndarray, feature_layers):
+    """Our forward with each MoE dispatch, and the early-stopping training forward, give the
+    PyTorch model's logits and hidden_states[j + 1] features (fp32, atol 1e-4); returns the
+    reference logits."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from dpace_jax import model, moe
+
+    ref_logits, ref_hidden = torch_outputs(torch_model, tokens)
+    ref_features = np.concatenate([ref_hidden[j + 1] for j in feature_layers], axis=-1)
+    assert np.abs(ref_logits).max() > 0.5  # the comparison is not between near-zero numbers
+    run = jax.jit(model.forward, static_argnames=("cfg", "feature_layers"))
+    for dispatch in moe.DISPATCHES:
+        c = dataclasses.replace(cfg, moe_dispatch=dispatch)
+        out = run(params, c, jnp.asarray(tokens), feature_layers=tuple(feature_layers))
+        np.testing.assert_allclose(np.asarray(out.logits), ref_logits, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(np.asarray(out.features), ref_features, atol=1e-4, rtol=0)
+    early = jax.jit(model.features, static_argnums=(1, 3))(params, cfg, jnp.asarray(tokens),
+                                                            tuple(feature_layers))
+    np.testing.assert_allclose(np.asarray(early), ref_features, atol=1e-4, rtol=0)
+    return ref_logits

@@ -16,14 +16,14 @@ import pytest
 import references
 from hf_fixtures import (
     check_drafter_trains_on,
+    check_moe_matches_torch,
     check_transformers_reads_ours,
     randomize_,
-    torch_outputs,
 )
 from safetensors.numpy import load_file, save_file
 
-from dpace_jax import convert, gpt_oss, moe, mxfp4
-from dpace_jax.model import ModelConfig, features, forward, forward_cached, init_params
+from dpace_jax import convert, gpt_oss, mxfp4
+from dpace_jax.model import ModelConfig, forward, forward_cached, init_params
 from dpace_jax.params import TARGET_SCHEMA, flatten
 
 LAYERS = 3
@@ -32,7 +32,6 @@ FEATURE_LAYERS = (2, 0, 1, 2)
 YARN = {"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
         "truncate": False, "original_max_position_embeddings": 16, "rope_theta": 10000.0}
 jit_forward = jax.jit(forward, static_argnames=("cfg", "feature_layers", "logits"))
-jit_features = jax.jit(features, static_argnums=(1, 3))
 
 
 def make_hf_gpt_oss(path, seed=0, **fields):
@@ -70,16 +69,7 @@ def test_logits_and_features_match_pytorch(hf_target):
     assert cfg.arch == "gpt_oss" and cfg.sliding_window == WINDOW and cfg.num_experts == 4
     assert cfg.scaling_dict["rope_type"] == "yarn" and cfg.swiglu_limit == 0.8
     tokens = _tokens(cfg)  # 20 positions > the window of 4
-    ref_logits, ref_hidden = torch_outputs(torch_model, tokens)
-    ref_features = np.concatenate([ref_hidden[j + 1] for j in FEATURE_LAYERS], axis=-1)
-    assert np.abs(ref_logits).max() > 0.5
-    for dispatch in moe.DISPATCHES:
-        c = dataclasses.replace(cfg, moe_dispatch=dispatch)
-        out = jit_forward(params, c, jnp.asarray(tokens), feature_layers=FEATURE_LAYERS)
-        np.testing.assert_allclose(np.asarray(out.logits), ref_logits, atol=1e-4, rtol=0)
-        np.testing.assert_allclose(np.asarray(out.features), ref_features, atol=1e-4, rtol=0)
-    early = jit_features(params, cfg, jnp.asarray(tokens), FEATURE_LAYERS)
-    np.testing.assert_allclose(np.asarray(early), ref_features, atol=1e-4, rtol=0)
+    ref_logits = check_moe_matches_torch(params, cfg, torch_model, tokens, FEATURE_LAYERS)
     # the window, the sinks and YaRN all matter here: dropping one changes the logits
     for change in (dict(sliding_window=1000), dict(rope_scaling=None)):
         other = jit_forward(params, dataclasses.replace(cfg, **change), jnp.asarray(tokens))

@@ -4,7 +4,6 @@ decoding (greedy and sampled), on tiny random models (CPU, fp32)."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 
@@ -15,15 +14,15 @@ import pytest
 import references
 from hf_fixtures import (
     check_drafter_trains_on,
+    check_moe_matches_torch,
     check_transformers_reads_ours,
     randomize_,
-    torch_outputs,
 )
 from safetensors.numpy import load_file, save_file
 from test_decode import check_sampling, random_target
 
 from dpace_jax import convert, moe
-from dpace_jax.model import ModelConfig, features, forward, forward_cached, init_params
+from dpace_jax.model import ModelConfig, forward, forward_cached, init_params
 from dpace_jax.params import TARGET_SCHEMA, flatten
 
 LAYERS = 3
@@ -35,7 +34,6 @@ CASES = {  # name -> Qwen3MoeConfig fields beyond the shared tiny shape
 }
 SHARDED = "step2-norm-tied"  # saved in several safetensors files
 jit_forward = jax.jit(forward, static_argnames=("cfg", "feature_layers", "logits"))
-jit_features = jax.jit(features, static_argnums=(1, 3))
 
 
 def make_hf_moe(path, seed=0, sharded=False, **fields):
@@ -86,18 +84,7 @@ def test_logits_and_features_match_pytorch(build, name):
     assert cfg.norm_topk_prob == CASES[name]["norm_topk_prob"]
     assert (params.mlp is None) == (len(sparse[name]) == LAYERS)
     assert (path / convert.INDEX_NAME).is_file() == (name == SHARDED)
-    tokens = _tokens(cfg)
-    ref_logits, ref_hidden = torch_outputs(torch_model, tokens)
-    ref_features = np.concatenate([ref_hidden[j + 1] for j in FEATURE_LAYERS], axis=-1)
-    assert np.abs(ref_logits).max() > 0.5  # the comparison is not between near-zero numbers
-    for dispatch in moe.DISPATCHES:
-        c = dataclasses.replace(cfg, moe_dispatch=dispatch)
-        out = jit_forward(params, c, jnp.asarray(tokens), feature_layers=FEATURE_LAYERS)
-        np.testing.assert_allclose(np.asarray(out.logits), ref_logits, atol=1e-4, rtol=0)
-        np.testing.assert_allclose(np.asarray(out.features), ref_features, atol=1e-4, rtol=0)
-    # the training forward (stops after the deepest feature layer), the default dispatch
-    early = jit_features(params, cfg, jnp.asarray(tokens), FEATURE_LAYERS)
-    np.testing.assert_allclose(np.asarray(early), ref_features, atol=1e-4, rtol=0)
+    check_moe_matches_torch(params, cfg, torch_model, _tokens(cfg), FEATURE_LAYERS)
 
 
 def _moe_cfg(**kw):
