@@ -113,3 +113,47 @@ def check_greedy_speculative(params, cfg: model.ModelConfig, *, new: int = 14) -
     got = np.asarray(res.tokens)
     assert [got[b, :int(res.num_tokens[b])].tolist() for b in range(3)] == expected
     assert int(np.sum(res.num_steps)) > 0
+
+
+def replay_of_a_rollout(target_params, target_cfg, drafter_params, drafter_cfg, prompts, *,
+                        max_new: int, seq_len: int, step_cfg, stop_ids=()):
+    """Roll `prompts` out greedily with the drafter (decode(record=True)), replay the rows at
+    their block boundaries with the training forward, and check that the replay drafts what the
+    cached decoder drafted: in every block with a recorded rejection, the argmax at offsets
+    1..acc are the accepted tokens and at acc + 1 the rejected draft; in every block whose drafts
+    were all accepted, the argmax at 1..K-1 are its tokens. -> (rows, batch, logits [B, N, K, V],
+    number of draft positions checked, deepest offset checked)."""
+    import jax.numpy as jnp
+
+    from dpace_jax import decode, replay
+    from dpace_jax import train_step as step_lib
+
+    k = drafter_cfg.block_size
+    padded, lengths = decode.pad_prompts(prompts, bucket=16)
+    out = decode.decode(target_params, target_cfg,
+                        decode.dflash_drafter(drafter_params, drafter_cfg, target_cfg), padded,
+                        lengths, max_new_tokens=max_new, stop_token_ids=stop_ids, record=True)
+    rows = replay.rows_from_result(jax.tree.map(np.asarray, out), prompts)
+    batch, dropped = replay.replay_batch(rows, block_size=k, seq_len=seq_len,
+                                         num_blocks=max_new + 1)
+    assert dropped == 0
+    hidden, head = step_lib.drafter_hidden(
+        drafter_params, target_params, jnp.asarray(batch["input_ids"]),
+        jnp.asarray(batch["anchors"]), target_cfg=target_cfg, drafter_cfg=drafter_cfg,
+        cfg=step_cfg)
+    logits = np.asarray(jnp.einsum("bnkd,dv->bnkv", hidden, head))
+    checked = deepest = 0
+    for b, row in enumerate(rows):
+        for n, blk in enumerate(replay.blocks(row, k)[1:], start=1):
+            accepted = len(blk.realized_logp) - 1 if blk.rejected >= 0 else len(blk.realized_logp)
+            if blk.rejected < 0 and accepted < k - 1:
+                continue  # cut by a stop token or the length limit: no draft to compare
+            tokens = batch["input_ids"][b, blk.anchor + 1: blk.anchor + 1 + accepted]
+            np.testing.assert_array_equal(logits[b, n, 1: accepted + 1].argmax(-1), tokens,
+                                          err_msg=f"row {b} block {n}")
+            checked += accepted
+            if blk.rejected >= 0:
+                assert logits[b, n, accepted + 1].argmax() == blk.rejected, (b, n)
+                checked += 1
+            deepest = max(deepest, accepted + (blk.rejected >= 0))
+    return rows, batch, logits, checked, deepest

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import references
 from drafter_fixtures import CFG, TARGET, random_like
 
 from dpace_jax import decode, drafter_hf, opd_loss, opd_step, replay, rollout, trainer
@@ -94,29 +95,9 @@ def test_replay_reproduces_the_rollout_drafts_and_the_objective_matches_dense_lo
     params = random_like(drafter_lib.init_drafter_params, CFG, 1, 0.3)
     rs = np.random.RandomState(0)
     prompts = [list(rs.randint(0, 90, n)) for n in (5, 9, 3)]
-    padded, lengths = decode.pad_prompts(prompts, bucket=16)
-    out = decode.decode(target, TARGET, decode.dflash_drafter(params, CFG, TARGET), padded,
-                        lengths, max_new_tokens=14, record=True)
-    out = jax.tree.map(np.asarray, out)
-    rows = replay.rows_from_result(out, prompts)
-    batch, dropped = replay.replay_batch(rows, block_size=CFG.block_size, seq_len=32,
-                                         num_blocks=16)
-    assert dropped == 0
     cfg = _step_cfg(opd_dpace=dpace)
-    hidden, head = step_lib.drafter_hidden(params, target, jnp.asarray(batch["input_ids"]),
-                                           jnp.asarray(batch["anchors"]), target_cfg=TARGET,
-                                           drafter_cfg=CFG, cfg=cfg)
-    logits = np.asarray(jnp.einsum("bnkd,dv->bnkv", hidden, head))
-    checked = 0
-    for b, row in enumerate(rows):
-        for n, blk in enumerate(replay.blocks(row, CFG.block_size)[1:], start=1):
-            if blk.rejected < 0:
-                continue
-            acc = len(blk.realized_logp) - 1
-            tokens = batch["input_ids"][b, blk.anchor + 1: blk.anchor + 1 + acc]
-            np.testing.assert_array_equal(logits[b, n, 1: acc + 1].argmax(-1), tokens)
-            assert logits[b, n, acc + 1].argmax() == blk.rejected
-            checked += 1
+    _, batch, logits, checked, _ = references.replay_of_a_rollout(
+        target, TARGET, params, CFG, prompts, max_new=15, seq_len=32, step_cfg=cfg)
     assert checked >= 10
     loss, aux = opd_step.opd_loss_fn(params, target, jax.tree.map(jnp.asarray, batch), None,
                                      target_cfg=TARGET, drafter_cfg=CFG, cfg=cfg)

@@ -9,6 +9,9 @@ until they accept most of each block. The check runs for a full-attention drafte
 include the target's last layer (where HF's feature is after the final norm) and for a drafter
 whose layers all slide over a window (8) shorter than the answers (40).
 
+The same trained drafters check the on-policy replay: rolled out with records, their blocks
+replayed at the rollout's boundaries draft what the decoder drafted, at every offset.
+
 Sensitivity, checked by hand: with the target features of the code before the last-layer fix
 (no final norm on the last layer's feature) the reference decodes prompts with other acceptance
 lengths and the test fails; with a reference that ignores the sliding window, all 8 prompts do.
@@ -23,11 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import references
 from dflash_reference import Drafter, greedy_decode, load_target
 from hf_fixtures import make_tiny_tokenizer
 
 from dpace_jax import convert, evaluation, generation, model, trainer
 from dpace_jax.config import default_config
+from dpace_jax.train_step import StepConfig
 
 pytestmark = pytest.mark.slow  # subprocesses or long compiles: `-m "not slow"` skips them
 
@@ -81,7 +86,7 @@ def train_target(tokenizer, out_dir, steps=150):
 
 def run_drafter(root, name, target_dir, chats, bench):
     """Train drafter `name` with the trainer behind train.py and evaluate it as evaluate.py
-    does -> (report, run directory)."""
+    does -> (report, run config)."""
     c = default_config()
     c.workdir = str(root / name)
     c.target.path, c.target.dtype = str(target_dir), "float32"
@@ -95,7 +100,7 @@ def run_drafter(root, name, target_dir, chats, bench):
     c.eval.benchmarks, c.eval.num_samples = (f"alpaca={bench}",), TOPICS
     c.eval.max_new_tokens, c.eval.batch_size = ANSWER_LEN + 8, 8
     assert trainer.run(c)["finished"]
-    return evaluation.evaluate(c, progress=False), c.workdir
+    return evaluation.evaluate(c, progress=False), c
 
 
 def test_reference_decoder_agrees_step_by_step(tmp_path):
@@ -109,9 +114,11 @@ def test_reference_decoder_agrees_step_by_step(tmp_path):
     bench.write_text("".join(json.dumps({"instruction": c[0]["content"]}) + "\n"
                              for c in conversations()))
     target = load_target(target_dir)
+    jax_target, _ = convert.load_target(target_dir, dtype=jnp.float32)
     stops = generation.stop_token_ids(tokenizer)
     for name in DRAFTERS:
-        report, workdir = run_drafter(tmp_path, name, target_dir, chats, bench)
+        report, config = run_drafter(tmp_path, name, target_dir, chats, bench)
+        workdir = config.workdir
         result = report["benchmarks"]["alpaca"]
         assert result["mismatches"] == 0, name  # lossless: speculative == autoregressive
         assert result["tau"] > 3.0, (name, result["tau"])  # most of each block is accepted
@@ -125,3 +132,12 @@ def test_reference_decoder_agrees_step_by_step(tmp_path):
             assert tokens == sample["output_ids"], (name, sample["id"])
             assert accepted == sample["acceptance_lengths"], (name, sample["id"], accepted,
                                                               sample["acceptance_lengths"])
+        # On-policy replay (train.loss=opd): blocks replayed at a rollout's boundaries with the
+        # training forward draft what the cached decoder drafted, deep into the blocks.
+        loaded = generation.load_drafter(workdir)
+        _, _, _, checked, deepest = references.replay_of_a_rollout(
+            jax_target, TARGET, loaded.params, loaded.config,
+            [sample["prompt_ids"] for sample in result["samples"]],
+            max_new=report["max_new_tokens"], seq_len=128, stop_ids=stops,
+            step_cfg=StepConfig.from_config(config, 1))
+        assert deepest >= 5 and checked > TOPICS * ANSWER_LEN // 2, (name, checked, deepest)
