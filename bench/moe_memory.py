@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dpace_jax import sharding  # noqa: E402
 from dpace_jax.drafter_config import DrafterConfig  # noqa: E402
 from dpace_jax.model import ModelConfig  # noqa: E402
-from dpace_jax.params import DRAFTER_SCHEMA, TARGET_SCHEMA  # noqa: E402
+from dpace_jax.schema import DRAFTER_SCHEMA, TARGET_SCHEMA  # noqa: E402
 
 GB, GiB = 1e9, 1024**3
 EXPERT_AXIS = "expert"

@@ -27,10 +27,11 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy before safetensor
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from dpace_jax import gpt_oss, moe, mxfp4
+from dpace_jax import gpt_oss, moe, mxfp4, qwen3_5
 from dpace_jax.atomic import atomic_path
 from dpace_jax.model import ModelConfig
-from dpace_jax.params import TARGET_SCHEMA, Param, dims, flatten, get
+from dpace_jax.params import dims, flatten, get
+from dpace_jax.schema import TARGET_SCHEMA, Param
 
 HF_ALLOW_PATTERNS = [
     "config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
@@ -105,6 +106,7 @@ def load_config(path_or_id: str | os.PathLike) -> ModelConfig:
     hf = read_config_json(path)
     cfg = ModelConfig.from_hf(hf, source=str(path))
     mxfp4.check_config(hf, cfg.arch, str(path))
+    hf = qwen3_5.text_config(hf)[0]
     oss = cfg.arch == "gpt_oss"  # biases, and its own clamped SwiGLU whatever hidden_act says
     unsupported = {
         "hidden_act": (hf.get("hidden_act", "silu") not in ("silu", "swish") and not oss, "silu"),
@@ -202,8 +204,9 @@ def _place(host: np.ndarray, sharding) -> jax.Array:
 
 
 def load_target(path_or_id: str | os.PathLike, *, dtype=jnp.bfloat16, shardings=None):
-    """Load an HF Qwen3 / Llama / Qwen3-MoE / gpt-oss checkpoint -> (params, cfg); gpt-oss's
-    MXFP4 experts are dequantized (dpace_jax.mxfp4).
+    """Load an HF Qwen3 / Llama / Qwen3-MoE / gpt-oss / Qwen3.5 checkpoint -> (params, cfg);
+    gpt-oss's MXFP4 experts are dequantized (dpace_jax.mxfp4); of a Qwen3.5 checkpoint only the
+    text model is read (qwen3_5.text_tensors).
 
     dtype: the parameters' dtype (None keeps each tensor's stored dtype). shardings: None (the
     default device), one Sharding for every array, a pytree of shardings matching the param tree,
@@ -217,6 +220,10 @@ def load_target(path_or_id: str | os.PathLike, *, dtype=jnp.bfloat16, shardings=
     tensors = raw
     if mxfp4.check_config(read_config_json(ckpt / "config.json"), cfg.arch, str(ckpt)):
         tensors, packed = mxfp4.fold(raw, str(ckpt))
+    original: dict[str, str] = {}
+    if cfg.hybrid:
+        tensors, original = qwen3_5.text_tensors(raw, cfg.multimodal)
+        raw = tensors
     moe.check_expert_count(cfg, tensors, str(ckpt))
     _check_keys(ckpt, cfg, entries, tensors)
     target = None if dtype is None else np.dtype(dtype)
@@ -231,7 +238,7 @@ def load_target(path_or_id: str | os.PathLike, *, dtype=jnp.bfloat16, shardings=
             try:
                 if file not in handles:
                     handles[file] = stack.enter_context(safe_open(str(file), framework="numpy"))
-                return handles[file].get_tensor(key)
+                return handles[file].get_tensor(original.get(key, key))
             except SafetensorError as e:
                 raise ValueError(f"{file}: cannot read tensor {key}: {e}") from None
 
@@ -260,10 +267,13 @@ def load_target(path_or_id: str | os.PathLike, *, dtype=jnp.bfloat16, shardings=
 
 def hf_config(cfg: ModelConfig, dtype_name: str = "float32") -> dict:
     """A config.json dict that transformers loads as Qwen3ForCausalLM / LlamaForCausalLM /
-    Qwen3MoeForCausalLM / GptOssForCausalLM (unquantized)."""
+    Qwen3MoeForCausalLM / GptOssForCausalLM (unquantized) / Qwen3_5ForCausalLM /
+    Qwen3_5MoeForCausalLM (the text model alone)."""
     arch = {"qwen3": ("Qwen3ForCausalLM", "qwen3"), "llama": ("LlamaForCausalLM", "llama"),
             "qwen3_moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
-            "gpt_oss": ("GptOssForCausalLM", "gpt_oss")}
+            "gpt_oss": ("GptOssForCausalLM", "gpt_oss"),
+            "qwen3_5": ("Qwen3_5ForCausalLM", "qwen3_5_text"),
+            "qwen3_5_moe": ("Qwen3_5MoeForCausalLM", "qwen3_5_moe_text")}
     if cfg.arch not in arch:
         raise ValueError(f"cannot export arch {cfg.arch!r}; expected one of {sorted(arch)}")
     name, model_type = arch[cfg.arch]
@@ -285,6 +295,11 @@ def hf_config(cfg: ModelConfig, dtype_name: str = "float32") -> dict:
     elif cfg.arch == "gpt_oss":
         del out["rope_theta"], out["rope_scaling"]
         out.update(gpt_oss.hf_config_fields(cfg))
+    elif cfg.hybrid:
+        del out["rope_theta"], out["rope_scaling"]
+        if cfg.arch == "qwen3_5_moe":
+            del out["intermediate_size"]
+        out.update(qwen3_5.hf_config_fields(cfg))
     else:
         out.update(mlp_bias=False, pretraining_tp=1)
     return out

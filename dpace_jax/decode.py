@@ -8,7 +8,8 @@ positions < a (slots at or past a are stale and invisible to every query).
 One step, per sequence: the drafter fills block positions 1..K-1 of [last token, MASK...] in one
 call; the target runs the block [last, d_1..d_{K-1}] at positions a..a+K-1 in one forward (writing
 its cache at start=a, which is also the rollback); a rule of dpace_jax.sampling accepts acc drafts
-and adds one target token; the block's target features become drafter context at start=a (rows
+and adds one target token (a Qwen3.5 target's recurrent layers then commit the acc + 1 kept block
+tokens: model.commit); the block's target features become drafter context at start=a (rows
 past a+acc are invisible to the next block, which anchors at a+acc+1, and are later overwritten).
 Sequences advance by their own acc and stop at a stop token (kept) or max_new_tokens. Block size 1
 is plain autoregressive decoding with the same loop (the speedup baseline).
@@ -147,7 +148,7 @@ class _State(NamedTuple):
     acceptance: jax.Array  # [B, max_steps]
     num_steps: jax.Array  # [B]
     done: jax.Array  # [B] bool
-    cache: KVCache
+    cache: Any  # the target's: model.KVCache, or a Qwen3.5 target's hybrid.HybridCache
     draft_cache: Any
     key: jax.Array
     step: jax.Array  # scalar
@@ -212,9 +213,9 @@ def _decode_impl(target_params, drafter: Drafter, prompts, lengths, stop_token_i
 
     # Prefill: the prompt fills slots 0..P-1; pad rows are garbage no query sees before the
     # first block overwrites them.
-    cache = KVCache.zeros(target_cfg, batch, size, target_params.embed.dtype)
+    cache = model.init_cache(target_cfg, batch, size, target_params.embed.dtype)
     out = model.forward_cached(target_params, target_cfg, prompts, cache, zeros,
-                               feature_layers=ids, logits=False)
+                               feature_layers=ids, logits=False, keep=lengths)
     last_hidden = jnp.take_along_axis(out.hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
     key, sub = jax.random.split(key)
     first_logits = model.lm_head(target_params, last_hidden)
@@ -291,7 +292,7 @@ def _decode_impl(target_params, drafter: Drafter, prompts, lengths, stop_token_i
             acceptance=acceptance,
             num_steps=s.num_steps + active.astype(jnp.int32),
             done=s.done | stopped | (num_tokens >= n_new),
-            cache=verified.cache,
+            cache=model.commit(target_cfg, verified.cache, acc + 1),
             draft_cache=draft_cache,
             key=key,
             step=s.step + 1,

@@ -38,7 +38,8 @@ from dpace_jax.drafter_config import (  # noqa: F401  (the drafter's public name
     warn_if_last_layer,
 )
 from dpace_jax.model import KVCache, decoder_layer, lm_head, write_at
-from dpace_jax.params import DRAFTER_SCHEMA, DrafterParams, TargetParams
+from dpace_jax.params import DrafterParams, TargetParams
+from dpace_jax.schema import DRAFTER_SCHEMA
 
 
 def init_drafter_params(cfg: DrafterConfig, key: jax.Array, dtype=jnp.float32,

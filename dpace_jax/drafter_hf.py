@@ -27,7 +27,7 @@ from dpace_jax.atomic import atomic_path
 from dpace_jax.convert import INDEX_NAME, WEIGHTS_NAME, index_tensors, read_config_json
 from dpace_jax.drafter_config import SHARED_FIELDS, DrafterConfig
 from dpace_jax.model import ModelConfig
-from dpace_jax.params import DRAFTER_SCHEMA
+from dpace_jax.schema import DRAFTER_SCHEMA
 
 ARCHITECTURE = "DFlashDraftModel"
 CONFIG_NAME = "config.json"

@@ -26,8 +26,8 @@ from dpace_jax import drafter as drafter_lib
 from dpace_jax.chat import TEMPLATE_KWARGS
 from dpace_jax.checkpoint import checksums
 from dpace_jax.model import ModelConfig
-from dpace_jax.params import DRAFTER_SCHEMA
 from dpace_jax.sampling import GREEDY, Sampling
+from dpace_jax.schema import DRAFTER_SCHEMA
 
 BUCKET = 64
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")

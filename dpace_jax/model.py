@@ -1,6 +1,8 @@
-"""The frozen target: a Qwen3 / Llama-3.1 / Qwen3-MoE / gpt-oss causal LM as pure functions over
-`TargetParams` (dpace_jax.params: embed, stacked decoder layers run with `lax.scan`, final_norm,
-lm_head or tied; a Qwen3-MoE target's feed-forwards: dpace_jax.moe; gpt-oss: dpace_jax.gpt_oss).
+"""The frozen target: a Qwen3 / Llama-3.1 / Qwen3-MoE / gpt-oss / Qwen3.5 causal LM as pure
+functions over `TargetParams` (dpace_jax.params: embed, stacked decoder layers run with `lax.scan`,
+final_norm, lm_head or tied; a Qwen3-MoE target's feed-forwards: dpace_jax.moe; gpt-oss:
+dpace_jax.gpt_oss; the Qwen3.5 hybrids: dpace_jax.qwen3_5 and dpace_jax.hybrid, whose cache is a
+`hybrid.HybridCache` made by `init_cache` and advanced after verification by `commit`).
 
 Three forwards: `features` (training: the feature layers only), `forward` (the whole model, no
 cache) and `forward_cached` (decoding). KV cache: `KVCache(k, v)` with k, v [L, B, S, G, E], S
@@ -14,124 +16,15 @@ layers use the same full-length cache, with the window in their mask.
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from dpace_jax import gpt_oss, layers, moe
-from dpace_jax.params import TARGET_SCHEMA, LayerParams, TargetParams
-
-SUPPORTED_ARCHITECTURES = {"Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama",
-                           "Qwen3MoeForCausalLM": "qwen3_moe", "GptOssForCausalLM": "gpt_oss"}
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rope_theta: float = 1e6
-    rms_norm_eps: float = 1e-6
-    tie_word_embeddings: bool = False
-    qk_norm: bool = True
-    rope_scaling: tuple[tuple[str, Any], ...] | None = None  # hashable form of the HF dict
-    max_position_embeddings: int = 40960
-    arch: str = "qwen3"
-    # Qwen3-MoE (arch "qwen3_moe", dpace_jax.moe); unused by the dense architectures
-    num_experts: int = 0
-    num_experts_per_tok: int = 0
-    moe_intermediate_size: int = 0
-    norm_topk_prob: bool = False
-    decoder_sparse_step: int = 1
-    mlp_only_layers: tuple[int, ...] = ()
-    moe_dispatch: str = "sorted"  # "dense" (the reference) or "sorted"; not an HF field
-    # gpt-oss (arch "gpt_oss", dpace_jax.gpt_oss; also num_experts..moe_intermediate_size)
-    sliding_window: int = 0
-    layer_types: tuple[str, ...] = ()
-    swiglu_limit: float = 7.0
-    swiglu_alpha: float = 1.702
-
-    @classmethod
-    def from_hf(cls, hf: dict, source: str = "config.json") -> ModelConfig:
-        """Build from an HF config.json dict; unsupported architectures raise ValueError."""
-        archs = hf.get("architectures") or []
-        known = [SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES]
-        arch = known[0] if known else None
-        if arch is None and not archs:
-            arch = {"qwen3": "qwen3", "llama": "llama", "qwen3_moe": "qwen3_moe",
-                    "gpt_oss": "gpt_oss"}.get(hf.get("model_type"))
-        if arch is None:
-            raise ValueError(
-                f"{source}: unsupported architecture {archs or hf.get('model_type')!r}; "
-                f"supported: {sorted(SUPPORTED_ARCHITECTURES)}"
-            )
-        try:
-            heads = int(hf["num_attention_heads"])
-            hidden = int(hf["hidden_size"])
-            scaling = hf.get("rope_scaling")
-            theta = hf.get("rope_theta")
-            if theta is None and isinstance(hf.get("rope_parameters"), dict):
-                theta = hf["rope_parameters"].get("rope_theta")
-                rope_type = hf["rope_parameters"].get("rope_type", "default")
-                if scaling is None and rope_type != "default":
-                    scaling = hf["rope_parameters"]
-            return cls(
-                vocab_size=int(hf["vocab_size"]),
-                hidden_size=hidden,
-                intermediate_size=int(hf["intermediate_size"]),
-                num_layers=int(hf["num_hidden_layers"]),
-                num_heads=heads,
-                num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-                head_dim=int(hf.get("head_dim") or hidden // heads),
-                rope_theta=float(theta if theta is not None else 10000.0),
-                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                qk_norm=arch in ("qwen3", "qwen3_moe"),
-                rope_scaling=freeze_scaling(scaling),
-                max_position_embeddings=int(hf.get("max_position_embeddings", 40960)),
-                arch=arch,
-                **(moe.hf_fields(hf, int(hf["num_hidden_layers"]), source)
-                   if arch == "qwen3_moe" else {}),
-                **(gpt_oss.hf_fields(hf, int(hf["num_hidden_layers"]), source)
-                   if arch == "gpt_oss" else {}),
-            )
-        except KeyError as e:
-            raise ValueError(f"{source}: missing field {e.args[0]!r}") from None
-
-    @property
-    def moe_layers(self) -> tuple[int, ...]:
-        """The layer ids with experts (Qwen3-MoE); () for a dense model."""
-        return moe.sparse_layers(self)
-
-    @property
-    def dense_mlp_layers(self) -> tuple[int, ...]:
-        """A Qwen3-MoE model's layer ids without experts (its dense MLP stack); () otherwise."""
-        sparse = self.moe_layers
-        return (tuple(i for i in range(self.num_layers) if i not in sparse)
-                if self.arch == "qwen3_moe" else ())
-
-    @property
-    def scaling_dict(self) -> dict | None:
-        return dict(self.rope_scaling) if self.rope_scaling else None
-
-
-def freeze_scaling(scaling: dict | None) -> tuple | None:
-    if not scaling:
-        return None
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind == "default":
-        return None
-    keys = ("rope_type", "factor", "low_freq_factor", "high_freq_factor",
-            "original_max_position_embeddings", "beta_fast", "beta_slow", "truncate",
-            "attention_factor", "mscale", "mscale_all_dim")
-    frozen = {"rope_type": kind, **{k: scaling[k] for k in keys[1:] if k in scaling}}
-    return tuple(sorted(frozen.items()))
+from dpace_jax import gpt_oss, hybrid, layers, moe, qwen3_5
+from dpace_jax.model_config import ModelConfig, freeze_scaling  # noqa: F401 (re-exported)
+from dpace_jax.params import LayerParams, TargetParams
+from dpace_jax.schema import TARGET_SCHEMA
 
 
 class KVCache(NamedTuple):
@@ -193,6 +86,8 @@ def _layer(params: TargetParams, cfg: ModelConfig, i, p, x, cos, sin, attend):
 
 
 def _norm(cfg: ModelConfig):
+    if cfg.hybrid:
+        return qwen3_5.rms_norm
     return gpt_oss.rms_norm if cfg.arch == "gpt_oss" else layers.rms_norm
 
 
@@ -209,6 +104,7 @@ def _check(cfg: ModelConfig, feature_layers, attention: str) -> None:
         raise ValueError(f"feature_layers {bad} outside the target's {cfg.num_layers} layers")
     moe.check(cfg)
     gpt_oss.check(cfg)
+    hybrid.check(cfg)
     if cfg.arch == "gpt_oss" and attention != "einsum":
         raise ValueError(f"attention={attention!r}: a gpt-oss target (attention sinks) needs "
                          "attention='einsum'")
@@ -256,11 +152,12 @@ def _features(layer_outputs, ids, final_norm, cfg: ModelConfig) -> jax.Array:
 
 
 def _finish(params: TargetParams, cfg: ModelConfig, x, per_layer, feature_layers, logits: bool,
-            cache) -> Output:
+            cache, stacked: bool = True) -> Output:
+    """per_layer: every layer's output [L, ...] (stacked), or those of feature_layers in order."""
     features = None
     if feature_layers:
-        features = _features([per_layer[j] for j in feature_layers], feature_layers,
-                             params.final_norm, cfg)
+        outs = [per_layer[j] for j in feature_layers] if stacked else list(per_layer)
+        features = _features(outs, feature_layers, params.final_norm, cfg)
     hidden = _norm(cfg)(x, params.final_norm, cfg.rms_norm_eps)
     return Output(lm_head(params, hidden) if logits else None, features, cache, hidden)
 
@@ -275,6 +172,14 @@ def features(params: TargetParams, cfg: ModelConfig, tokens: jax.Array,
     _check(cfg, feature_layers, attention)
     if not feature_layers:
         raise ValueError("features: feature_layers is empty")
+    if cfg.hybrid:
+        with jax.named_scope("target_features"):
+            x, positions, cos, sin = _hybrid_inputs(params, cfg, tokens, None)
+            attend = _causal(positions, attention, cfg)
+            _, outs, _ = hybrid.run(params, cfg, x, cos, sin, feature_layers=feature_layers,
+                                    only_features=True,
+                                    attend=lambda q, k, v, ck, cv: (attend(q, k, v)[0], (ck, cv)))
+            return _features(list(outs), feature_layers, params.final_norm, cfg)
     with jax.named_scope("target_features"):
         x, positions, cos, sin = _embed_and_rope(params, cfg, tokens,
                                                  jnp.zeros((tokens.shape[0],), jnp.int32))
@@ -307,6 +212,13 @@ def forward(params: TargetParams, cfg: ModelConfig, tokens: jax.Array, *,
     `attention`: "einsum" (ours), "cudnn" (jax.nn.dot_product_attention's fused kernel; NVIDIA
     GPUs, bf16 or fp16 params) or "dot_product" (its XLA implementation; tests)."""
     _check(cfg, feature_layers, attention)
+    if cfg.hybrid:
+        with jax.named_scope("target_forward"):
+            x, positions, cos, sin = _hybrid_inputs(params, cfg, tokens, None)
+            attend = _causal(positions, attention, cfg)
+            x, outs, _ = hybrid.run(params, cfg, x, cos, sin, feature_layers=feature_layers,
+                                    attend=lambda q, k, v, ck, cv: (attend(q, k, v)[0], (ck, cv)))
+            return _finish(params, cfg, x, outs, feature_layers, logits, None, stacked=False)
     with jax.named_scope("target_forward"):
         x, positions, cos, sin = _embed_and_rope(params, cfg, tokens,
                                                  jnp.zeros((tokens.shape[0],), jnp.int32))
@@ -321,17 +233,33 @@ def forward(params: TargetParams, cfg: ModelConfig, tokens: jax.Array, *,
         return _finish(params, cfg, x, per_layer, feature_layers, logits, None)
 
 
-def forward_cached(params: TargetParams, cfg: ModelConfig, tokens: jax.Array, cache: KVCache,
+def forward_cached(params: TargetParams, cfg: ModelConfig, tokens: jax.Array, cache,
                    start: jax.Array, *, feature_layers: tuple[int, ...] = (),
-                   logits: bool = True) -> Output:
+                   logits: bool = True, keep: jax.Array | None = None) -> Output:
     """Decoding: sequence b's tokens [B, T] sit at positions start[b]..start[b]+T-1, are written
     into the cache there, and attend to cache slots up to their own position (slots past the
-    live length are stale and never seen, so writing at an earlier start rolls back)."""
+    live length are stale and never seen, so writing at an earlier start rolls back).
+
+    A Qwen3.5 target's recurrent layers cannot roll back by position: with `keep` [B] they commit
+    the first keep[b] tokens (a prefill's prompt lengths), without it they return the block
+    pending, for `commit` once the accepted length is known (dpace_jax.hybrid). Other targets
+    ignore `keep`."""
     _check(cfg, feature_layers, "einsum")
     with jax.named_scope("target_cached"):
         start = start.astype(jnp.int32)
-        x, positions, cos, sin = _embed_and_rope(params, cfg, tokens, start)
         slots = jnp.arange(cache.k.shape[2], dtype=jnp.int32)
+        if cfg.hybrid:
+            x, positions, cos, sin = _hybrid_inputs(params, cfg, tokens, start)
+            mask = (slots[None, None, :] <= positions[:, :, None])[:, None, None]
+
+            def attend(q, k, v, ck, cv):
+                ck2, cv2 = write_at(ck, k, start), write_at(cv, v, start)
+                return _einsum_attention(q, ck2, cv2, mask), (ck2, cv2)
+
+            x, outs, new = hybrid.run(params, cfg, x, cos, sin, attend=attend, cache=cache,
+                                      keep=keep, feature_layers=feature_layers)
+            return _finish(params, cfg, x, outs, feature_layers, logits, new, stacked=False)
+        x, positions, cos, sin = _embed_and_rope(params, cfg, tokens, start)
         mask = (slots[None, None, :] <= positions[:, :, None])[:, None, None]  # [B,1,1,T,S]
 
         def step(x, inputs):
@@ -350,6 +278,28 @@ def forward_cached(params: TargetParams, cfg: ModelConfig, tokens: jax.Array, ca
         x, (per_layer, ks, vs) = jax.lax.scan(step, x, (params.layers, _layer_ids(cfg), cache.k,
                                                              cache.v))
         return _finish(params, cfg, x, per_layer, feature_layers, logits, KVCache(ks, vs))
+
+
+def _hybrid_inputs(params: TargetParams, cfg: ModelConfig, tokens, start):
+    """A Qwen3.5 target's embeddings, positions and the cos, sin of its rotary dimensions."""
+    start = jnp.zeros((tokens.shape[0],), jnp.int32) if start is None else start
+    positions = start[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
+    cos, sin = hybrid.rope(cfg, positions)
+    return jnp.take(params.embed, tokens, axis=0), positions, cos, sin
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.bfloat16):
+    """An empty decoding cache of `length` slots: a KVCache, or a Qwen3.5 target's HybridCache."""
+    if cfg.hybrid:
+        return hybrid.HybridCache.zeros(cfg, batch, length, dtype)
+    return KVCache.zeros(cfg, batch, length, dtype)
+
+
+def commit(cfg: ModelConfig, cache, keep: jax.Array):
+    """After a verification (forward_cached without keep): keep the first keep[b] tokens of the
+    block in the cache. A KV cache needs nothing (the next block's start rolls it back); a Qwen3.5
+    target's recurrent layers advance by exactly those tokens (dpace_jax.hybrid.commit)."""
+    return hybrid.commit(cache, keep) if cfg.hybrid else cache
 
 
 def lm_head_matrix(params: TargetParams) -> jax.Array:

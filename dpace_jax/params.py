@@ -16,12 +16,22 @@ them on a P axis after the layer axis.
 A gpt-oss target (dpace_jax.gpt_oss): attention and norms in `LayerParams`, the rest of a layer
 (biases, sinks, router, experts fused in HF's layout: GPT_OSS) in `GptOssParams` over all L layers.
 
+A Qwen3.5 target (dpace_jax.qwen3_5): the two norms and the dense MLP in `LayerParams` over all L
+layers (no q/k/v/o there), the gated DeltaNet of the linear-attention layers in `LinearParams`,
+the gated attention of the full-attention layers in `GatedAttnParams`; a Qwen3.5-MoE target adds
+`ExpertParams` over every layer and the shared expert in `SharedExpertParams`. Its RMSNorm weights
+are stored around zero (the norm scales by 1 + w) and initialized to zeros.
+
+The per-module HF loading and the schema built from these tables: dpace_jax.schema.
+
 Layouts, from an HF PyTorch Linear weight [out, in] to ours:
   same       as stored (norms, the embedding)
   t          transposed, [in, out]
   in_heads   [heads * E, D] -> [D, heads, E]   (q, k, v)
   out_heads  [D, H * E] -> [H, E, D]           (o)
   flat       [heads * E] -> [heads, E]          (q, k, v biases)
+  conv       [C, 1, W] -> [C, W]                (a depthwise convolution's kernel)
+  row        [1, D] -> [D]                      (a Linear with one output)
 """
 
 from __future__ import annotations
@@ -30,14 +40,12 @@ import dataclasses
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 
 class ArrayInfo(NamedTuple):
     shape: tuple[str, ...]  # dimension letters (docs/design.md §1); X: the drafter's n * D
     axes: tuple[str | None, ...]  # logical axes, one per dimension
-    init: str  # "normal" (scaled) or "ones"
+    init: str  # "normal" (scaled), "ones" or "zeros"
     hf: str  # the HF tensor's name (a layer's: under the schema's layer prefix)
     layout: str  # see the module doc
 
@@ -92,6 +100,43 @@ GPT_OSS = {  # N = 2M: gate and up interleaved on the last axis, as HF stores th
     "expert_down_bias": _oss(("P", "D"), ("expert", None), "mlp.experts.down_proj_bias"),
 }
 
+# Qwen3.5. Letters: U linear value heads (with Y their width), K the linear key heads' width,
+# C = 2 * (linear key heads) * K + U * Y the convolved q|k|v channels, W the convolution's width,
+# Q = 2E (per head a query and its output gate), S the shared expert's width.
+LINEAR = {
+    "in_qkv": ArrayInfo(("D", "C"), ("embed", None), "normal", "linear_attn.in_proj_qkv.weight",
+                        "t"),
+    "in_z": ArrayInfo(("D", "U", "Y"), ("embed", "heads", "head_dim"), "normal",
+                      "linear_attn.in_proj_z.weight", "in_heads"),
+    "in_b": ArrayInfo(("D", "U"), ("embed", "heads"), "normal", "linear_attn.in_proj_b.weight",
+                      "t"),
+    "in_a": ArrayInfo(("D", "U"), ("embed", "heads"), "normal", "linear_attn.in_proj_a.weight",
+                      "t"),
+    "conv": ArrayInfo(("C", "W"), (None, None), "normal", "linear_attn.conv1d.weight",
+                      "conv"),
+    "dt_bias": ArrayInfo(("U",), ("heads",), "normal", "linear_attn.dt_bias", "same"),
+    "a_log": ArrayInfo(("U",), ("heads",), "normal", "linear_attn.A_log", "same"),
+    "gated_norm": ArrayInfo(("Y",), (None,), "ones", "linear_attn.norm.weight", "same"),
+    "out": ArrayInfo(("U", "Y", "D"), ("heads", "head_dim", "embed"), "normal",
+                     "linear_attn.out_proj.weight", "out_heads"),
+}
+GATED_ATTENTION = {
+    "q": ArrayInfo(("D", "H", "Q"), ("embed", "heads", "head_dim"), "normal",
+                   "self_attn.q_proj.weight", "in_heads"),
+    **{n: LAYER[n] for n in ("k", "v", "o")},
+    **{n: LAYER[n]._replace(init="zeros") for n in QK_NORM},
+}
+SHARED = {
+    "shared_gate": ArrayInfo(("D", "S"), ("embed", "mlp"), "normal",
+                             "mlp.shared_expert.gate_proj.weight", "t"),
+    "shared_up": ArrayInfo(("D", "S"), ("embed", "mlp"), "normal",
+                           "mlp.shared_expert.up_proj.weight", "t"),
+    "shared_down": ArrayInfo(("S", "D"), ("mlp", "embed"), "normal",
+                             "mlp.shared_expert.down_proj.weight", "t"),
+    "shared_expert_gate": ArrayInfo(("D",), ("embed",), "normal", "mlp.shared_expert_gate.weight",
+                                    "row"),
+}
+
 TARGET = {
     "embed": ArrayInfo(("V", "D"), ("vocab", "embed"), "normal", "model.embed_tokens.weight",
                        "same"),
@@ -106,21 +151,23 @@ DRAFTER = {
 }
 
 # name -> logical axes (without the stacked layer axis), for dpace_jax.sharding
-AXES = {name: info.axes for table in (LAYER, EXPERTS, GPT_OSS, TARGET, DRAFTER)
+AXES = {name: info.axes
+        for table in (LAYER, EXPERTS, GPT_OSS, LINEAR, GATED_ATTENTION, SHARED, TARGET, DRAFTER)
         for name, info in table.items()}
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class LayerParams:
-    """Decoder layers, each array with a leading L axis (see LAYER)."""
+    """Decoder layers, each array with a leading L axis (see LAYER). A Qwen3.5 target's hold only
+    the norms and the dense MLP (its attention: GatedAttnParams, LinearParams)."""
 
     attn_norm: jax.Array
-    q: jax.Array
-    k: jax.Array
-    v: jax.Array
-    o: jax.Array
-    mlp_norm: jax.Array
+    q: jax.Array | None = None
+    k: jax.Array | None = None
+    v: jax.Array | None = None
+    o: jax.Array | None = None
+    mlp_norm: jax.Array | None = None
     gate: jax.Array | None = None  # None in a Qwen3-MoE target (its MLPs: MlpParams, ExpertParams)
     up: jax.Array | None = None
     down: jax.Array | None = None
@@ -168,6 +215,43 @@ class GptOssParams:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
+class LinearParams:
+    """A Qwen3.5 target's gated DeltaNet, stacked over its linear-attention layers (LINEAR)."""
+    in_qkv: jax.Array
+    in_z: jax.Array
+    in_b: jax.Array
+    in_a: jax.Array
+    conv: jax.Array
+    dt_bias: jax.Array
+    a_log: jax.Array
+    gated_norm: jax.Array
+    out: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class GatedAttnParams:
+    """A Qwen3.5 target's gated attention, stacked over its full-attention layers."""
+    q: jax.Array  # [La, D, H, 2E]: per head the query, then its output gate
+    k: jax.Array
+    v: jax.Array
+    o: jax.Array
+    q_norm: jax.Array
+    k_norm: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SharedExpertParams:
+    """A Qwen3.5-MoE target's shared expert and its sigmoid gate, stacked over all layers."""
+    shared_gate: jax.Array
+    shared_up: jax.Array
+    shared_down: jax.Array
+    shared_expert_gate: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
 class TargetParams:
     embed: jax.Array  # [V, D]
     layers: LayerParams
@@ -176,6 +260,9 @@ class TargetParams:
     mlp: MlpParams | None = None  # Qwen3-MoE only
     experts: ExpertParams | None = None  # Qwen3-MoE only
     oss: GptOssParams | None = None  # gpt-oss only
+    linear: LinearParams | None = None  # Qwen3.5 only
+    attn: GatedAttnParams | None = None  # Qwen3.5 only
+    shared: SharedExpertParams | None = None  # Qwen3.5-MoE only
 
 
 @jax.tree_util.register_dataclass
@@ -187,186 +274,19 @@ class DrafterParams:
     final_norm: jax.Array  # [D]
 
 
-GROUPS = {"layers": LayerParams, "mlp": MlpParams, "experts": ExpertParams, "oss": GptOssParams}
+GROUPS = {"layers": LayerParams, "mlp": MlpParams, "experts": ExpertParams, "oss": GptOssParams,
+          "linear": LinearParams, "attn": GatedAttnParams, "shared": SharedExpertParams}
 
 
 def group_layers(group: str, cfg) -> tuple[int, ...]:
-    """The layer ids a stack holds, in order: every layer, or (Qwen3-MoE) those without / with
-    experts."""
-    if group in ("layers", "oss"):
+    """The layer ids a stack holds, in order: every layer, those without / with experts
+    (Qwen3-MoE), or those of one kind (Qwen3.5: linear or full attention)."""
+    if group in ("layers", "oss", "shared"):
         return tuple(range(cfg.num_layers))
+    if group in ("linear", "attn"):
+        return cfg.linear_layers if group == "linear" else cfg.attention_layers
     return cfg.dense_mlp_layers if group == "mlp" else cfg.moe_layers
 
-
-class Param(NamedTuple):
-    path: tuple[str, ...]  # ("embed",), or (group, name): ("layers", "q"), ("experts", "router")
-    info: ArrayInfo
-    hf: str  # HF name; "{i}": the layer index of a stacked parameter, "{e}": the expert index
-
-    @property
-    def stacked(self) -> bool:
-        return len(self.path) == 2
-
-    @property
-    def per_expert(self) -> bool:
-        return "{e}" in self.hf
-
-    def hf_items(self, cfg) -> list[tuple[tuple[int, ...], str]]:
-        """(index into the leaf, HF key) of each HF tensor: () for a top-level parameter, (l,)
-        for the l-th layer of a stack, (l, e) for its expert e."""
-        if not self.stacked:
-            return [((), self.hf)]
-        ids = group_layers(self.path[0], cfg)
-        if not self.per_expert:
-            return [((n,), self.hf.format(i=i)) for n, i in enumerate(ids)]
-        return [((n, e), self.hf.format(i=i, e=e)) for n, i in enumerate(ids)
-                for e in range(cfg.num_experts)]
-
-    def hf_keys(self, cfg) -> list[str]:
-        return [key for _, key in self.hf_items(cfg)]
-
-    def shape(self, dims: dict[str, int]) -> tuple[int, ...]:
-        """Our shape, per layer for a stacked parameter."""
-        return tuple(dims[d] for d in self.info.shape)
-
-    def tensor_shape(self, dims: dict[str, int]) -> tuple[int, ...]:
-        """Our shape of what one HF tensor holds (one expert's, for a per-expert parameter)."""
-        s = self.shape(dims)
-        return s[1:] if self.per_expert else s
-
-    def leaf_shape(self, cfg) -> tuple[int, ...]:
-        """The whole leaf's shape: with the leading layer axis of a stacked parameter."""
-        s = self.shape(dims(cfg))
-        return (len(group_layers(self.path[0], cfg)), *s) if self.stacked else s
-
-    def hf_shape(self, dims: dict[str, int]) -> tuple[int, ...]:
-        s, layout = self.tensor_shape(dims), self.info.layout
-        if layout == "same":
-            return s
-        if layout == "t":
-            return s[::-1]
-        if layout == "flat":
-            return (s[0] * s[1],)
-        return (s[1] * s[2], s[0]) if layout == "in_heads" else (s[2], s[0] * s[1])
-
-    def from_hf(self, w: np.ndarray, dims: dict[str, int]) -> np.ndarray:
-        return w if self.info.layout == "same" else w.T.reshape(self.tensor_shape(dims))
-
-    def to_hf(self, x: np.ndarray, dims: dict[str, int]) -> np.ndarray:
-        return x if self.info.layout == "same" else x.reshape(self.hf_shape(dims)[::-1]).T
-
-
-@dataclasses.dataclass(frozen=True)
-class Schema:
-    """A model's parameters: its own tables, the shared decoder layer, its HF layer prefix (and,
-    for the target, the Qwen3-MoE stacks when the config has them)."""
-
-    name: str
-    top: dict[str, ArrayInfo]
-    layer_prefix: str
-    tree: type
-
-    def params(self, cfg) -> list[Param]:
-        """The parameters `cfg` has (q/k norms only with qk_norm; lm_head only untied; a MoE
-        config's MLPs in its "mlp" and "experts" stacks)."""
-        arch = getattr(cfg, "arch", None) if self.tree is TargetParams else None
-        moe = arch in ("qwen3_moe", "gpt_oss")
-        top = [Param((n, ), i, i.hf) for n, i in self.top.items()
-               if not (n == "lm_head" and cfg.tie_word_embeddings)]
-        layer = [Param(("layers", n), i, self.layer_prefix + i.hf) for n, i in LAYER.items()
-                 if (cfg.qk_norm or n not in QK_NORM) and not (moe and n in MLP)]
-        if moe:
-            layer += [Param(("mlp", n), LAYER[n], self.layer_prefix + LAYER[n].hf)
-                      for n in MLP if cfg.dense_mlp_layers]
-            layer += [Param(("experts", n), i, self.layer_prefix + i.hf)
-                      for n, i in EXPERTS.items() if cfg.moe_layers]
-        if arch == "gpt_oss":
-            layer += [Param(("oss", n), i, self.layer_prefix + i.hf) for n, i in GPT_OSS.items()]
-        return top + layer
-
-    def build(self, leaves: dict[tuple[str, ...], object]):
-        """The typed tree from {path: leaf}."""
-        groups = {g: {p[1]: v for p, v in leaves.items() if p[0] == g}
-                  for g in GROUPS if any(p[0] == g for p in leaves)}
-        return self.tree(**{g: GROUPS[g](**fields) for g, fields in groups.items()},
-                         **{p[0]: v for p, v in leaves.items() if len(p) == 1})
-
-    def abstract(self, cfg, dtype=jnp.float32):
-        """ShapeDtypeStructs of `cfg`'s parameters."""
-        return self.build({p.path: jax.ShapeDtypeStruct(p.leaf_shape(cfg), dtype)
-                           for p in self.params(cfg)})
-
-    def init(self, cfg, key: jax.Array, dtype=jnp.float32, scale: float = 0.02):
-        """Random parameters: normal(0, scale) matrices, unit norms. `key` splits into one key
-        for the layers (split again, one per layer matrix in table order) and one per top-level
-        matrix in table order, so a seed gives the same values whatever the config leaves out.
-        The experts' keys come from fold_in(key, 1) (one per EXPERTS entry); a MoE config's
-        dense MLPs use the layer keys of gate / up / down."""
-        top_normal = [n for n, i in self.top.items() if i.init == "normal"]
-        layer_normal = [n for n, i in LAYER.items() if i.init == "normal"]
-        k_layers, *k_top = jax.random.split(key, 1 + len(top_normal))
-        keys = {**dict(zip(top_normal, k_top, strict=True)),
-                **dict(zip(layer_normal, jax.random.split(k_layers, len(layer_normal)),
-                           strict=True)),
-                **dict(zip(EXPERTS, jax.random.split(jax.random.fold_in(key, 1), len(EXPERTS)),
-                           strict=True))}
-        oss_keys = dict(zip(GPT_OSS, jax.random.split(jax.random.fold_in(key, 2), len(GPT_OSS)),
-                            strict=True))
-        leaves = {}
-        for p in self.params(cfg):
-            shape = p.leaf_shape(cfg)
-            leaves[p.path] = (
-                jnp.ones(shape, dtype) if p.info.init == "ones" else
-                (scale * jax.random.normal((oss_keys if p.path[0] == "oss" else keys)[p.path[-1]],
-                                           shape, jnp.float32)).astype(dtype))
-        return self.build(leaves)
-
-    def to_hf(self, cfg, tree, dtype=None) -> dict[str, np.ndarray]:
-        """{HF key: array in HF layout}, `dtype` casting (None keeps each array's)."""
-        d, out = dims(cfg), {}
-        for p in self.params(cfg):
-            x = np.asarray(get(tree, p.path))
-            x = x.astype(dtype) if dtype is not None else x
-            want = p.leaf_shape(cfg)
-            if x.shape != want:
-                raise ValueError(f"parameter {'/'.join(p.path)} has shape {x.shape}, expected "
-                                 f"{want} for this {self.name} config")
-            for index, key in p.hf_items(cfg):
-                out[key] = np.ascontiguousarray(p.to_hf(x[index], d))
-        return out
-
-    def from_hf(self, cfg, tensors: dict[str, np.ndarray], source: str):
-        """The typed tree from {HF key: array}; strict: a missing, unexpected or misshapen
-        tensor is a ValueError naming it (and `source`)."""
-        d, params = dims(cfg), self.params(cfg)
-        expected = {k: p.hf_shape(d) for p in params for k in p.hf_keys(cfg)}
-
-        def listed(keys):
-            return f"{keys[:8]}{' ...' if len(keys) > 8 else ''}"
-
-        missing = sorted(set(expected) - set(tensors))
-        if missing:
-            raise ValueError(f"{source}: missing key(s) {listed(missing)}")
-        unexpected = sorted(set(tensors) - set(expected))
-        if unexpected:
-            raise ValueError(f"{source}: unexpected key(s) {listed(unexpected)}")
-        for key, shape in expected.items():
-            if tuple(tensors[key].shape) != shape:
-                raise ValueError(f"{source}: key {key} has shape {tuple(tensors[key].shape)}, "
-                                 f"expected {shape}")
-        leaves = {}
-        for p in params:
-            items = p.hf_items(cfg)
-            first = p.from_hf(tensors[items[0][1]], d)
-            host = np.empty(p.leaf_shape(cfg), first.dtype)
-            for index, key in items:
-                host[index] = p.from_hf(tensors[key], d)
-            leaves[p.path] = jnp.asarray(host)
-        return self.build(leaves)
-
-
-TARGET_SCHEMA = Schema("target", TARGET, "model.layers.{i}.", TargetParams)
-DRAFTER_SCHEMA = Schema("drafter", DRAFTER, "layers.{i}.", DrafterParams)
 
 
 def dims(cfg) -> dict[str, int]:
@@ -374,7 +294,12 @@ def dims(cfg) -> dict[str, int]:
     out = {"D": cfg.hidden_size, "H": cfg.num_heads, "G": cfg.num_kv_heads, "E": cfg.head_dim,
            "F": cfg.intermediate_size, "V": cfg.vocab_size,
            "P": getattr(cfg, "num_experts", 0), "M": getattr(cfg, "moe_intermediate_size", 0),
-           "N": 2 * getattr(cfg, "moe_intermediate_size", 0)}
+           "N": 2 * getattr(cfg, "moe_intermediate_size", 0), "Q": 2 * cfg.head_dim}
+    for letter, field in (("U", "linear_num_value_heads"), ("K", "linear_key_head_dim"),
+                          ("Y", "linear_value_head_dim"), ("W", "linear_conv_kernel_dim"),
+                          ("S", "shared_expert_intermediate_size")):
+        out[letter] = getattr(cfg, field, 0)
+    out["C"] = 2 * getattr(cfg, "linear_num_key_heads", 0) * out["K"] + out["U"] * out["Y"]
     if hasattr(cfg, "feature_size"):
         out["X"] = cfg.feature_size
     return out

@@ -31,7 +31,7 @@ from dpace_jax import train_step as step_lib
 from dpace_jax.atomic import atomic_path
 from dpace_jax.batches import Batches
 from dpace_jax.config import parse_dtype, target_path
-from dpace_jax.params import TARGET_SCHEMA
+from dpace_jax.schema import TARGET_SCHEMA
 
 log = logging.getLogger(__name__)
 

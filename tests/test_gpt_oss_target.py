@@ -24,7 +24,8 @@ from safetensors.numpy import load_file, save_file
 
 from dpace_jax import convert, gpt_oss, mxfp4
 from dpace_jax.model import ModelConfig, forward, forward_cached, init_params
-from dpace_jax.params import TARGET_SCHEMA, flatten
+from dpace_jax.params import flatten
+from dpace_jax.schema import TARGET_SCHEMA
 
 LAYERS = 3
 WINDOW = 4

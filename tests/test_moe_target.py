@@ -23,7 +23,8 @@ from test_decode import check_sampling, random_target
 
 from dpace_jax import convert, moe
 from dpace_jax.model import ModelConfig, forward, forward_cached, init_params
-from dpace_jax.params import TARGET_SCHEMA, flatten
+from dpace_jax.params import flatten
+from dpace_jax.schema import TARGET_SCHEMA
 
 LAYERS = 3
 FEATURE_LAYERS = (2, 0, 1, 2)  # every layer, the last one (after the final norm) included

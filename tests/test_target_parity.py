@@ -117,6 +117,7 @@ SHARDING_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     from dpace_jax import convert, params as P_
+    from dpace_jax.schema import TARGET_SCHEMA
 
     path = sys.argv[1]
     assert jax.device_count() == 4, jax.devices()
@@ -135,7 +136,7 @@ SHARDING_SCRIPT = textwrap.dedent("""
 
     ref, _ = convert.load_target(path, dtype=jnp.float32)
     # a pytree of shardings shaped like the parameters, and the callable form
-    tree = P_.TARGET_SCHEMA.build({p: spec_for(p) for p in P_.flatten(ref)})
+    tree = TARGET_SCHEMA.build({p: spec_for(p) for p in P_.flatten(ref)})
     for shardings in (spec_for, tree):
         params, _ = convert.load_target(path, dtype=jnp.float32, shardings=shardings)
         for names, arr in P_.flatten(params).items():

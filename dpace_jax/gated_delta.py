@@ -1,0 +1,118 @@
+"""The gated delta rule (Qwen3.5's linear-attention token mixer) and its short causal convolution,
+as pure functions over arrays. docs/design.md §10 states the formulas and derives the chunked form.
+
+Per head, with a state S [K, V] (K: key width, V: value width), token t updates and reads
+    S <- exp(g_t) S
+    u_t = beta_t (v_t - S^T k_t)            the delta: what S does not yet predict, scaled
+    S <- S + k_t u_t^T
+    o_t = S^T q_t
+with log-decay g_t <= 0 and beta_t in (0, 1). A token with g_t = 0 and beta_t = 0 leaves S
+unchanged: that is how padding and not-yet-accepted tokens are kept out of a committed state.
+
+Two forms compute the same thing: `recurrent` (a scan over tokens: the definition, and decoding)
+and `chunked` (training and prefill: a scan over chunks of C tokens, each chunk solved with one
+unit-lower-triangular system instead of C sequential steps). Shapes: q, k [B, T, H, K] (already
+l2-normalized, q scaled by K**-0.5, key heads repeated to the H value heads), v [B, T, H, V],
+g, beta [B, T, H], state [B, H, K, V]; everything in fp32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def l2norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """x / sqrt(sum(x^2) + eps) over the last axis, in fp32."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+
+
+def recurrent(q, k, v, g, beta, state):
+    """Token by token -> (outputs [B, T, H, V], final state [B, H, K, V])."""
+
+    def step(s, inputs):
+        q_t, k_t, v_t, g_t, b_t = inputs  # [B, H, K], [B, H, K], [B, H, V], [B, H], [B, H]
+        s = s * jnp.exp(g_t)[..., None, None]
+        u = b_t[..., None] * (v_t - jnp.einsum("bhkv,bhk->bhv", s, k_t))
+        s = s + k_t[..., :, None] * u[..., None, :]
+        return s, jnp.einsum("bhkv,bhk->bhv", s, q_t)
+
+    seq = [jnp.moveaxis(a.astype(jnp.float32), 1, 0) for a in (q, k, v, g, beta)]
+    state, out = jax.lax.scan(step, state.astype(jnp.float32), seq)
+    return jnp.moveaxis(out, 0, 1), state
+
+
+def chunk_size(length: int, largest: int = 64) -> int:
+    """The chunk length used for a sequence of `length` tokens: `largest`, or the whole sequence
+    when shorter (a verify block is then one chunk, without padding)."""
+    return max(1, min(largest, length))
+
+
+def chunked(q, k, v, g, beta, state, chunk: int = 64):
+    """The same as `recurrent`, chunk by chunk -> (outputs [B, T, H, V], final state).
+
+    Inside a chunk, with c_t the cumulative log-decay from the chunk's start and S0 its initial
+    state, the deltas U [C, V] solve (I + A) U = beta V - diag(beta e^c) K S0 where A[t, s] =
+    beta_t e^(c_t - c_s) k_t.k_s for s < t; then o_t = e^(c_t) S0^T q_t + sum_{s<=t}
+    e^(c_t - c_s) (q_t.k_s) u_s and the chunk ends with e^(c_C) S0 + sum_s e^(c_C - c_s) k_s u_s^T.
+    T is padded to a multiple of the chunk with g = beta = 0 (no effect on the state)."""
+    b, t, h, dk = k.shape
+    n = -(-t // chunk)
+    pad = n * chunk - t
+
+    def split(a):  # [B, T, H, ...] -> [N, B, H, C, ...] fp32
+        a = jnp.pad(a.astype(jnp.float32), [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+        a = a.reshape(b, n, chunk, h, *a.shape[3:])
+        return jnp.moveaxis(jnp.moveaxis(a, 1, 0), 2, 3)
+
+    qs, ks, vs, gs, bs = (split(a) for a in (q, k, v, g, beta))
+    causal = jnp.tril(jnp.ones((chunk, chunk), jnp.bool_))
+    strict = jnp.tril(jnp.ones((chunk, chunk), jnp.bool_), -1)
+
+    def one_chunk(s0, inputs):
+        q_c, k_c, v_c, g_c, b_c = inputs  # [B, H, C, K|V], g_c, b_c [B, H, C]
+        c = jnp.cumsum(g_c, axis=-1)
+        diff = c[..., :, None] - c[..., None, :]  # c_t - c_s, [B, H, C, C]
+        decay = jnp.exp(jnp.where(causal, diff, -jnp.inf))  # 0 above the diagonal
+        kk = jnp.einsum("bhtk,bhsk->bhts", k_c, k_c)
+        a = jnp.where(strict, b_c[..., :, None] * decay * kk, 0.0)
+        eye = jnp.eye(chunk, dtype=jnp.float32)
+        rhs = jnp.concatenate([b_c[..., None] * v_c,
+                               (b_c * jnp.exp(c))[..., None] * k_c], axis=-1)
+        solved = jax.lax.linalg.triangular_solve(a + eye, rhs, left_side=True, lower=True,
+                                                 unit_diagonal=True)
+        u = solved[..., :v_c.shape[-1]] - jnp.einsum(
+            "bhtk,bhkv->bhtv", solved[..., v_c.shape[-1]:], s0)
+        qk = jnp.einsum("bhtk,bhsk->bhts", q_c, k_c) * decay
+        out = (jnp.exp(c)[..., None] * jnp.einsum("bhtk,bhkv->bhtv", q_c, s0)
+               + jnp.einsum("bhts,bhsv->bhtv", qk, u))
+        tail = jnp.exp(c[..., -1:] - c)  # e^(c_C - c_s)
+        s1 = (jnp.exp(c[..., -1])[..., None, None] * s0
+              + jnp.einsum("bhsk,bhsv->bhkv", k_c * tail[..., None], u))
+        return s1, out
+
+    state, out = jax.lax.scan(one_chunk, state.astype(jnp.float32), (qs, ks, vs, gs, bs))
+    out = jnp.moveaxis(jnp.moveaxis(out, 0, 1), 3, 2)  # [B, N, C, H, V]
+    return out.reshape(b, n * chunk, h, -1)[:, :t], state
+
+
+def causal_conv(rows: jax.Array, weight: jax.Array, history: jax.Array) -> jax.Array:
+    """Depthwise causal convolution then SiLU: rows [B, T, C] after `history` [B, W-1, C] (the
+    W-1 rows before them), weight [C, W] -> [B, T, C]; out_t = silu(sum_j w[:, j] x_(t-W+1+j))."""
+    width = weight.shape[-1]
+    x = jnp.concatenate([history.astype(rows.dtype), rows], axis=1)
+    t = rows.shape[1]
+    out = sum(x[:, j:j + t] * weight[:, j] for j in range(width))
+    return jax.nn.silu(out.astype(jnp.float32)).astype(rows.dtype)
+
+
+def conv_history(history: jax.Array, rows: jax.Array, keep: jax.Array) -> jax.Array:
+    """The W-1 rows before position keep[b] of concat(history, rows): the convolution's history
+    once the first keep[b] of the T rows are committed. history [B, W-1, C], rows [B, T, C]."""
+    x = jnp.concatenate([history.astype(rows.dtype), rows], axis=1)
+
+    def one(xb, kb):
+        return jax.lax.dynamic_slice_in_dim(xb, kb, history.shape[1], axis=0)
+
+    return jax.vmap(one)(x, keep.astype(jnp.int32))
