@@ -237,6 +237,34 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 
 
+# Qwen3.5-4B (the published config: 32 layers, three gated-DeltaNet layers to one gated attention
+# layer, partial RoPE 0.25) and its tiny CPU form with the same layer pattern and head ratios.
+_QWEN3_5 = dict(arch="qwen3_5", qk_norm=True, tie_word_embeddings=True, rms_norm_eps=1e-6,
+                partial_rotary_factor=0.25, rope_theta=1e7)
+
+
+def _qwen3_5_layers(n: int) -> tuple[str, ...]:
+    return (("linear_attention",) * 3 + ("full_attention",)) * (n // 4)
+
+
+SHAPES["qwen3.5-4b"] = {
+    **SHAPES["qwen3-4b"],
+    "target": dict(**_QWEN3_5, vocab_size=248320, hidden_size=2560, intermediate_size=9216,
+                   num_layers=32, num_heads=16, num_kv_heads=4, head_dim=256,
+                   max_position_embeddings=262144, layer_types=_qwen3_5_layers(32),
+                   linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128,
+                   linear_value_head_dim=128, linear_conv_kernel_dim=4),
+    "mask_token_id": 248319,  # the benchmark's drafter is random: any id in the vocabulary
+}
+SHAPES["qwen3.5-tiny"] = {
+    **SHAPES["tiny"],
+    "target": dict(**_QWEN3_5, vocab_size=256, hidden_size=64, intermediate_size=128,
+                   num_layers=8, num_heads=4, num_kv_heads=1, head_dim=32,
+                   max_position_embeddings=4096, layer_types=_qwen3_5_layers(8),
+                   linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                   linear_value_head_dim=16, linear_conv_kernel_dim=4),
+}
+
 def shape_preset(name: str) -> dict[str, Any]:
     if name not in SHAPES:
         raise ValueError(f"--shape={name!r}; expected one of {sorted(SHAPES)}")

@@ -5,6 +5,8 @@ same run.
 
     python bench/decode.py --shape qwen3-4b --output decode.json --markdown
     python bench/decode.py --shape tiny                       # CPU smoke run
+    python bench/decode.py --shape qwen3.5-4b --output decode_qwen3_5.json --markdown
+    python bench/decode.py --shape qwen3.5-tiny               # its CPU smoke run
 
 Method. A call of `decode` runs the prefill and then a while loop of verify steps; a random
 drafter accepts ~nothing, so every step emits ~1 token and the loop runs ~max_new_tokens - 1
@@ -21,7 +23,9 @@ Roofline (bytes read once per iteration, bf16):
   autoregressive step   target weights (layers + tied embedding as the LM head) + target KV
   draft + verify        the above + drafter weights + one more LM-head pass (the drafter's
                         logits) + the drafter's context KV
-with KV = 2 * layers * batch * context * G * E * 2 bytes at the live context length.
+with KV = 2 * layers * batch * context * G * E * 2 bytes at the live context length. A Qwen3.5
+target's KV counts its full-attention layers only; its linear-attention layers add their fp32
+recurrent state and convolution history, read and written once per step.
 Bandwidth: a jitted elementwise `x + 1` over a --bandwidth-bytes float32 array (read + write
 bytes / time).
 """
@@ -50,7 +54,8 @@ MODES = ("dflash", "autoregressive")
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="qwen3-4b", help="qwen3-4b | tiny")
+    p.add_argument("--shape", default="qwen3-4b", help="qwen3-4b | tiny | qwen3.5-4b | "
+                   "qwen3.5-tiny")
     p.add_argument("--contexts", help="comma-separated context (prompt) lengths")
     p.add_argument("--batches", help="comma-separated batch sizes")
     p.add_argument("--modes", default=",".join(MODES), help="dflash and/or autoregressive")
@@ -99,7 +104,15 @@ def roofline(tcfg, dcfg, target_bytes: int, drafter_bytes: int, batch: int, cont
              bandwidth: float) -> dict:
     """Bytes read once per step and the time that takes at `bandwidth` bytes/s."""
     head = tcfg.vocab_size * tcfg.hidden_size * 2
-    kv_t = kv_bytes(tcfg.num_layers, batch, context, tcfg.num_kv_heads, tcfg.head_dim)
+    attention = len(tcfg.attention_layers) if tcfg.hybrid else tcfg.num_layers
+    kv_t = kv_bytes(attention, batch, context, tcfg.num_kv_heads, tcfg.head_dim)
+    if tcfg.hybrid:  # the recurrent state (fp32) and the convolution history, in and out
+        width = 2 * tcfg.linear_num_key_heads * tcfg.linear_key_head_dim + (
+            tcfg.linear_num_value_heads * tcfg.linear_value_head_dim)
+        per_layer = batch * (4 * tcfg.linear_num_value_heads * tcfg.linear_key_head_dim
+                             * tcfg.linear_value_head_dim + 2 * (tcfg.linear_conv_kernel_dim - 1)
+                             * width)
+        kv_t += 2 * len(tcfg.linear_layers) * per_layer
     kv_d = kv_bytes(dcfg.num_layers, batch, context, dcfg.num_kv_heads, dcfg.head_dim)
     ar = target_bytes + kv_t
     spec = ar + drafter_bytes + head + kv_d

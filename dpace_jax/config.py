@@ -80,6 +80,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.drafter.mask_token_id = -1  # -1: the tokenizer's <|MASK|>, else len(tokenizer)
     c.drafter.target_layer_ids = ()  # () -> round(1 + i * (L - 4) / (n - 1))
     c.drafter.init_from = ""  # start from a DFlash HF directory or a run directory
+    c.drafter.intermediate_size = 0  # 0: the target's MLP width (Qwen3.5-MoE has none: set it)
     # Attention per drafter layer: () -> every layer sliding_attention when sliding_window > 0,
     # else full_attention; or one "full_attention" / "sliding_attention" per layer.
     c.drafter.layer_types = ()

@@ -92,12 +92,21 @@ class DrafterConfig(ModelConfig):
     @classmethod
     def for_target(cls, target_cfg: ModelConfig, *, num_layers: int = 5, block_size: int = 16,
                    mask_token_id: int, target_layer_ids=None, layer_types=(),
-                   sliding_window: int = 0, is_causal: bool = False) -> DrafterConfig:
+                   sliding_window: int = 0, is_causal: bool = False,
+                   intermediate_size: int = 0) -> DrafterConfig:
         """A drafter with the target's widths (as DFlash builds it) and `num_layers` layers; the
-        default feature layers are `default_target_layer_ids(L, num_layers)`."""
+        default feature layers are `default_target_layer_ids(L, num_layers)`. `intermediate_size`
+        > 0 replaces the target's MLP width (required for a target without a dense one, e.g.
+        Qwen3.5-MoE)."""
         if target_layer_ids is None:
             target_layer_ids = default_target_layer_ids(target_cfg.num_layers, num_layers)
-        return cls(**{f: getattr(target_cfg, f) for f in SHARED_FIELDS}, num_layers=num_layers,
+        shared = {f: getattr(target_cfg, f) for f in SHARED_FIELDS}
+        if intermediate_size:
+            shared["intermediate_size"] = int(intermediate_size)
+        elif not target_cfg.intermediate_size:
+            raise ValueError(f"drafter.intermediate_size: the target ({target_cfg.arch}) has no "
+                             "dense MLP width to copy; set the drafter's MLP width (> 0)")
+        return cls(**shared, num_layers=num_layers,
                    num_target_layers=target_cfg.num_layers, block_size=block_size,
                    mask_token_id=mask_token_id, target_layer_ids=tuple(target_layer_ids),
                    layer_types=tuple(layer_types), sliding_window=int(sliding_window),

@@ -92,7 +92,11 @@ def chunked(q, k, v, g, beta, state, chunk: int = 64):
               + jnp.einsum("bhsk,bhsv->bhkv", k_c * tail[..., None], u))
         return s1, out
 
-    state, out = jax.lax.scan(one_chunk, state.astype(jnp.float32), (qs, ks, vs, gs, bs))
+    if n == 1:  # one chunk (a verify block, a short prompt): no loop to compile
+        state, out = one_chunk(state.astype(jnp.float32), (qs[0], ks[0], vs[0], gs[0], bs[0]))
+        out = out[None]
+    else:
+        state, out = jax.lax.scan(one_chunk, state.astype(jnp.float32), (qs, ks, vs, gs, bs))
     out = jnp.moveaxis(jnp.moveaxis(out, 0, 1), 3, 2)  # [B, N, C, H, V]
     return out.reshape(b, n * chunk, h, -1)[:, :t], state
 

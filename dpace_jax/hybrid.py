@@ -71,6 +71,10 @@ def _flat(tree):
     return jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), tree)
 
 
+def _rows(tree, start: int, n: int):
+    return jax.tree.map(lambda a: a[start:start + n], tree)
+
+
 def _slot(tree, j: int):
     return jax.tree.map(lambda a: a[j], tree)
 
@@ -117,38 +121,60 @@ def run(params, cfg, x, cos, sin, *, attend, cache=None, keep=None, feature_laye
     xs = jax.tree.map(lambda a: a[:used], xs)
     buf = jnp.zeros((len(distinct) + 1, *x.shape), x.dtype) if feature_layers else None
 
+    segments = []  # runs of consecutive layers of one kind within a period: (kind, first, n)
+    for j in range(p):
+        if segments and segments[-1][0] == types[j]:
+            segments[-1][2] += 1
+        else:
+            segments.append([types[j], j, 1])
+
+    def layer(x, buf, index, lp, mixer, e, s):
+        """Layer `index` (traced) on x: mixer(normed x) -> (out, new cache entries)."""
+        mix, new = mixer(qwen3_5.rms_norm(x, lp.attn_norm, cfg.rms_norm_eps))
+        x = x + mix
+        h = qwen3_5.rms_norm(x, lp.mlp_norm, cfg.rms_norm_eps)
+        x = x + (qwen3_5.moe_mlp(h, e, s, cfg) if cfg.arch == "qwen3_5_moe"
+                 else layers.mlp(h, lp))
+        if buf is not None:
+            buf = jax.lax.dynamic_update_index_in_dim(buf, x, slots[index], axis=0)
+        return x, buf, new
+
     def body(carry, inputs):
         x, buf, g = carry
         outs = dict(history=[], state=[], k=[], v=[], pending=[])
-        for j in range(p):
-            lp = _slot(inputs["layers"], j)
-            h = qwen3_5.rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
-            if j in lin:
-                n = lin.index(j)
-                mix, new = _linear(h, _slot(inputs["linear"], n), cfg, inputs["history"][n],
-                                   inputs["state"][n], cache, keep)
+        for kind, j0, r in segments:
+            if kind == "linear_attention":  # a scan over the run: one compiled linear layer
+                n0 = lin.index(j0)
+                run_xs = (_rows((inputs["layers"], inputs["experts"], inputs["shared"]), j0, r),
+                          _rows((inputs["linear"], inputs["history"], inputs["state"]), n0, r),
+                          jnp.arange(r, dtype=jnp.int32))
+
+                def step(c, xs_, j0=j0):
+                    (lp, e, s), (lin_p, hist, st), i = xs_
+                    x, buf, new = layer(*c, g * p + j0 + i, lp, lambda h: _linear(
+                        h, lin_p, cfg, hist, st, cache, keep), e, s)
+                    return (x, buf), new
+
+                (x, buf), new = jax.lax.scan(step, (x, buf), run_xs)
                 for name, value in new.items():
                     outs[name].append(value)
-            else:
+                continue
+            for j in range(j0, j0 + r):
                 n = att.index(j)
                 ck = None if cache is None else inputs["kv"][0][n]
                 cv = None if cache is None else inputs["kv"][1][n]
-                mix, (ck, cv) = qwen3_5.gated_attention(
-                    h, _slot(inputs["attn"], n), cos, sin, cfg,
-                    lambda q, k, v, ck=ck, cv=cv: attend(q, k, v, ck, cv))
-                outs["k"].append(ck)
-                outs["v"].append(cv)
-            x = x + mix
-            h = qwen3_5.rms_norm(x, lp.mlp_norm, cfg.rms_norm_eps)
-            if cfg.arch == "qwen3_5_moe":
-                x = x + qwen3_5.moe_mlp(h, _slot(inputs["experts"], j),
-                                        _slot(inputs["shared"], j), cfg)
-            else:
-                x = x + layers.mlp(h, lp)
-            if buf is not None:
-                buf = jax.lax.dynamic_update_index_in_dim(buf, x, slots[g * p + j], axis=0)
-        stacked = {k: (jax.tree.map(lambda *a: jnp.stack(a), *v) if v and v[0] is not None
-                       else None) for k, v in outs.items()}
+
+                def mixer(h, n=n, ck=ck, cv=cv):
+                    return qwen3_5.gated_attention(
+                        h, _slot(inputs["attn"], n), cos, sin, cfg,
+                        lambda q, k, v: attend(q, k, v, ck, cv))
+
+                x, buf, (ck, cv) = layer(x, buf, g * p + j, _slot(inputs["layers"], j), mixer,
+                                         _slot(inputs["experts"], j), _slot(inputs["shared"], j))
+                outs["k"].append(None if ck is None else ck[None])
+                outs["v"].append(None if cv is None else cv[None])
+        stacked = {k: (jax.tree.map(lambda *a: jnp.concatenate(a), *v)
+                       if v and v[0] is not None else None) for k, v in outs.items()}
         return (x, buf, g + 1), stacked
 
     (x, buf, _), ys = jax.lax.scan(body, (x, buf, jnp.zeros((), jnp.int32)), xs)

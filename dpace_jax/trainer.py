@@ -95,6 +95,7 @@ def build_drafter(config, target_cfg, tokenizer) -> tuple[drafter_lib.DrafterCon
             block_size=config.drafter.block_size,
             mask_token_id=mask_token_id(config, tokenizer, target_cfg),
             target_layer_ids=ids,
+            intermediate_size=int(config.drafter.get("intermediate_size", 0)),
             **attention_layout(config.drafter),
         )
     drafter_lib.check_compatible(dcfg, target_cfg, source="drafter config")

@@ -117,11 +117,11 @@ def check_transformers_reads_ours(saved_dir, model_class, torch_model, tokens: n
                                       torch_model(torch.as_tensor(tokens)).logits.numpy())
 
 
-def check_drafter_trains_on(tmp_path: Path, make_target) -> tuple:
-    """The trainer's run (configs/tiny.py, 4 steps) on the target that make_target(path,
-    vocab_size) saves, with the demo tokenizer's files copied beside it: it finishes with a
-    finite loss, and the DFlash export re-imports to the last checkpoint's weights. Returns the
-    exported drafter's config."""
+def check_drafter_trains_on(tmp_path: Path, make_target, drafter_intermediate: int = 0) -> tuple:
+    """The trainer's run (configs/tiny.py, 4 steps; drafter.intermediate_size when given) on the
+    target that make_target(path, vocab_size) saves, with the demo tokenizer's files copied beside
+    it: it finishes with a finite loss, and the DFlash export re-imports to the last checkpoint's
+    weights. Returns the exported drafter's config."""
     import json
     import runpy
     import shutil
@@ -142,6 +142,7 @@ def check_drafter_trains_on(tmp_path: Path, make_target) -> tuple:
     c = runpy.run_path(str(root / "configs" / "tiny.py"))["get_config"]()
     c.workdir, c.target.path, c.train.progress = str(tmp_path / "run"), str(target), False
     c.train.max_steps, c.train.save_every, c.data.demo_samples = 4, 4, 64
+    c.drafter.intermediate_size = drafter_intermediate
     summary = trainer.run(prepare(c))
     assert summary["finished"] and np.isfinite(summary["final_metrics"]["loss"])
     exported, dcfg = drafter_hf.import_drafter(tmp_path / "run" / "hf")
@@ -151,7 +152,8 @@ def check_drafter_trains_on(tmp_path: Path, make_target) -> tuple:
     return dcfg
 
 
-def check_moe_matches_torch(params, cfg, torch_model, tokens: np.ndarray, feature_layers):
+def check_moe_matches_torch(params, cfg, torch_model, tokens: np.ndarray, feature_layers,
+                            atol: float = 1e-4):
     """Our forward with each MoE dispatch, and the early-stopping training forward, give the
     PyTorch model's logits and hidden_states[j + 1] features (fp32, atol 1e-4); returns the
     reference logits."""
@@ -169,9 +171,9 @@ def check_moe_matches_torch(params, cfg, torch_model, tokens: np.ndarray, featur
     for dispatch in moe.DISPATCHES:
         c = dataclasses.replace(cfg, moe_dispatch=dispatch)
         out = run(params, c, jnp.asarray(tokens), feature_layers=tuple(feature_layers))
-        np.testing.assert_allclose(np.asarray(out.logits), ref_logits, atol=1e-4, rtol=0)
-        np.testing.assert_allclose(np.asarray(out.features), ref_features, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(np.asarray(out.logits), ref_logits, atol=atol, rtol=0)
+        np.testing.assert_allclose(np.asarray(out.features), ref_features, atol=atol, rtol=0)
     early = jax.jit(model.features, static_argnums=(1, 3))(params, cfg, jnp.asarray(tokens),
                                                             tuple(feature_layers))
-    np.testing.assert_allclose(np.asarray(early), ref_features, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.asarray(early), ref_features, atol=atol, rtol=0)
     return ref_logits
