@@ -153,10 +153,10 @@ def check_drafter_trains_on(tmp_path: Path, make_target, drafter_intermediate: i
 
 
 def check_moe_matches_torch(params, cfg, torch_model, tokens: np.ndarray, feature_layers,
-                            atol: float = 1e-4):
-    """Our forward with each MoE dispatch, and the early-stopping training forward, give the
-    PyTorch model's logits and hidden_states[j + 1] features (fp32, atol 1e-4); returns the
-    reference logits."""
+                            atol: float = 1e-4, dispatches=None):
+    """Our forward with each MoE dispatch (of `dispatches`, default all), and the early-stopping
+    training forward, give the PyTorch model's logits and hidden_states[j + 1] features (fp32,
+    atol 1e-4); returns the reference logits."""
     import dataclasses
 
     import jax
@@ -168,7 +168,7 @@ def check_moe_matches_torch(params, cfg, torch_model, tokens: np.ndarray, featur
     ref_features = np.concatenate([ref_hidden[j + 1] for j in feature_layers], axis=-1)
     assert np.abs(ref_logits).max() > 0.5  # the comparison is not between near-zero numbers
     run = jax.jit(model.forward, static_argnames=("cfg", "feature_layers"))
-    for dispatch in moe.DISPATCHES:
+    for dispatch in dispatches or moe.DISPATCHES:
         c = dataclasses.replace(cfg, moe_dispatch=dispatch)
         out = run(params, c, jnp.asarray(tokens), feature_layers=tuple(feature_layers))
         np.testing.assert_allclose(np.asarray(out.logits), ref_logits, atol=atol, rtol=0)
