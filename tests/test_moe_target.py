@@ -243,6 +243,14 @@ configs = {
                            rope_theta=10000.0, rope_scaling=yarn,
                            layer_types=("sliding_attention", "full_attention",
                                         "sliding_attention")),
+    "qwen3_5_moe": ModelConfig(**shared, intermediate_size=0, arch="qwen3_5_moe",
+                               moe_intermediate_size=24, shared_expert_intermediate_size=16,
+                               norm_topk_prob=True, partial_rotary_factor=0.5,
+                               layer_types=("linear_attention", "full_attention",
+                                            "linear_attention"),
+                               linear_num_key_heads=2, linear_num_value_heads=4,
+                               linear_key_head_dim=8, linear_value_head_dim=8,
+                               linear_conv_kernel_dim=4),
 }
 tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (4, 12)))
 run = jax.jit(forward, static_argnums=1, static_argnames="feature_layers")
@@ -271,7 +279,7 @@ print("MESH_OK")
 def test_forward_on_a_mesh_with_sharded_experts(tmp_path):
     """On an 8-device CPU mesh (data 2, fsdp 2, tensor 2) with the experts split over fsdp, the
     sorted dispatch gives the single-device dense reference's logits and features, for a
-    Qwen3-MoE and a gpt-oss target."""
+    Qwen3-MoE, a gpt-oss and a Qwen3.5-MoE target."""
     import os
     import subprocess
     import sys
