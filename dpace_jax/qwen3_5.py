@@ -107,6 +107,9 @@ def check(cfg) -> None:
     check_fields({f: getattr(cfg, f) for f in (*LINEAR_DEFAULTS, "layer_types",
                                                 "partial_rotary_factor")},
                  cfg.num_layers, cfg.head_dim, "config")
+    if cfg.rope_scaling:
+        raise ValueError(f"rope_parameters: rope_type={cfg.scaling_dict.get('rope_type')!r} is not "
+                         "supported for a Qwen3.5 target (only the default RoPE)")
     if cfg.arch == "qwen3_5_moe":
         moe.check_fields({f: getattr(cfg, f) for f in (
             "num_experts", "num_experts_per_tok", "moe_intermediate_size")}
@@ -182,7 +185,7 @@ def gated_attention(h, a, cos, sin, cfg, attend):
     k = partial_rope(k, cos, sin)
     v = jnp.einsum("btd,dge->btge", h, a.v)
     attn, extra = attend(q, k, v)
-    attn = attn * jax.nn.sigmoid(qg[..., e:].astype(jnp.float32)).astype(attn.dtype)
+    attn = attn * jax.nn.sigmoid(qg[..., e:]).astype(attn.dtype)
     return jnp.einsum("bthe,hed->btd", attn, a.o), extra
 
 

@@ -317,6 +317,11 @@ def test_bad_checkpoints_name_the_tensor_or_field(build, tmp_path):
                            "partial_rotary_factor")):
         with pytest.raises(ValueError, match=field):
             ModelConfig.from_hf({**base, **change})
+    yarn = ModelConfig.from_hf({**base, "rope_parameters": {
+        "rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "partial_rotary_factor": 0.5,
+        "original_max_position_embeddings": 64}})
+    with pytest.raises(ValueError, match="rope_type='yarn' is not supported"):
+        model.forward(random_target(0, yarn, scale=0.1), yarn, jnp.zeros((1, 4), jnp.int32))
 
 
 @pytest.mark.slow
