@@ -117,6 +117,53 @@ def check_transformers_reads_ours(saved_dir, model_class, torch_model, tokens: n
                                       torch_model(torch.as_tensor(tokens)).logits.numpy())
 
 
+def module_builds(tmp_path_factory, make):
+    """name -> (path, torch_model, fp32 params, cfg) of make(path, index, name), the HF model
+    `make` saves, each built once per test module."""
+    import jax.numpy as jnp
+
+    from dpace_jax import convert
+
+    built = {}
+
+    def get(name):
+        if name not in built:
+            path = tmp_path_factory.mktemp(name)
+            torch_model = make(path, len(built), name)
+            built[name] = (path, torch_model, *convert.load_target(path, dtype=jnp.float32))
+        return built[name]
+
+    return get
+
+
+def check_round_trip(path, params, cfg, out_dir, model_class, torch_model, tokens) -> None:
+    """The checkpoint transformers saved in `path` -> ours (params) -> saved by us in out_dir ->
+    ours again: bit-exact both ways; the in-memory key map (schema.to_hf / from_hf) agrees with
+    the file; transformers loads our file to torch_model's state (check_transformers_reads_ours).
+    A tied lm_head that transformers wrote anyway is left out of the comparison."""
+    from safetensors.numpy import load_file
+
+    from dpace_jax import convert
+    from dpace_jax.params import flatten
+    from dpace_jax.schema import TARGET_SCHEMA
+
+    theirs = load_file(str(Path(path) / convert.WEIGHTS_NAME))
+    if cfg.tie_word_embeddings:
+        theirs.pop("lm_head.weight", None)
+    ours = TARGET_SCHEMA.to_hf(cfg, params)
+    assert ours.keys() == theirs.keys()
+    for key, value in ours.items():
+        np.testing.assert_array_equal(value, theirs[key], err_msg=key)
+    again = TARGET_SCHEMA.from_hf(cfg, theirs, "memory")
+    convert.save_target(params, cfg, out_dir)
+    loaded, cfg2 = convert.load_target(out_dir, dtype=None)
+    assert cfg2 == cfg
+    for tree in (loaded, again):
+        for (p, a), b in zip(flatten(tree).items(), flatten(params).values(), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg="/".join(p))
+    check_transformers_reads_ours(out_dir, model_class, torch_model, tokens)
+
+
 def check_drafter_trains_on(tmp_path: Path, make_target, drafter_intermediate: int = 0) -> tuple:
     """The trainer's run (configs/tiny.py, 4 steps; drafter.intermediate_size when given) on the
     target that make_target(path, vocab_size) saves, with the demo tokenizer's files copied beside

@@ -17,15 +17,13 @@ import references
 from hf_fixtures import (
     check_drafter_trains_on,
     check_moe_matches_torch,
-    check_transformers_reads_ours,
+    check_round_trip,
     randomize_,
 )
 from safetensors.numpy import load_file, save_file
 
 from dpace_jax import convert, gpt_oss, mxfp4
 from dpace_jax.model import ModelConfig, forward, forward_cached, init_params
-from dpace_jax.params import flatten
-from dpace_jax.schema import TARGET_SCHEMA
 
 LAYERS = 3
 WINDOW = 4
@@ -119,18 +117,8 @@ def test_save_load_round_trip_and_transformers_reads_ours(hf_target, tmp_path):
     from transformers import GptOssForCausalLM
 
     path, torch_model, params, cfg = hf_target
-    theirs = load_file(str(path / convert.WEIGHTS_NAME))
-    ours = TARGET_SCHEMA.to_hf(cfg, params)
-    assert ours.keys() == theirs.keys()
-    for key, value in ours.items():
-        np.testing.assert_array_equal(value, theirs[key], err_msg=key)
-    convert.save_target(params, cfg, tmp_path)
-    loaded, cfg2 = convert.load_target(tmp_path, dtype=None)
-    assert cfg2 == cfg
-    for (p, a), b in zip(flatten(loaded).items(), flatten(params).values(), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg="/".join(p))
-    check_transformers_reads_ours(tmp_path, GptOssForCausalLM, torch_model,
-                                  _tokens(cfg, batch=1, length=11))
+    check_round_trip(path, params, cfg, tmp_path, GptOssForCausalLM, torch_model,
+                     _tokens(cfg, batch=1, length=11))
 
 
 def _quantize_codes(rng, shape):

@@ -15,7 +15,8 @@ import references
 from hf_fixtures import (
     check_drafter_trains_on,
     check_moe_matches_torch,
-    check_transformers_reads_ours,
+    check_round_trip,
+    module_builds,
     randomize_,
 )
 from safetensors.numpy import load_file, save_file
@@ -23,8 +24,6 @@ from test_decode import check_sampling, random_target
 
 from dpace_jax import convert, moe
 from dpace_jax.model import ModelConfig, forward, forward_cached, init_params
-from dpace_jax.params import flatten
-from dpace_jax.schema import TARGET_SCHEMA
 
 LAYERS = 3
 FEATURE_LAYERS = (2, 0, 1, 2)  # every layer, the last one (after the final norm) included
@@ -60,17 +59,8 @@ def make_hf_moe(path, seed=0, sharded=False, **fields):
 @pytest.fixture(scope="module")
 def build(tmp_path_factory):
     """name -> (path, torch_model, fp32 params, cfg), each built once per module."""
-    built = {}
-
-    def get(name):
-        if name not in built:
-            path = tmp_path_factory.mktemp(name)
-            torch_model = make_hf_moe(path, seed=len(built), sharded=name == SHARDED,
-                                      **CASES[name])
-            built[name] = (path, torch_model, *convert.load_target(path, dtype=jnp.float32))
-        return built[name]
-
-    return get
+    return module_builds(tmp_path_factory, lambda path, seed, name: make_hf_moe(
+        path, seed=seed, sharded=name == SHARDED, **CASES[name]))
 
 
 def _tokens(cfg, batch=2, length=24, seed=0):
@@ -144,20 +134,8 @@ def test_save_load_round_trip_and_transformers_reads_ours(build, tmp_path):
     from transformers import Qwen3MoeForCausalLM
 
     path, torch_model, params, cfg = build("mixed-unnormed")
-    theirs = load_file(str(path / convert.WEIGHTS_NAME))
-    assert TARGET_SCHEMA.to_hf(cfg, params).keys() == theirs.keys()
-    for key, value in TARGET_SCHEMA.to_hf(cfg, params).items():
-        np.testing.assert_array_equal(value, theirs[key], err_msg=key)
-    again = TARGET_SCHEMA.from_hf(cfg, theirs, "memory")
-    convert.save_target(params, cfg, tmp_path)
-    loaded, cfg2 = convert.load_target(tmp_path, dtype=None)
-    assert cfg2 == cfg
-    for tree in (loaded, again):
-        assert jax.tree.structure(tree) == jax.tree.structure(params)
-        for (p, a), b in zip(flatten(tree).items(), flatten(params).values(), strict=True):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg="/".join(p))
-    check_transformers_reads_ours(tmp_path, Qwen3MoeForCausalLM, torch_model,
-                                  _tokens(cfg, batch=1, length=9))
+    check_round_trip(path, params, cfg, tmp_path, Qwen3MoeForCausalLM, torch_model,
+                     _tokens(cfg, batch=1, length=9))
 
 
 def _edited_copy(src, dst, drop=(), **config_changes):

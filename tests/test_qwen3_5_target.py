@@ -16,7 +16,8 @@ import references
 from hf_fixtures import (
     check_drafter_trains_on,
     check_moe_matches_torch,
-    check_transformers_reads_ours,
+    check_round_trip,
+    module_builds,
     randomize_,
 )
 from safetensors.numpy import load_file, save_file
@@ -80,17 +81,8 @@ def make_hf_qwen3_5(path, seed=0, moe=False, **fields):
 @pytest.fixture(scope="module")
 def build(tmp_path_factory):
     """name -> (path, torch_model, fp32 params, cfg), each built once per module."""
-    built = {}
-
-    def get(name):
-        if name not in built:
-            path = tmp_path_factory.mktemp(name)
-            moe, fields = CASES[name]
-            torch_model = make_hf_qwen3_5(path, seed=len(built), moe=moe, **dict(fields))
-            built[name] = (path, torch_model, *convert.load_target(path, dtype=jnp.float32))
-        return built[name]
-
-    return get
+    return module_builds(tmp_path_factory, lambda path, seed, name: make_hf_qwen3_5(
+        path, seed=seed, moe=CASES[name][0], **dict(CASES[name][1])))
 
 
 def _tokens(cfg, batch=2, length=75, seed=0):  # 75 > 64: two chunks of the gated delta rule
@@ -254,19 +246,8 @@ def test_save_load_round_trip_and_transformers_reads_ours(build, tmp_path, name)
     from transformers import Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM
 
     path, torch_model, params, cfg = build(name)
-    theirs = load_file(str(path / convert.WEIGHTS_NAME))
-    theirs.pop("lm_head.weight", None) if cfg.tie_word_embeddings else None
-    mine = TARGET_SCHEMA.to_hf(cfg, params)
-    assert mine.keys() == theirs.keys()
-    for key, value in mine.items():
-        np.testing.assert_array_equal(value, theirs[key], err_msg=key)
-    convert.save_target(params, cfg, tmp_path)
-    loaded, cfg2 = convert.load_target(tmp_path, dtype=None)
-    assert cfg2 == cfg
-    for (p, a), b in zip(flatten(loaded).items(), flatten(params).values(), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg="/".join(p))
-    check_transformers_reads_ours(tmp_path, Qwen3_5MoeForCausalLM if "moe" in name else
-                                  Qwen3_5ForCausalLM, torch_model, _tokens(cfg, 1, 9))
+    check_round_trip(path, params, cfg, tmp_path, Qwen3_5MoeForCausalLM if "moe" in name else
+                     Qwen3_5ForCausalLM, torch_model, _tokens(cfg, 1, 9))
 
 
 def test_multimodal_checkpoint_loads_its_text_model(build, tmp_path):
