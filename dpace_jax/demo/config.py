@@ -2,7 +2,8 @@
 
 Sized to finish (target build, data regeneration, training, HumanEval evaluation) in about ten
 minutes on a 2-core CPU. `configs/demo.py` exposes it to train.py / evaluate.py; `size="gpu"` is
-the larger target for a GPU.
+the larger target for a GPU, `size="cpu-qwen3.5"` the cpu recipe with a Qwen3.5 hybrid target
+(runs/demo-qwen3.5).
 """
 
 from dpace_jax.config import default_config
@@ -10,8 +11,9 @@ from dpace_jax.config import default_config
 
 def get_config(size: str = "cpu"):
     c = default_config()
-    c.workdir = "runs/demo"
+    c.workdir = "runs/demo-qwen3.5" if size == "cpu-qwen3.5" else "runs/demo"
     c.target.path = f"demo:{size}"
+    size = "cpu" if size.startswith("cpu") else size  # the recipe of the cpu sizes
     c.target.dtype = "float32" if size == "cpu" else "bfloat16"
 
     c.drafter.num_layers = 2 if size == "cpu" else 3

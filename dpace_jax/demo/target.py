@@ -61,6 +61,8 @@ class DemoSize:
     save_dtype: str = "float32"
     # corpus (None: the whole filtered standard library)
     max_corpus_bytes: int | None = None
+    # more ModelConfig fields (name, value): another architecture than Qwen3
+    model_extra: tuple = ()
 
 
 DEMO_SIZES: dict[str, DemoSize] = {
@@ -75,6 +77,13 @@ DEMO_SIZES: dict[str, DemoSize] = {
                     steps=2000, learning_rate=1.5e-3, compute_dtype="bfloat16",
                     save_dtype="bfloat16"),
 }
+# The cpu recipe with a Qwen3.5 hybrid target (dpace_jax/qwen3_5.py): three gated-DeltaNet layers
+# and one gated-attention layer with RoPE on a quarter of each head.
+DEMO_SIZES["cpu-qwen3.5"] = dataclasses.replace(DEMO_SIZES["cpu"], model_extra=(
+    ("arch", "qwen3_5"), ("partial_rotary_factor", 0.25),
+    ("layer_types", ("linear_attention",) * 3 + ("full_attention",)),
+    ("linear_num_key_heads", 2), ("linear_num_value_heads", 4), ("linear_key_head_dim", 32),
+    ("linear_value_head_dim", 32), ("linear_conv_kernel_dim", 4)))
 
 RANDOM_DEFAULTS = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=3,
                        num_heads=4, num_kv_heads=2, head_dim=16, tie_word_embeddings=True)
@@ -266,7 +275,9 @@ def build_demo_target(out_dir: str | os.PathLike, size: str | DemoSize = "cpu", 
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     files = corpus_lib.collect_sources(max_total_bytes=size.max_corpus_bytes, seed=seed)
-    settings = {"kind": "demo", "version": BUILD_VERSION, "size": dataclasses.asdict(size),
+    fields = {k: v for k, v in dataclasses.asdict(size).items()
+              if k != "model_extra" or v}  # without model_extra, the hash of older builds
+    settings = {"kind": "demo", "version": BUILD_VERSION, "size": fields,
                 "seed": seed, "steps": steps, "corpus": corpus_lib.corpus_fingerprint(files)}
 
     def build(staging: Path) -> dict:
@@ -274,7 +285,7 @@ def build_demo_target(out_dir: str | os.PathLike, size: str | DemoSize = "cpu", 
         tokenizer = build_tokenizer((f.text for f in files), size.vocab_size)
         source, chat, starts, n_tasks = _prepare_data(size, files, tokenizer, seed)
         cfg = _model_config(**{k: v for k, v in dataclasses.asdict(size).items()
-                               if k in MODEL_FIELDS})
+                               if k in MODEL_FIELDS}, **dict(size.model_extra))
         params = _init_params(cfg, jax.random.key(seed), jnp.float32)
         batches = Batches(source, chat, starts, size, seed)
         params, losses = train(params, cfg, size, batches, steps, progress)
