@@ -43,10 +43,52 @@ def recurrent(q, k, v, g, beta, state):
     return jnp.moveaxis(out, 0, 1), state
 
 
+def _decay(log_decay: jax.Array) -> jax.Array:
+    """exp(log_decay), exactly 0 below e^-60 (~1e-26, nothing next to the O(1) terms it scales):
+    strong decays summed over a chunk would otherwise give denormal floats, which some CPUs
+    process a hundred times slower."""
+    return jnp.where(log_decay > -60.0, jnp.exp(jnp.maximum(log_decay, -60.0)), 0.0)
+
+
 def chunk_size(length: int, largest: int = 64) -> int:
     """The chunk length used for a sequence of `length` tokens: `largest`, or the whole sequence
     when shorter (a verify block is then one chunk, without padding)."""
     return max(1, min(largest, length))
+
+
+def _forward_substitution(a: jax.Array, rhs: jax.Array) -> jax.Array:
+    """x with (I + a) x = rhs, a [..., C, C] strictly lower triangular, rhs [..., C, D]: row by
+    row, x_i = rhs_i - a_i . x (C steps, each over every leading index at once)."""
+
+    def row(i, x):
+        xi = rhs[..., i, :] - jnp.einsum("...j,...jd->...d", a[..., i, :], x)
+        return x.at[..., i, :].set(xi)
+
+    return jax.lax.fori_loop(0, a.shape[-1], row, jnp.zeros_like(rhs))
+
+
+@jax.custom_vjp
+def unit_lower_solve(a: jax.Array, rhs: jax.Array) -> jax.Array:
+    """(I + a)^-1 rhs for a strictly lower triangular a [..., C, C]. Plain arithmetic (no LAPACK
+    call on CPU) with its own backward pass: the transposed system solved the same way."""
+    return _forward_substitution(a, rhs)
+
+
+def _solve_fwd(a, rhs):
+    x = _forward_substitution(a, rhs)
+    return x, (a, x)
+
+
+def _solve_bwd(residuals, dx):
+    a, x = residuals
+    # (I + a)^T drhs = dx is upper triangular: reversing rows and columns makes it lower.
+    flipped = jnp.flip(jnp.swapaxes(a, -1, -2), (-2, -1))
+    drhs = jnp.flip(_forward_substitution(flipped, jnp.flip(dx, -2)), -2)
+    strict = jnp.tril(jnp.ones(a.shape[-2:], jnp.bool_), -1)
+    return jnp.where(strict, -jnp.einsum("...id,...jd->...ij", drhs, x), 0.0), drhs
+
+
+unit_lower_solve.defvjp(_solve_fwd, _solve_bwd)
 
 
 def chunked(q, k, v, g, beta, state, chunk: int = 64):
@@ -56,8 +98,11 @@ def chunked(q, k, v, g, beta, state, chunk: int = 64):
     state, the deltas U [C, V] solve (I + A) U = beta V - diag(beta e^c) K S0 where A[t, s] =
     beta_t e^(c_t - c_s) k_t.k_s for s < t; then o_t = e^(c_t) S0^T q_t + sum_{s<=t}
     e^(c_t - c_s) (q_t.k_s) u_s and the chunk ends with e^(c_C) S0 + sum_s e^(c_C - c_s) k_s u_s^T.
+    Everything but the terms in S0 is computed for all chunks at once (the triangular solves
+    too: U = U0 - W S0 with U0, W independent of the state); the scan over chunks is matmuls.
     T is padded to a multiple of the chunk with g = beta = 0 (no effect on the state)."""
     b, t, h, dk = k.shape
+    dv = v.shape[-1]
     n = -(-t // chunk)
     pad = n * chunk - t
 
@@ -68,35 +113,29 @@ def chunked(q, k, v, g, beta, state, chunk: int = 64):
 
     qs, ks, vs, gs, bs = (split(a) for a in (q, k, v, g, beta))
     causal = jnp.tril(jnp.ones((chunk, chunk), jnp.bool_))
-    strict = jnp.tril(jnp.ones((chunk, chunk), jnp.bool_), -1)
+    c = jnp.cumsum(gs, axis=-1)  # [N, B, H, C]
+    decay = jnp.where(causal, _decay(c[..., :, None] - c[..., None, :]), 0.0)  # e^(c_t - c_s)
+    a = jnp.tril(bs[..., :, None] * decay * jnp.einsum("...tk,...sk->...ts", ks, ks), -1)
+    solved = unit_lower_solve(a, jnp.concatenate(
+        [bs[..., None] * vs, (bs * _decay(c))[..., None] * ks], axis=-1))
+    per_chunk = (solved[..., :dv], solved[..., dv:],  # U0 [.., C, V], W [.., C, K]
+                 jnp.einsum("...tk,...sk->...ts", qs, ks) * decay,  # (q_t.k_s) e^(c_t - c_s)
+                 _decay(c)[..., None] * qs,  # queries reading S0
+                 ks * _decay(c[..., -1:] - c)[..., None],  # keys written to the chunk's end
+                 _decay(c[..., -1]))  # the chunk's decay of S0
 
     def one_chunk(s0, inputs):
-        q_c, k_c, v_c, g_c, b_c = inputs  # [B, H, C, K|V], g_c, b_c [B, H, C]
-        c = jnp.cumsum(g_c, axis=-1)
-        diff = c[..., :, None] - c[..., None, :]  # c_t - c_s, [B, H, C, C]
-        decay = jnp.exp(jnp.where(causal, diff, -jnp.inf))  # 0 above the diagonal
-        kk = jnp.einsum("bhtk,bhsk->bhts", k_c, k_c)
-        a = jnp.where(strict, b_c[..., :, None] * decay * kk, 0.0)
-        eye = jnp.eye(chunk, dtype=jnp.float32)
-        rhs = jnp.concatenate([b_c[..., None] * v_c,
-                               (b_c * jnp.exp(c))[..., None] * k_c], axis=-1)
-        solved = jax.lax.linalg.triangular_solve(a + eye, rhs, left_side=True, lower=True,
-                                                 unit_diagonal=True)
-        u = solved[..., :v_c.shape[-1]] - jnp.einsum(
-            "bhtk,bhkv->bhtv", solved[..., v_c.shape[-1]:], s0)
-        qk = jnp.einsum("bhtk,bhsk->bhts", q_c, k_c) * decay
-        out = (jnp.exp(c)[..., None] * jnp.einsum("bhtk,bhkv->bhtv", q_c, s0)
-               + jnp.einsum("bhts,bhsv->bhtv", qk, u))
-        tail = jnp.exp(c[..., -1:] - c)  # e^(c_C - c_s)
-        s1 = (jnp.exp(c[..., -1])[..., None, None] * s0
-              + jnp.einsum("bhsk,bhsv->bhkv", k_c * tail[..., None], u))
-        return s1, out
+        u0, w, qk, q_read, k_write, end = inputs
+        u = u0 - jnp.einsum("bhtk,bhkv->bhtv", w, s0)
+        out = jnp.einsum("bhtk,bhkv->bhtv", q_read, s0) + jnp.einsum("bhts,bhsv->bhtv", qk, u)
+        return end[..., None, None] * s0 + jnp.einsum("bhsk,bhsv->bhkv", k_write, u), out
 
     if n == 1:  # one chunk (a verify block, a short prompt): no loop to compile
-        state, out = one_chunk(state.astype(jnp.float32), (qs[0], ks[0], vs[0], gs[0], bs[0]))
+        state, out = one_chunk(state.astype(jnp.float32), jax.tree.map(lambda x: x[0],
+                                                                       per_chunk))
         out = out[None]
     else:
-        state, out = jax.lax.scan(one_chunk, state.astype(jnp.float32), (qs, ks, vs, gs, bs))
+        state, out = jax.lax.scan(one_chunk, state.astype(jnp.float32), per_chunk)
     out = jnp.moveaxis(jnp.moveaxis(out, 0, 1), 3, 2)  # [B, N, C, H, V]
     return out.reshape(b, n * chunk, h, -1)[:, :t], state
 
