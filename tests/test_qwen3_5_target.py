@@ -161,6 +161,17 @@ def test_gated_delta_rule_forms_match_transformers_and_each_other():
         np.testing.assert_allclose(np.asarray(kept[b]), np.asarray(prefix[0]), atol=2e-5)
 
 
+def test_both_triangular_solvers_solve():
+    """Forward substitution (used on CPU) and XLA's triangular solve (used on GPU / TPU) both
+    solve (I + a) x = rhs for a strictly lower a."""
+    rng = np.random.default_rng(4)
+    a = np.tril(rng.normal(size=(3, 16, 16)).astype(np.float32) * 0.3, -1)
+    rhs = rng.normal(size=(3, 16, 5)).astype(np.float32)
+    for solve in (gated_delta._forward_substitution, gated_delta._triangular_solve):
+        x = np.asarray(jax.jit(solve)(a, rhs))
+        np.testing.assert_allclose(x + np.einsum("bij,bjd->bid", a, x), rhs, atol=1e-5)
+
+
 def test_the_chunked_form_has_the_recurrent_forms_gradients():
     """The chunked form's own backward pass (its triangular solves have a custom VJP) gives the
     gradients that autodiff of the token-by-token form gives, for every input and the initial
