@@ -44,10 +44,12 @@ def recurrent(q, k, v, g, beta, state):
 
 
 def _decay(log_decay: jax.Array) -> jax.Array:
-    """exp(log_decay), exactly 0 below e^-60 (~1e-26, nothing next to the O(1) terms it scales):
-    strong decays summed over a chunk would otherwise give denormal floats, which some CPUs
-    process a hundred times slower."""
-    return jnp.where(log_decay > -60.0, jnp.exp(jnp.maximum(log_decay, -60.0)), 0.0)
+    """exp(log_decay) for log_decay <= 0, exactly 0 below e^-60 (~1e-26, nothing next to the
+    O(1) terms it scales: strong decays summed over a chunk would otherwise give denormal floats,
+    which some CPUs process a hundred times slower). The argument is clipped to [-60, 0] first,
+    so that the masked-out entries above a chunk's diagonal (positive) never overflow: an inf
+    there would turn the zero gradient of the mask into a NaN."""
+    return jnp.where(log_decay > -60.0, jnp.exp(jnp.clip(log_decay, -60.0, 0.0)), 0.0)
 
 
 def chunk_size(length: int, largest: int = 64) -> int:
