@@ -2,7 +2,8 @@
 
 `oracle_drafter` drafts the target's own greedy token (a full causal forward of the whole target
 over the sequence so far, in-flight tokens included), except at the positions marked in `wrong`,
-where it drafts another token: rejections happen exactly there."""
+where it drafts another token, and wherever the pipeline's view of the in-flight states is not
+the one documented (`view_is_right`): rejections happen exactly at `wrong`."""
 
 from __future__ import annotations
 
@@ -44,9 +45,30 @@ def _target_at_head(params, config, view):
     return jax.vmap(lambda row, h: row[h])(logits, view.head)
 
 
+def view_is_right(params, config, view) -> jax.Array:
+    """[B] whether the pipeline's view is what the module docstring of dpace_jax.spd says:
+    states[s] = boundary state b_s of position head - s (s = 0: its embedding), valid exactly
+    for s <= head - exited - 1 (the live in-flight tokens), from a full forward over view.seq."""
+    n = view.states.shape[0]
+    ids = spd.stage_layer_ids(config, n)
+    feats = model.features(params["target"], config, view.seq, ids)  # [B, S, n*D]
+    d = config.hidden_size
+    rows = jnp.arange(view.seq.shape[0])
+    ok = jnp.ones(view.head.shape, bool)
+    for s in range(n):
+        pos = view.head - s
+        want = (jnp.take(params["target"].embed, view.seq[rows, pos], axis=0) if s == 0
+                else feats[rows, pos, (s - 1) * d:s * d])
+        live = (s <= view.head - view.exited - 1) if s else jnp.ones_like(ok)
+        close = jnp.all(jnp.abs(view.states[s] - want) <= 1e-3 * (1 + jnp.abs(want)), axis=-1)
+        ok &= (view.valid[s] == live) & (close | ~live)
+    return ok
+
+
 def _oracle_draft(params, config, target_params, state, view):
     at_head = _target_at_head(params, config, view)
     wrong = jax.vmap(lambda row, h: row[h + 1])(params["wrong"], view.head)
+    wrong |= ~view_is_right(params, config, view)  # a wrong view shows up as a rejection
     best = jnp.argmax(at_head, axis=-1)
     other = jax.nn.one_hot((best + 1) % config.vocab_size, config.vocab_size) * 1e4
     return state, jnp.where(wrong[:, None], other, at_head)

@@ -49,7 +49,7 @@ import json, sys
 import jax, numpy as np
 sys.path.insert(0, {tests!r})
 import spd_fixtures as F, test_spd as T
-from dpace_jax import spd
+from dpace_jax import drafter as dflash, spd, spd_draft
 from dpace_jax.sampling import Sampling
 out = {{}}
 params = F.random_target(F.CFG, 1)
@@ -57,6 +57,11 @@ for n in (2, 4):
     res = spd.decode(params, F.CFG, F.oracle_drafter(params, F.CFG, T.wrong_mask()), T.prompts(),
                      T.LENGTHS, num_stages=n, max_new_tokens=T.NEW)
     out[f"oracle_n{{n}}"] = {{k: np.asarray(v).tolist() for k, v in res._asdict().items()}}
+    dcfg = spd_draft.draft_config(F.CFG, n)
+    module = spd_draft.spd_drafter(dflash.init_drafter_params(dcfg, jax.random.PRNGKey(n)), dcfg)
+    res = spd.decode(params, F.CFG, module, T.prompts(), T.LENGTHS, num_stages=n,
+                     max_new_tokens=T.NEW)
+    out[f"module_n{{n}}"] = {{k: np.asarray(v).tolist() for k, v in res._asdict().items()}}
 sparams = F.random_target(T.SCFG, 11, scale=0.5)
 for name, (n, rule, temp, top_k, top_p) in T.SAMPLING_CASES.items():
     res = spd.decode(sparams, T.SCFG, F.tilted_drafter(sparams, T.SCFG, np.array(T.TILT)),
@@ -101,6 +106,18 @@ def test_greedy_equals_the_targets_greedy_decoding(runs, n):
     # (a rejection of the last token needs no refill)
     refills = [1 + sum(LENGTHS[b] < p < LENGTHS[b] + NEW - 1 for p in WRONG[b]) for b in range(B)]
     np.testing.assert_array_equal(res["steps"], NEW - 1 + (n - 1) * np.array(refills))
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_greedy_with_the_draft_module_equals_the_targets(runs, n):
+    """The draft module of dpace_jax.spd_draft (random weights) in the pipeline: the target's
+    greedy continuation, every token verified once."""
+    params = F.random_target(F.CFG, 1)
+    ref = np.asarray(decode.decode(params, F.CFG, None, prompts(), LENGTHS,
+                                   max_new_tokens=NEW).tokens)
+    res = runs[f"module_n{n}"]
+    np.testing.assert_array_equal(res["tokens"], ref)
+    np.testing.assert_array_equal(res["verified"], [NEW - 1] * B)
 
 
 @pytest.mark.parametrize("case", list(SAMPLING_CASES))
