@@ -38,9 +38,10 @@ Pipeline step t (all stages in lockstep):
 
 Prefill: the prompt passes the stages one after the other (n steps); its last logits choose the
 first new token (committed; the first head). A sequence is done once max_new_tokens tokens are
-committed (no stop tokens); it then enters no more tokens. Stage 0's bookkeeping and the draft
-module are computed on every device (SPMD) but only stage 0's copy is used: on a real machine
-stage 0 (which also holds embedding, final norm and LM head) is the only one that needs them.
+committed or a committed token is a stop token (kept); it then enters no more tokens. Stage 0's
+bookkeeping and the draft module are computed on every device (SPMD) but only stage 0's copy is
+used: on a real machine stage 0 (which also holds embedding, final norm and LM head) is the only
+one that needs them. Stages and the mesh: dpace_jax.spd_stage.
 
 Drafters (`SpdDrafter`): static functions over a params pytree (dpace_jax.spd_draft holds the
 trained draft module; tests script others):
@@ -61,15 +62,21 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dpace_jax import layers
 from dpace_jax import sampling as sampling_lib
-from dpace_jax.model import KVCache, ModelConfig, decoder_layer, lm_head, write_at
+from dpace_jax.model import KVCache, ModelConfig, lm_head
 from dpace_jax.sampling import Sampling
-
-AXIS = "stage"
+from dpace_jax.spd_stage import (  # noqa: F401  (public names of the pipeline)
+    AXIS,
+    check_stages,
+    stage_forward,
+    stage_layer_ids,
+    stage_mesh,
+    target_specs,
+)
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["params"],
@@ -104,7 +111,8 @@ class Slot(NamedTuple):
 
 
 class SpdResult(NamedTuple):
-    tokens: jax.Array  # [B, max_new_tokens]
+    tokens: jax.Array  # [B, max_new_tokens], 0 past num_tokens
+    num_tokens: jax.Array  # [B] generated tokens, the stop token included
     verified: jax.Array  # [B] verifications of a drafted token
     accepted: jax.Array  # [B] of which accepted
     steps: jax.Array  # [B] pipeline steps until the sequence was done (prefill excluded)
@@ -118,6 +126,7 @@ class _State(NamedTuple):
     exited: jax.Array  # [B]
     epoch: jax.Array  # [B]
     committed: jax.Array  # [B] positions < committed are final
+    stopped: jax.Array  # [B] a stop token was committed
     qring: jax.Array  # [B, R, V] draft distributions of in-flight positions (pos % R); [B,1,1]
     draft_state: Any
     key: jax.Array
@@ -125,59 +134,6 @@ class _State(NamedTuple):
     accepted: jax.Array
     steps: jax.Array
     step: jax.Array  # scalar
-
-
-def stage_layer_ids(cfg: ModelConfig, num_stages: int) -> tuple[int, ...]:
-    """The boundary layers: stage s's last layer id (s + 1) * L / n - 1, for s < n."""
-    check_stages(cfg, num_stages)
-    per = cfg.num_layers // num_stages
-    return tuple((s + 1) * per - 1 for s in range(num_stages))
-
-
-def check_stages(cfg: ModelConfig, num_stages: int, devices: int | None = None) -> None:
-    if int(num_stages) != num_stages or num_stages < 1:
-        raise ValueError(f"num_stages must be an integer >= 1, got {num_stages}")
-    if cfg.num_layers % num_stages:
-        raise ValueError(f"num_stages={num_stages} does not divide the target's "
-                         f"num_layers={cfg.num_layers}")
-    if devices is not None and num_stages > devices:
-        raise ValueError(f"num_stages={num_stages} needs as many devices; only {devices} "
-                         "available (CPU: XLA_FLAGS=--xla_force_host_platform_device_count=N)")
-    if cfg.arch not in ("qwen3", "llama"):
-        raise ValueError(f"SPD supports dense qwen3 / llama targets, not arch={cfg.arch!r}")
-
-
-def rope(cfg: ModelConfig, positions: jax.Array):
-    """RoPE cos, sin [..., E] at positions [...] (with YaRN's attention factor)."""
-    inv_freq = layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.scaling_dict)
-    cos, sin = layers.rope_cos_sin(positions, inv_freq)
-    factor = layers.rope_attention_factor(cfg.scaling_dict)
-    return (cos * factor, sin * factor) if factor != 1.0 else (cos, sin)
-
-
-def stage_forward(stage_layers, cfg: ModelConfig, x: jax.Array, cache: KVCache,
-                  start: jax.Array):
-    """One stage: its decoder layers (stacked [L/n, ...]) on x [B, T, D] at positions
-    start[b] + 0..T-1, writing keys / values there into its cache [L/n, B, S, G, E]; queries see
-    slots up to their own position -> (x [B, T, D], cache)."""
-    positions = start[:, None] + jnp.arange(x.shape[1], dtype=jnp.int32)[None, :]
-    cos, sin = rope(cfg, positions)
-    slots = jnp.arange(cache.k.shape[2], dtype=jnp.int32)
-    mask = (slots[None, None, :] <= positions[:, :, None])[:, None, None]  # [B, 1, 1, T, S]
-
-    def step(x, inputs):
-        p, ck, cv = inputs
-
-        def attend(q, k, v):
-            ck2, cv2 = write_at(ck, k, start), write_at(cv, v, start)
-            probs = layers.masked_softmax(layers.attention_logits(q, ck2), mask)
-            return layers.attention_output(probs, cv2), (ck2, cv2)
-
-        x, (ck2, cv2) = decoder_layer(x, p, cos, sin, cfg, attend)
-        return x, (ck2, cv2)
-
-    x, (ks, vs) = jax.lax.scan(step, x, (stage_layers, cache.k, cache.v))
-    return x, KVCache(ks, vs)
 
 
 def _final(params, cfg: ModelConfig, x):
@@ -213,7 +169,12 @@ def _verify(key, logits, drafted, q_drafted, in_flight, s: Sampling):
     return accept, jax.random.categorical(k_res, jnp.log(res), axis=-1).astype(jnp.int32)
 
 
-def _pipeline(target_params, drafter: SpdDrafter, prompts, lengths, key, temperature, *,
+def _is_stop(tokens, stop_ids):
+    return jnp.any(tokens[..., None] == stop_ids, axis=-1)
+
+
+def _pipeline(target_params, drafter: SpdDrafter, prompts, lengths, stop_ids, key, temperature,
+              *,
               cfg: ModelConfig, n: int, max_new: int, sampling_key: Sampling):
     """The per-device program (inside shard_map): prefill, then the pipeline loop."""
     s_idx = jax.lax.axis_index(AXIS)
@@ -255,13 +216,14 @@ def _pipeline(target_params, drafter: SpdDrafter, prompts, lengths, key, tempera
     ring_len = n + 1
     qring = (jnp.zeros((batch, ring_len, cfg.vocab_size), jnp.float32) if speculative
              else jnp.zeros((batch, 1, 1), jnp.float32))
-    state = _State(cache, slot, seq, lengths, lengths - 1, epoch, lengths + 1, qring,
+    state = _State(cache, slot, seq, lengths, lengths - 1, epoch, lengths + 1,
+                   _is_stop(first, stop_ids), qring,
                    drafter.init(dp, dc, target_params, prompts, boundary, size), key,
                    zeros, zeros, zeros, jnp.zeros((), jnp.int32))
     max_steps = n * (max_new + 2)
 
     def done_of(st: _State):
-        return st.committed - lengths >= max_new
+        return st.stopped | (st.committed - lengths >= max_new)
 
     def cond(st: _State):
         live = jnp.where(first_stage, jnp.sum(~done_of(st)), 0)
@@ -296,6 +258,8 @@ def _pipeline(target_params, drafter: SpdDrafter, prompts, lengths, key, tempera
             accept, corr = _verify(k_verify, lm_head(target_params, final), _gather_rows(
                 st.seq, v), q_v, in_flight, sampler)
             reject = out_valid & ~accept
+            verified_tok = jnp.where(accept, _gather_rows(st.seq, v), corr)
+            stopped = st.stopped | (out_valid & _is_stop(verified_tok, stop_ids))
             new_head = jnp.where(reject, v, st.head + 1)
             new_tok = jnp.where(reject, corr, drafted)
             enter = ~done
@@ -311,15 +275,17 @@ def _pipeline(target_params, drafter: SpdDrafter, prompts, lengths, key, tempera
         return _State(
             cache, slot, seq, jnp.where(enter, new_head, st.head),
             jnp.where(out_valid, out.pos, st.exited), epoch,
-            jnp.where(out_valid, v + 1, st.committed), qring, draft_state, key,
+            jnp.where(out_valid, v + 1, st.committed), stopped, qring, draft_state, key,
             st.verified + checked, st.accepted + (checked & accept),
             st.steps + (~done).astype(jnp.int32), st.step + 1)
 
     final = jax.lax.while_loop(cond, body, state)
     cols = lengths[:, None] + jnp.arange(max_new, dtype=jnp.int32)[None, :]
+    num_tokens = jnp.minimum(final.committed - lengths, max_new)
     tokens = jnp.take_along_axis(final.seq, cols, axis=1)
-    return jax.tree.map(lambda a: a[None], SpdResult(tokens, final.verified, final.accepted,
-                                                     final.steps))
+    tokens = jnp.where(jnp.arange(max_new)[None, :] < num_tokens[:, None], tokens, 0)
+    return jax.tree.map(lambda a: a[None], SpdResult(tokens, num_tokens, final.verified,
+                                                     final.accepted, final.steps))
 
 
 _COMPILED: dict = {}
@@ -335,33 +301,18 @@ def _compiled(mesh: Mesh, cfg: ModelConfig, n: int, max_new: int, sampling_key: 
     param_specs = target_specs(target_params)
     drafter_specs = jax.tree.map(lambda _: P(), drafter)
     mapped = jax.shard_map(fn, mesh=mesh,
-                           in_specs=(param_specs, drafter_specs, P(), P(), P(), P()),
+                           in_specs=(param_specs, drafter_specs, P(), P(), P(), P(), P()),
                            out_specs=P(AXIS), check_vma=False)
     _COMPILED[key] = jax.jit(mapped)
     return _COMPILED[key]
 
 
-def target_specs(target_params):
-    """PartitionSpecs: the stacked layers split over `stage`, everything else replicated."""
-    specs = jax.tree.map(lambda _: P(), target_params)
-    return dataclasses.replace(specs, layers=jax.tree.map(lambda _: P(AXIS),
-                                                          target_params.layers))
-
-
-def stage_mesh(num_stages: int, devices=None) -> Mesh:
-    """A 1-D mesh of the first num_stages devices on the `stage` axis."""
-    devices = list(jax.devices() if devices is None else devices)
-    if num_stages > len(devices):
-        raise ValueError(f"num_stages={num_stages} needs as many devices; only {len(devices)} "
-                         "available (CPU: XLA_FLAGS=--xla_force_host_platform_device_count=N)")
-    return Mesh(np.asarray(devices[:num_stages]), (AXIS,))
-
-
 def decode(target_params, cfg: ModelConfig, drafter: SpdDrafter, prompts, lengths, *,
            num_stages: int, max_new_tokens: int, sampling: Sampling = sampling_lib.GREEDY,
-           rng: jax.Array | None = None, devices=None) -> SpdResult:
+           stop_token_ids=(), rng: jax.Array | None = None, devices=None) -> SpdResult:
     """SPD of right-padded prompts [B, P] (lengths [B], each >= num_stages) on the first
-    num_stages devices -> SpdResult (tokens [B, max_new_tokens], per-sequence counts)."""
+    num_stages devices -> SpdResult (tokens [B, max_new_tokens], per-sequence counts). A
+    sequence stops after max_new_tokens tokens or the first of stop_token_ids (kept)."""
     check_stages(cfg, num_stages)
     if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens}")
@@ -374,12 +325,24 @@ def decode(target_params, cfg: ModelConfig, drafter: SpdDrafter, prompts, length
     if host.min() < num_stages or host.max() > prompts.shape[1]:
         raise ValueError(f"lengths must lie in {num_stages}..{prompts.shape[1]} (at least "
                          f"num_stages tokens of prompt), got {host.tolist()}")
+    stops = sorted({int(t) for t in stop_token_ids})
+    bad = [t for t in stops if not 0 <= t < cfg.vocab_size]
+    if bad:
+        raise ValueError(f"stop_token_ids {bad} are outside the vocabulary "
+                         f"(vocab_size={cfg.vocab_size})")
+    stops = jnp.asarray(stops, jnp.int32)
     mesh = stage_mesh(num_stages, devices)
     rng = jax.random.PRNGKey(0) if rng is None else rng
     temperature = jnp.asarray(0.0 if sampling.greedy else sampling.temperature, jnp.float32)
     fn = _compiled(mesh, cfg, int(num_stages), int(max_new_tokens), sampling.compile_key(),
                    target_params, drafter)
-    out = fn(target_params, drafter, prompts, lengths, rng, temperature)
+    # place (committed) inputs on the mesh: the layers split over `stage`, the rest replicated
+    target_params = jax.device_put(target_params, jax.tree.map(
+        lambda spec: NamedSharding(mesh, spec), target_specs(target_params)))
+    replicated = NamedSharding(mesh, P())
+    drafter, prompts, lengths, stops, rng, temperature = jax.device_put(
+        (drafter, prompts, lengths, stops, rng, temperature), replicated)
+    out = fn(target_params, drafter, prompts, lengths, stops, rng, temperature)
     return jax.tree.map(lambda a: a[0], out)
 
 

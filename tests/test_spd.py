@@ -62,6 +62,9 @@ for n in (2, 4):
     res = spd.decode(params, F.CFG, module, T.prompts(), T.LENGTHS, num_stages=n,
                      max_new_tokens=T.NEW)
     out[f"module_n{{n}}"] = {{k: np.asarray(v).tolist() for k, v in res._asdict().items()}}
+res = spd.decode(params, F.CFG, F.oracle_drafter(params, F.CFG, T.wrong_mask()), T.prompts(),
+                 T.LENGTHS, num_stages=4, max_new_tokens=T.NEW, stop_token_ids=T.stops(params))
+out["oracle_stops"] = {{k: np.asarray(v).tolist() for k, v in res._asdict().items()}}
 sparams = F.random_target(T.SCFG, 11, scale=0.5)
 for name, (n, rule, temp, top_k, top_p) in T.SAMPLING_CASES.items():
     res = spd.decode(sparams, T.SCFG, F.tilted_drafter(sparams, T.SCFG, np.array(T.TILT)),
@@ -106,6 +109,25 @@ def test_greedy_equals_the_targets_greedy_decoding(runs, n):
     # (a rejection of the last token needs no refill)
     refills = [1 + sum(LENGTHS[b] < p < LENGTHS[b] + NEW - 1 for p in WRONG[b]) for b in range(B)]
     np.testing.assert_array_equal(res["steps"], NEW - 1 + (n - 1) * np.array(refills))
+
+
+def stops(params):
+    """Two stop tokens: the greedy tokens 9 of sequence 0 and 5 of sequence 2."""
+    ref = np.asarray(decode.decode(params, F.CFG, None, prompts(), LENGTHS,
+                                   max_new_tokens=NEW).tokens)
+    return [int(ref[0, 9]), int(ref[2, 5])]
+
+
+def test_stop_tokens_end_generation_like_the_target(runs):
+    """With stop tokens, SPD's tokens and counts are those of the target's greedy decoding
+    with the same stops (the stop token kept, zeros after it)."""
+    params = F.random_target(F.CFG, 1)
+    ref = decode.decode(params, F.CFG, None, prompts(), LENGTHS, max_new_tokens=NEW,
+                        stop_token_ids=stops(params))
+    res = runs["oracle_stops"]
+    assert np.asarray(ref.num_tokens).min() < NEW  # some sequence stops early
+    np.testing.assert_array_equal(res["num_tokens"], np.asarray(ref.num_tokens))
+    np.testing.assert_array_equal(res["tokens"], np.asarray(ref.tokens))
 
 
 @pytest.mark.parametrize("n", [2, 4])
