@@ -10,7 +10,8 @@ Measured here (one device, batch 1, median of --repeats jitted calls): t_stage(n
 through L/n target layers with a KV cache of the decode's length; t_head, final norm + LM head +
 argmax; t_draft(n), one call of the trained draft module. Measured by decoding the prompts: the
 draft module's acceptance alpha and the pipeline's tokens per step (spd.decode on an n-device
-mesh; greedy output checked against the target's own), DFlash's tau and its tokens/s and the
+mesh; greedy output checked against the target's own; alpha cross-checked by the module's
+training forward on the same answers, per flush age), DFlash's tau and its tokens/s and the
 autoregressive tokens/s (decode.decode, batch 1, wall clock).
 
 Model (per pipeline step every stage works on one token; stage 0 also drafts and verifies):
@@ -74,6 +75,34 @@ def predict(t_stage: float, t_draft: float, t_head: float, t_ar: float, alpha: f
             "tokens_per_s_serial": tps / serial, "tokens_per_s_overlapped": tps / overlapped,
             "speedup_serial": tps * t_ar / serial, "speedup_overlapped": tps * t_ar / overlapped,
             "speedup_balanced_bound": n * tps}
+
+
+def teacher_forced_agreement(params, cfg, module, prompts, lengths, tokens, num_tokens) -> dict:
+    """Cross-check of the pipeline's alpha without the pipeline: the draft module's training
+    forward over prompt + the target's greedy answer, argmax agreement with the target's next
+    token at every answer position, per flush age (n - 1: steady state)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from dpace_jax import model, spd_draft
+
+    batch, width = prompts.shape[0], prompts.shape[1] + tokens.shape[1]
+    seqs = np.zeros((batch, width), np.int32)
+    for b in range(batch):
+        seqs[b, :lengths[b]] = prompts[b, :lengths[b]]
+        seqs[b, lengths[b]:lengths[b] + num_tokens[b]] = tokens[b, :num_tokens[b]]
+    feats = model.features(params, cfg, jnp.asarray(seqs), module.config.target_layer_ids)
+    steps = np.arange(tokens.shape[1])
+    heads = np.minimum(lengths[:, None] + steps, width - 2)  # head h predicts h + 1
+    live = steps[None, :] < num_tokens[:, None] - 1
+    truth = seqs[np.arange(batch)[:, None], heads + 1]
+    out = {}
+    for age in range(module.config.block_size):
+        logits = spd_draft.train_logits(module.params, module.config, params, feats,
+                                        jnp.asarray(seqs), jnp.asarray(heads),
+                                        jnp.full(heads.shape, age))
+        out[str(age)] = float((np.asarray(jnp.argmax(logits, -1)) == truth)[live].mean())
+    return out
 
 
 def main(argv=None):
@@ -170,7 +199,10 @@ def main(argv=None):
             steps = np.asarray(res.steps)
             entry.update(alpha=spd.acceptance_rate(res), draft_module=mod.source,
                          measured_tokens_per_step=float(generated / steps.sum()),
-                         mismatches_vs_ar=int(np.sum(np.asarray(res.tokens) != reference)))
+                         mismatches_vs_ar=int(np.sum(np.asarray(res.tokens) != reference)),
+                         teacher_forced_agreement_by_flush_age=teacher_forced_agreement(
+                             params, cfg, mod, prompts, lengths, reference,
+                             np.asarray(ar.num_tokens)))
             state = drafter.init(mod.params, mod.config, params, prompts[:1],
                                  jnp.zeros((n, 1, prompts.shape[1], cfg.hidden_size)), size)
             view = spd.View(jnp.zeros((1, size), jnp.int32), pos, pos - n,
