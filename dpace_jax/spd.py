@@ -39,9 +39,9 @@ Pipeline step t (all stages in lockstep):
 Prefill: the prompt passes the stages one after the other (n steps); its last logits choose the
 first new token (committed; the first head). A sequence is done once max_new_tokens tokens are
 committed or a committed token is a stop token (kept); it then enters no more tokens. Stage 0's
-bookkeeping and the draft module are computed on every device (SPMD) but only stage 0's copy is
-used: on a real machine stage 0 (which also holds embedding, final norm and LM head) is the only
-one that needs them. Stages and the mesh: dpace_jax.spd_stage.
+bookkeeping is computed on every device (SPMD, cheap) but only stage 0's copy is used; the draft
+module and the LM head run on stage 0 only (`lax.cond` on the stage index), which holds
+embedding, final norm and LM head. Stages and the mesh: dpace_jax.spd_stage.
 
 Drafters (`SpdDrafter`): static functions over a params pytree (dpace_jax.spd_draft holds the
 trained draft module; tests script others):
@@ -169,6 +169,11 @@ def _verify(key, logits, drafted, q_drafted, in_flight, s: Sampling):
     return accept, jax.random.categorical(k_res, jnp.log(res), axis=-1).astype(jnp.int32)
 
 
+def _logits_f32(out):
+    state, logits = out
+    return state, logits.astype(jnp.float32)
+
+
 def _is_stop(tokens, stop_ids):
     return jnp.any(tokens[..., None] == stop_ids, axis=-1)
 
@@ -222,6 +227,12 @@ def _pipeline(target_params, drafter: SpdDrafter, prompts, lengths, stop_ids, ke
                    zeros, zeros, zeros, jnp.zeros((), jnp.int32))
     max_steps = n * (max_new + 2)
 
+    no_logits = jnp.zeros((batch, cfg.vocab_size), jnp.float32)
+
+    def on_stage0(fn, elsewhere):
+        """fn() on stage 0's device; the other stages skip the work (their copy is unused)."""
+        return jax.lax.cond(first_stage, fn, lambda: elsewhere)
+
     def done_of(st: _State):
         return st.stopped | (st.committed - lengths >= max_new)
 
@@ -237,8 +248,9 @@ def _pipeline(target_params, drafter: SpdDrafter, prompts, lengths, stop_ids, ke
             valid = (gathered.tag == st.epoch[None]) & (jnp.arange(n) > 0)[:, None]
             valid = valid.at[0].set(True)
             view = View(st.seq, st.head, st.exited, gathered.x, valid)
-            draft_state, draft_logits = drafter.draft(dp, dc, target_params, st.draft_state,
-                                                      view)
+            draft_state, draft_logits = on_stage0(
+                lambda: _logits_f32(drafter.draft(dp, dc, target_params, st.draft_state, view)),
+                (st.draft_state, no_logits))
             if speculative:
                 q = jnp.exp(sampling_lib.filtered_log_probs(draft_logits, sampler))
                 drafted = jax.random.categorical(k_draft, jnp.log(q), axis=-1).astype(jnp.int32)
@@ -255,8 +267,9 @@ def _pipeline(target_params, drafter: SpdDrafter, prompts, lengths, stop_ids, ke
             in_flight = v <= st.head
             q_v = (_gather_rows(st.qring, v % ring_len) if speculative
                    else jnp.zeros((batch, cfg.vocab_size)))
-            accept, corr = _verify(k_verify, lm_head(target_params, final), _gather_rows(
-                st.seq, v), q_v, in_flight, sampler)
+            logits = on_stage0(lambda: lm_head(target_params, final), no_logits)
+            accept, corr = _verify(k_verify, logits, _gather_rows(st.seq, v), q_v, in_flight,
+                                   sampler)
             reject = out_valid & ~accept
             verified_tok = jnp.where(accept, _gather_rows(st.seq, v), corr)
             stopped = st.stopped | (out_valid & _is_stop(verified_tok, stop_ids))
@@ -267,7 +280,8 @@ def _pipeline(target_params, drafter: SpdDrafter, prompts, lengths, stop_ids, ke
             qring = (_set_rows(st.qring, new_head % ring_len, q, enter & ~reject)
                      if speculative else st.qring)
             epoch = st.epoch + reject.astype(jnp.int32)
-            draft_state = drafter.complete(dp, dc, draft_state, out.pos, final, out_valid)
+            draft_state = on_stage0(lambda: drafter.complete(dp, dc, draft_state, out.pos,
+                                                             final, out_valid), draft_state)
             entry = Slot(jnp.take(embed, new_tok, axis=0), jnp.where(enter, new_head, trash),
                          jnp.where(enter, epoch, -1))
         slot = jax.tree.map(lambda a, b: jnp.where(first_stage, a, b), entry, out)
