@@ -17,6 +17,7 @@ from dpace_jax.model import KVCache, ModelConfig, decoder_layer, write_at
 
 AXIS = "stage"
 
+
 def stage_layer_ids(cfg: ModelConfig, num_stages: int) -> tuple[int, ...]:
     """The boundary layers: stage s's last layer id (s + 1) * L / n - 1, for s < n."""
     check_stages(cfg, num_stages)
@@ -24,15 +25,14 @@ def stage_layer_ids(cfg: ModelConfig, num_stages: int) -> tuple[int, ...]:
     return tuple((s + 1) * per - 1 for s in range(num_stages))
 
 
-def check_stages(cfg: ModelConfig, num_stages: int, devices: int | None = None) -> None:
-    if int(num_stages) != num_stages or num_stages < 1:
-        raise ValueError(f"num_stages must be an integer >= 1, got {num_stages}")
+def check_stages(cfg: ModelConfig, num_stages: int) -> None:
+    """ValueError unless the target splits into num_stages equal stages of a dense model."""
+    if int(num_stages) != num_stages or num_stages < 2:
+        raise ValueError(f"num_stages must be an integer >= 2 (one stage is autoregressive "
+                         f"decoding: dpace_jax.decode), got {num_stages}")
     if cfg.num_layers % num_stages:
         raise ValueError(f"num_stages={num_stages} does not divide the target's "
                          f"num_layers={cfg.num_layers}")
-    if devices is not None and num_stages > devices:
-        raise ValueError(f"num_stages={num_stages} needs as many devices; only {devices} "
-                         "available (CPU: XLA_FLAGS=--xla_force_host_platform_device_count=N)")
     if cfg.arch not in ("qwen3", "llama"):
         raise ValueError(f"SPD supports dense qwen3 / llama targets, not arch={cfg.arch!r}")
 

@@ -166,6 +166,8 @@ def test_bad_input_is_refused():
     drafter = F.oracle_drafter(params, F.CFG, wrong_mask())
     with pytest.raises(ValueError, match="num_stages=3 does not divide"):
         spd.decode(params, F.CFG, drafter, prompts(), LENGTHS, num_stages=3, max_new_tokens=4)
+    with pytest.raises(ValueError, match="num_stages must be an integer >= 2"):
+        spd.decode(params, F.CFG, drafter, prompts(), LENGTHS, num_stages=1, max_new_tokens=4)
     with pytest.raises(ValueError, match="needs as many devices"):
         spd.stage_mesh(2, devices=[object()])
     with pytest.raises(ValueError, match="lengths must lie in 4"):
