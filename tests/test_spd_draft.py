@@ -128,3 +128,41 @@ def test_a_config_that_is_not_the_stage_boundaries_is_refused():
                                            target_layer_ids=(0, 2))
     with pytest.raises(ValueError, match=r"target_layer_ids=\[1, 3\]"):
         spd_draft.check(dcfg, F.CFG)
+
+
+@pytest.mark.slow
+def test_train_py_trains_and_exports_a_draft_module(tmp_path):
+    """train.py with train.loss=spd on the tiny config (a 3-layer random target: 3 stages):
+    trains, logs, exports a module that loads back for SPD; a config whose feature layers are
+    not the stage boundaries is refused naming the field."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dpace_jax import convert, generation
+
+    root = Path(__file__).resolve().parents[1]
+
+    def train(*overrides):
+        cmd = [sys.executable, str(root / "train.py"), "--config", str(root / "configs/tiny.py"),
+               f"--config.workdir={tmp_path}", "--config.train.progress=False",
+               "--config.train.loss=spd", "--config.drafter.block_size=3",
+               "--config.drafter.mask_token_id=0", "--config.train.max_steps=3",
+               "--config.train.log_every=1", *overrides]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root,
+                              env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+    out = train("--config.drafter.target_layer_ids=(0,1,2)")
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(np.isfinite(r["loss"]) and 0 <= r["accuracy"] <= 1 for r in rows)
+    module = generation.load_drafter(tmp_path / "hf")
+    spd_draft.spd_drafter(module.params, module.config,
+                          convert.load_config(tmp_path / "target"))  # fits the target
+    bad = train("--config.drafter.target_layer_ids=(0,1,1)",
+                f"--config.workdir={tmp_path / 'other'}",
+                f"--config.target.path={tmp_path / 'target'}")
+    assert bad.returncode != 0 and "target_layer_ids=[0, 1, 2]" in bad.stderr + bad.stdout
