@@ -11,7 +11,8 @@ through L/n target layers with a KV cache of the decode's length; t_head, final 
 argmax; t_draft(n), one call of the trained draft module. Measured by decoding the prompts: the
 draft module's acceptance alpha and the pipeline's tokens per step (spd.decode on an n-device
 mesh; greedy output checked against the target's own; alpha cross-checked by the module's
-training forward on the same answers, per flush age), DFlash's tau and its tokens/s and the
+training forward on the same answers, per flush age; alpha and tau also at temperature 1 with
+the speculative rule), DFlash's tau and its tokens/s and the
 autoregressive tokens/s (decode.decode, batch 1, wall clock).
 
 Model (per pipeline step every stage works on one token; stage 0 also drafts and verifies):
@@ -21,9 +22,10 @@ Model (per pipeline step every stage works on one token; stage 0 also drafts and
                 measured tokens/step of the decode is reported beside it)
   AR          t_ar = t_stage(1) + t_head;  predicted speedup = (tokens/step / t_step) * t_ar.
   bound       n * tokens/step: stages of exactly t_ar / n, the draft hidden, no communication.
-n = 8 does not divide the demo target's 4 layers: t_stage(8) is the linear fit of t_stage(n) in
-layers per stage taken at 1/2 layer, t_draft(8) = t_draft(4), alpha(8) = alpha(4) (an optimistic
-assumption: a deeper pipeline feeds the draft shallower states); all marked "extrapolated".
+n = 8 does not divide the demo target's 4 layers: t_stage(8) is the larger of the linear fit of
+t_stage(n) in layers per stage (at 1/2 layer) and t_stage(4) / 2, t_draft(8) = t_draft(4),
+alpha(8) = alpha(4) (an optimistic assumption: a deeper pipeline feeds the draft shallower
+states); all marked "extrapolated".
 t_comm is --comm-us (0 by default: the CPU devices here share memory).
 """
 
@@ -50,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--num-prompts", type=int, default=16)
     p.add_argument("--max-new", type=int, default=128)
     p.add_argument("--stages", type=int, nargs="+", default=[2, 4, 8])
-    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--repeats", type=int, default=60)
     p.add_argument("--comm-us", type=float, default=0.0, help="per-step communication time")
     p.add_argument("--measure-pipeline", action="store_true",
                    help="time spd.decode (needs >= n real devices to mean anything)")
@@ -116,6 +118,9 @@ def main(argv=None):
     import numpy as np
 
     from bench import common
+    from dpace_jax.sampling import Sampling
+
+    T1 = Sampling(1.0, "speculative")  # the sampled figures: temperature 1, min(1, p/q) rule
     from dpace_jax import convert, decode, generation, layers, model, spd, spd_draft
 
     params, cfg = convert.load_target(args.target, dtype=jnp.float32)
@@ -132,48 +137,71 @@ def main(argv=None):
            "max_new_tokens": new, "stop_token_ids": stops, "generated_tokens": generated,
            "comm_us": args.comm_us}
 
-    # DFlash and autoregressive decoding, batch 1, wall clock (compiled first).
+    # DFlash and autoregressive decoding, batch 1, wall clock (compiled first), prompt by
+    # prompt in turn so that the load of a shared machine falls on both alike.
     loaded = generation.load_drafter(args.dflash)
     dflash = decode.dflash_drafter(loaded.params, loaded.config, cfg)
-    walls = {}
-    for name, drafter in (("ar", None), ("dflash", dflash)):
+    modes = {"ar": None, "dflash": dflash}
+    walls, steps = dict.fromkeys(modes, 0.0), []
+    for drafter in modes.values():
         decode.decode(params, cfg, drafter, prompts[:1], lengths[:1], max_new_tokens=new,
                       stop_token_ids=stops)
-        t0, steps = time.perf_counter(), []
-        for b in range(len(rows)):
+    for b in range(len(rows)):
+        for name, drafter in modes.items():
+            t0 = time.perf_counter()
             res = jax.block_until_ready(decode.decode(
                 params, cfg, drafter, prompts[b:b + 1], lengths[b:b + 1], max_new_tokens=new,
                 stop_token_ids=stops))
-            steps.append(decode.acceptance_lengths(res)[0])
-        walls[name] = (time.perf_counter() - t0, steps)
+            walls[name] += time.perf_counter() - t0
+            if drafter is not None:
+                steps.append(decode.acceptance_lengths(res)[0])
     res = decode.decode(params, cfg, dflash, prompts, lengths, max_new_tokens=new,
                         stop_token_ids=stops)
     out["dflash"] = {"drafter": loaded.source, "block_size": loaded.config.block_size,
-                     "tau": decode.mean_acceptance(walls["dflash"][1]),
+                     "tau": decode.mean_acceptance(steps),
                      "mismatches_vs_ar": int(np.sum(np.asarray(res.tokens) != reference)),
-                     "tokens_per_s": generated / walls["dflash"][0],
-                     "ar_tokens_per_s": generated / walls["ar"][0]}
+                     "tokens_per_s": generated / walls["dflash"],
+                     "ar_tokens_per_s": generated / walls["ar"]}
     out["dflash"]["speedup"] = out["dflash"]["tokens_per_s"] / out["dflash"]["ar_tokens_per_s"]
+    res = decode.decode(params, cfg, dflash, prompts, lengths, max_new_tokens=new,
+                        stop_token_ids=stops, sampling=T1, rng=jax.random.PRNGKey(1))
+    out["dflash"]["tau_t1_speculative"] = decode.tau(res)
 
-    # Component times on one device.
+    # Component times on one device: every probe once per round, --repeats rounds, medians.
     size = prompts.shape[1] + new + max(args.stages) + 2
     x = jnp.zeros((1, 1, cfg.hidden_size), jnp.float32)
     pos = jnp.asarray([prompts.shape[1]], jnp.int32)
-
-    def timed(fn, *a):
-        fn = jax.jit(fn)
-        return common.median(common.time_calls(lambda: fn(*a), args.repeats, warmup=2))
-
-    t_stage = {}
+    probes = {}
     for n in sorted({1, 2, 4} | {n for n in args.stages if cfg.num_layers % n == 0}):
         per = cfg.num_layers // n
-        stage_layers = jax.tree.map(lambda a, per=per: a[:per], params.layers)
         shape = (per, 1, size, cfg.num_kv_heads, cfg.head_dim)
-        cache = model.KVCache(jnp.zeros(shape), jnp.zeros(shape))
-        t_stage[n] = timed(lambda ly, c: spd.stage_forward(ly, cfg, x, c, pos)[0], stage_layers,
-                           cache)
-    t_head = timed(lambda h: jnp.argmax(model.lm_head(params, layers.rms_norm(
-        h, params.final_norm, cfg.rms_norm_eps)), -1), x[:, 0])
+        probes[("stage", n)] = (
+            jax.jit(lambda ly, c: spd.stage_forward(ly, cfg, x, c, pos)[0]),
+            (jax.tree.map(lambda a, per=per: a[:per], params.layers),
+             model.KVCache(jnp.zeros(shape), jnp.zeros(shape))))
+    probes[("head", 0)] = (jax.jit(lambda h: jnp.argmax(model.lm_head(params, layers.rms_norm(
+        h, params.final_norm, cfg.rms_norm_eps)), -1)), (x[:, 0],))
+    modules = {n: generation.load_drafter(args.spd.format(n=n)) for n in trained}
+    drafters = {n: spd_draft.spd_drafter(m.params, m.config, cfg) for n, m in modules.items()}
+    for n, d in drafters.items():
+        state = d.init(d.params, d.config, params, prompts[:1],
+                       jnp.zeros((n, 1, prompts.shape[1], cfg.hidden_size)), size)
+        view = spd.View(jnp.zeros((1, size), jnp.int32), pos, pos - n,
+                        jnp.ones((n, 1, cfg.hidden_size)), jnp.ones((n, 1), bool))
+        probes[("draft", n)] = (jax.jit(lambda s, v, d=d: d.draft(d.params, d.config, params,
+                                                                 s, v)[1]), (state, view))
+    rounds = {k: [] for k in probes}
+    for _ in range(2):
+        for fn, a in probes.values():
+            common.block(fn(*a))
+    for _ in range(args.repeats):
+        for k, (fn, a) in probes.items():
+            t0 = time.perf_counter()
+            common.block(fn(*a))
+            rounds[k].append(time.perf_counter() - t0)
+    med = {k: common.median(v) for k, v in rounds.items()}
+    t_stage = {n: t for (kind, n), t in med.items() if kind == "stage"}
+    t_head = med[("head", 0)]
     fit = np.polyfit([cfg.num_layers / n for n in t_stage], list(t_stage.values()), 1)
     t_ar = t_stage[1] + t_head
     out["times_ms"] = {"stage": {str(n): 1e3 * t for n, t in t_stage.items()},
@@ -183,8 +211,7 @@ def main(argv=None):
     for n in args.stages:
         entry, extrapolated = {}, []
         if n in trained:
-            mod = generation.load_drafter(args.spd.format(n=n))
-            drafter = spd_draft.spd_drafter(mod.params, mod.config, cfg)
+            mod, drafter = modules[n], drafters[n]
             res = spd.decode(params, cfg, drafter, prompts, lengths, num_stages=n,
                              max_new_tokens=new, stop_token_ids=stops)
             if args.measure_pipeline:  # batch 1, prompt by prompt, compiled first
@@ -197,18 +224,17 @@ def main(argv=None):
                         max_new_tokens=new, stop_token_ids=stops))
                 entry["measured_tokens_per_s_batch1"] = generated / (time.perf_counter() - t0)
             steps = np.asarray(res.steps)
+            sampled = spd.decode(params, cfg, drafter, prompts, lengths, num_stages=n,
+                                 max_new_tokens=new, stop_token_ids=stops, sampling=T1,
+                                 rng=jax.random.PRNGKey(1))
             entry.update(alpha=spd.acceptance_rate(res), draft_module=mod.source,
                          measured_tokens_per_step=float(generated / steps.sum()),
                          mismatches_vs_ar=int(np.sum(np.asarray(res.tokens) != reference)),
                          teacher_forced_agreement_by_flush_age=teacher_forced_agreement(
                              params, cfg, mod, prompts, lengths, reference,
-                             np.asarray(ar.num_tokens)))
-            state = drafter.init(mod.params, mod.config, params, prompts[:1],
-                                 jnp.zeros((n, 1, prompts.shape[1], cfg.hidden_size)), size)
-            view = spd.View(jnp.zeros((1, size), jnp.int32), pos, pos - n,
-                            jnp.ones((n, 1, cfg.hidden_size)), jnp.ones((n, 1), bool))
-            entry["t_draft_ms"] = 1e3 * timed(
-                lambda s, v, d=drafter: d.draft(d.params, d.config, params, s, v)[1], state, view)
+                             np.asarray(ar.num_tokens)),
+                         alpha_t1_speculative=spd.acceptance_rate(sampled),
+                         t_draft_ms=1e3 * med[("draft", n)])
         else:
             base = out["stages"].get(str(max(trained))) if trained else None
             if base is None:
@@ -217,8 +243,10 @@ def main(argv=None):
             extrapolated += ["alpha", "t_draft_ms"]
         if n in t_stage:
             entry["t_stage_ms"] = 1e3 * t_stage[n]
-        else:
-            entry["t_stage_ms"] = 1e3 * float(np.polyval(fit, cfg.num_layers / n))
+        else:  # the larger of the linear fit and the proportional share of the deepest split
+            deepest = max(t_stage)
+            entry["t_stage_ms"] = 1e3 * max(float(np.polyval(fit, cfg.num_layers / n)),
+                                            t_stage[deepest] * deepest / n)
             extrapolated.append("t_stage_ms")
         entry.update(predict(entry["t_stage_ms"] / 1e3, entry["t_draft_ms"] / 1e3, t_head, t_ar,
                              entry["alpha"], n, args.comm_us / 1e6), extrapolated=extrapolated)
