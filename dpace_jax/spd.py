@@ -67,6 +67,7 @@ from jax.sharding import PartitionSpec as P
 
 from dpace_jax import layers
 from dpace_jax import sampling as sampling_lib
+from dpace_jax.drafter_config import DrafterConfig
 from dpace_jax.model import KVCache, ModelConfig, lm_head
 from dpace_jax.sampling import Sampling
 from dpace_jax.spd_stage import (  # noqa: F401  (public names of the pipeline)
@@ -179,8 +180,7 @@ def _is_stop(tokens, stop_ids):
 
 
 def _pipeline(target_params, drafter: SpdDrafter, prompts, lengths, stop_ids, key, temperature,
-              *,
-              cfg: ModelConfig, n: int, max_new: int, sampling_key: Sampling):
+              *, cfg: ModelConfig, n: int, max_new: int, sampling_key: Sampling):
     """The per-device program (inside shard_map): prefill, then the pipeline loop."""
     s_idx = jax.lax.axis_index(AXIS)
     first_stage = s_idx == 0
@@ -328,6 +328,13 @@ def decode(target_params, cfg: ModelConfig, drafter: SpdDrafter, prompts, length
     num_stages devices -> SpdResult (tokens [B, max_new_tokens], per-sequence counts). A
     sequence stops after max_new_tokens tokens or the first of stop_token_ids (kept)."""
     check_stages(cfg, num_stages)
+    if isinstance(drafter.config, DrafterConfig):  # a draft module of dpace_jax.spd_draft
+        want = stage_layer_ids(cfg, num_stages)
+        got = (drafter.config.block_size, tuple(drafter.config.target_layer_ids))
+        if got != (num_stages, want):
+            raise ValueError(f"the draft module is for {got[0]} stages (block_size {got[0]}, "
+                             f"target_layer_ids {list(got[1])}); num_stages={num_stages} needs "
+                             f"block_size {num_stages}, target_layer_ids {list(want)}")
     if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens}")
     prompts = jnp.asarray(prompts, jnp.int32)

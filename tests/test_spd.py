@@ -14,7 +14,7 @@ import pytest
 import spd_fixtures as F
 from test_decode import chi_square_z, exact_conditionals
 
-from dpace_jax import decode, spd
+from dpace_jax import decode, spd, spd_draft
 from dpace_jax.model import ModelConfig
 
 TESTS = Path(__file__).resolve().parent
@@ -172,5 +172,10 @@ def test_bad_input_is_refused():
         spd.stage_mesh(2, devices=[object()])
     with pytest.raises(ValueError, match="lengths must lie in 4"):
         spd.decode(params, F.CFG, drafter, prompts(), [8, 3, 6], num_stages=4, max_new_tokens=4)
+    module = spd_draft.draft_config(F.CFG, 2)
+    with pytest.raises(ValueError, match=r"num_stages=4 needs block_size 4, target_layer_ids "
+                                         r"\[0, 1, 2, 3\]"):
+        spd.decode(params, F.CFG, spd_draft.spd_drafter(None, module), prompts(), LENGTHS,
+                   num_stages=4, max_new_tokens=4)
     with pytest.raises(ValueError, match="dense qwen3"):
         spd.check_stages(dataclasses.replace(F.CFG, arch="gpt_oss"), 2)
