@@ -95,6 +95,7 @@ def test_decoding_hooks_equal_the_training_forward(n, age):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # a train-step compilation (~15 s cold)
 def test_a_tiny_spd_training_lowers_the_loss():
     """train_step with train.loss=spd on a learnable stream: the KL falls and the draft module
     comes to agree with the target's argmax."""
