@@ -100,7 +100,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.strict = False  # True: the first unusable row is an error (else counted and skipped)
 
     c.train = ml_collections.ConfigDict()
-    c.train.loss = "dpace"  # dflash | dpace | dpace-cumulative-confidence-only | ... | opd
+    c.train.loss = "dpace"  # dflash | dpace | dpace-cumulative-confidence-only | ... | opd | spd
     c.train.opd_dpace = False  # loss opd: D-PACE weights (train.alpha) on the realized tokens
     c.train.alpha = DEFAULT_ALPHA
     c.train.gamma = 7.0  # DFlash's decay for block 16 (5 for 10, 4 for 8); 0: no decay

@@ -27,6 +27,7 @@ from dpace_jax.config import parse_dtype
 
 NAN_POLICIES = ("stop", "skip-step")
 OPD = "opd"  # train.loss for on-policy post-training (dpace_jax.opd_step, dpace_jax.opd)
+SPD = "spd"  # train.loss for the SPD draft module (dpace_jax.spd_draft)
 
 
 class TrainState(NamedTuple):
@@ -79,9 +80,9 @@ class StepConfig:
             opd_rejected_weight=float(config.opd.rejected_weight))
 
     def __post_init__(self):
-        if self.loss not in (*loss_lib.LOSS_NAMES, OPD):
+        if self.loss not in (*loss_lib.LOSS_NAMES, OPD, SPD):
             raise ValueError(f"train.loss={self.loss!r}; expected one of "
-                             f"{(*loss_lib.LOSS_NAMES, OPD)}")
+                             f"{(*loss_lib.LOSS_NAMES, OPD, SPD)}")
         if not 0.0 < self.opd_decay <= 1.0 or self.opd_rejected_weight < 0:
             raise ValueError(f"opd.decay={self.opd_decay} must lie in (0, 1] and "
                              f"opd.rejected_weight={self.opd_rejected_weight} be >= 0")

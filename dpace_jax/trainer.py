@@ -230,6 +230,12 @@ def setup(config) -> Run:
     tokenizer = convert.load_tokenizer(target_dir)
     target_cfg = convert.load_config(target_dir)
     dcfg, init_params = build_drafter(config, target_cfg, tokenizer)
+    step_args = opd.STEP_ARGS if on_policy else {}
+    if config.train.loss == step_lib.SPD:
+        from dpace_jax import spd_draft
+
+        spd_draft.check(dcfg, target_cfg, source="drafter config")
+        step_args = spd_draft.STEP_ARGS
     if on_policy:
         prompts, data_stats = opd.load_prompts(config, tokenizer)
         steps, data_id = opd.total_steps(config), data_stats["prompts"]["fingerprint"]
@@ -286,8 +292,7 @@ def setup(config) -> Run:
             seq_len=int(config.data.max_length), seed=int(config.seed), state=data_state,
             process_index=jax.process_index(), process_count=jax.process_count())
     train_step = step_lib.make_train_step(target_cfg, dcfg, step_cfg, optimizer, mesh,
-                                          state_shardings, target_shardings,
-                                          **(opd.STEP_ARGS if on_policy else {}))
+                                          state_shardings, target_shardings, **step_args)
     if jax.process_index() == 0:
         if found is None or not (workdir / "run_config.json").exists():  # the first start's
             with atomic_path(workdir / "run_config.json") as tmp:
