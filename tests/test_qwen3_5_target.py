@@ -104,7 +104,8 @@ def test_logits_and_features_match_pytorch(build, name):
     assert cfg.num_layers == fields["num_hidden_layers"] and cfg.partial_rotary_factor == 0.5
     assert cfg.tie_word_embeddings == (params.lm_head is None) == ("tied" in name)
     every = tuple(range(cfg.num_layers))
-    dispatches = None if moe else ("sorted",)  # the MoE dispatch means nothing to a dense one
+    # the default dispatch; the dense one is checked against it on a mesh (test_moe_target.py)
+    dispatches = ("sorted",)
     check_moe_matches_torch(params, cfg, torch_model, _tokens(cfg), every[::-1], atol=2e-4,
                             dispatches=dispatches)
     if name == "dense":  # one chunk of the rule, and a feature layer short of the last

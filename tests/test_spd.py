@@ -30,6 +30,9 @@ SAMPLING_CASES = {"dflash_n2": (2, "dflash", 1.0, 0, 1.0),  # both rules, both d
                   "spec_n4_filtered": (4, "speculative", 0.7, 4, 0.9)}
 SAMPLES = 6000
 
+# one worker runs the whole module, so that the subprocess fixture runs once
+pytestmark = pytest.mark.xdist_group("spd")
+
 
 def prompts():
     rs = np.random.RandomState(0)
