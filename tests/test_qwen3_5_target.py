@@ -145,7 +145,7 @@ def test_gated_delta_rule_forms_match_transformers_and_each_other():
                                             chunk_size=16, **kw)]
     ours = [gated_delta.recurrent(*_ours(x), x["state"]),
             gated_delta.chunked(*_ours(x), x["state"], 16),
-            gated_delta.chunked(*_ours(x), x["state"], 64)]
+            gated_delta.chunked(*_ours(x), x["state"], 64)]  # 3 chunks, padded; one chunk
     for out, state in ours:
         for ref_out, ref_state in refs:
             np.testing.assert_allclose(np.asarray(out), ref_out.numpy(), atol=2e-5, rtol=0)

@@ -69,7 +69,7 @@ def test_kl_loss_matches_numpy():
     np.testing.assert_allclose(float(loss), kl[keep].mean(), rtol=1e-5)
 
 
-@pytest.mark.parametrize("n,age", [(2, 0), (2, 1), (4, 0), (4, 2), (4, 3)])
+@pytest.mark.parametrize("n,age", [(2, 1), (4, 0), (4, 3)])  # steady state, right after a flush
 def test_decoding_hooks_equal_the_training_forward(n, age):
     """The pipeline's view a steps after a flush at r = h - a (finished positions < r from the
     prefill; position r + t entering at step t, the stage inputs b_s(r + t - s) gathered): the
