@@ -324,6 +324,20 @@ def decode(target_params, target_cfg: ModelConfig, drafter: Drafter | None, prom
     """
     drafter = autoregressive() if drafter is None else drafter
     drafter.check(target_cfg)
+    prompts, lengths, stops = check_inputs(prompts, lengths, max_new_tokens, stop_token_ids,
+                                           target_cfg.vocab_size)
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    temperature = jnp.asarray(0.0 if sampling.greedy else sampling.temperature, jnp.float32)
+    return _decode_jit(target_params, drafter, prompts, lengths, jnp.asarray(stops, jnp.int32),
+                       rng, temperature, target_cfg=target_cfg,
+                       max_new_tokens=int(max_new_tokens), sampling_key=sampling.compile_key(),
+                       pad_token_id=int(pad_token_id), record=bool(record))
+
+
+def check_inputs(prompts, lengths, max_new_tokens, stop_token_ids, vocab_size: int,
+                 min_length: int = 1, why: str = "the padded prompt length"):
+    """Validated (prompts [B, P] int32, lengths [B] int32, sorted stop ids); ValueError naming
+    the argument that is wrong. Shared by this decoder and dpace_jax.spd."""
     if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens}")
     prompts = jnp.asarray(prompts, jnp.int32)
@@ -331,21 +345,16 @@ def decode(target_params, target_cfg: ModelConfig, drafter: Drafter | None, prom
     if prompts.ndim != 2 or lengths.shape != prompts.shape[:1]:
         raise ValueError(f"prompts must be [B, P] and lengths [B]; got prompts {prompts.shape}, "
                          f"lengths {lengths.shape}")
-    host_lengths = np.asarray(lengths)
-    if host_lengths.min() < 1 or host_lengths.max() > prompts.shape[1]:
-        raise ValueError(f"lengths must lie in 1..{prompts.shape[1]} (the padded prompt "
-                         f"length), got {host_lengths.tolist()}")
+    host = np.asarray(lengths)
+    if host.min() < min_length or host.max() > prompts.shape[1]:
+        raise ValueError(f"lengths must lie in {min_length}..{prompts.shape[1]} ({why}), got "
+                         f"{host.tolist()}")
     stops = sorted({int(t) for t in stop_token_ids})
-    bad = [t for t in stops if not 0 <= t < target_cfg.vocab_size]
+    bad = [t for t in stops if not 0 <= t < vocab_size]
     if bad:
         raise ValueError(f"stop_token_ids {bad} are outside the vocabulary "
-                         f"(vocab_size={target_cfg.vocab_size})")
-    rng = jax.random.PRNGKey(0) if rng is None else rng
-    temperature = jnp.asarray(0.0 if sampling.greedy else sampling.temperature, jnp.float32)
-    return _decode_jit(target_params, drafter, prompts, lengths, jnp.asarray(stops, jnp.int32),
-                       rng, temperature, target_cfg=target_cfg,
-                       max_new_tokens=int(max_new_tokens), sampling_key=sampling.compile_key(),
-                       pad_token_id=int(pad_token_id), record=bool(record))
+                         f"(vocab_size={vocab_size})")
+    return prompts, lengths, stops
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], *, bucket: int = 64,

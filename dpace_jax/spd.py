@@ -65,6 +65,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dpace_jax import decode as decode_lib
 from dpace_jax import layers
 from dpace_jax import sampling as sampling_lib
 from dpace_jax.drafter_config import DrafterConfig
@@ -335,22 +336,9 @@ def decode(target_params, cfg: ModelConfig, drafter: SpdDrafter, prompts, length
             raise ValueError(f"the draft module is for {got[0]} stages (block_size {got[0]}, "
                              f"target_layer_ids {list(got[1])}); num_stages={num_stages} needs "
                              f"block_size {num_stages}, target_layer_ids {list(want)}")
-    if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens}")
-    prompts = jnp.asarray(prompts, jnp.int32)
-    lengths = jnp.asarray(lengths, jnp.int32)
-    if prompts.ndim != 2 or lengths.shape != prompts.shape[:1]:
-        raise ValueError(f"prompts must be [B, P] and lengths [B]; got {prompts.shape}, "
-                         f"{lengths.shape}")
-    host = np.asarray(lengths)
-    if host.min() < num_stages or host.max() > prompts.shape[1]:
-        raise ValueError(f"lengths must lie in {num_stages}..{prompts.shape[1]} (at least "
-                         f"num_stages tokens of prompt), got {host.tolist()}")
-    stops = sorted({int(t) for t in stop_token_ids})
-    bad = [t for t in stops if not 0 <= t < cfg.vocab_size]
-    if bad:
-        raise ValueError(f"stop_token_ids {bad} are outside the vocabulary "
-                         f"(vocab_size={cfg.vocab_size})")
+    prompts, lengths, stops = decode_lib.check_inputs(
+        prompts, lengths, max_new_tokens, stop_token_ids, cfg.vocab_size, min_length=num_stages,
+        why="at least num_stages tokens of prompt")
     stops = jnp.asarray(stops, jnp.int32)
     mesh = stage_mesh(num_stages, devices)
     rng = jax.random.PRNGKey(0) if rng is None else rng
