@@ -46,13 +46,19 @@ class HybridCache(NamedTuple):
     @classmethod
     def zeros(cls, cfg, batch: int, length: int, dtype=jnp.bfloat16) -> HybridCache:
         kv = (len(cfg.attention_layers), batch, length, cfg.num_kv_heads, cfg.head_dim)
-        c = 2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim + (
-            cfg.linear_num_value_heads * cfg.linear_value_head_dim)
         n = len(cfg.linear_layers)
-        return cls(jnp.zeros(kv, dtype), jnp.zeros(kv, dtype),
-                   jnp.zeros((n, batch, cfg.linear_conv_kernel_dim - 1, c), dtype),
-                   jnp.zeros((n, batch, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
-                              cfg.linear_value_head_dim), jnp.float32))
+        history, state = (jnp.broadcast_to(a, (n, *a.shape))
+                          for a in linear_zeros(cfg, batch, dtype))
+        return cls(jnp.zeros(kv, dtype), jnp.zeros(kv, dtype), history, state)
+
+
+def linear_zeros(cfg, batch: int, dtype) -> tuple[jax.Array, jax.Array]:
+    """One linear layer's empty convolution history [B, W-1, C] and state [B, U, K, Y] (fp32)."""
+    c = 2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim + (
+        cfg.linear_num_value_heads * cfg.linear_value_head_dim)
+    return (jnp.zeros((batch, cfg.linear_conv_kernel_dim - 1, c), dtype),
+            jnp.zeros((batch, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
+                       cfg.linear_value_head_dim), jnp.float32))
 
 
 def period(cfg) -> int:
@@ -103,13 +109,8 @@ def run(params, cfg, x, cos, sin, *, attend, cache=None, keep=None, feature_laye
     distinct = sorted(set(feature_layers))
     slot_of = [distinct.index(i) if i in distinct else len(distinct) for i in range(n_layers)]
     slots = jnp.asarray(slot_of, jnp.int32)
-    batch, t = x.shape[:2]
-    if cache is None:
-        c = 2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim + (
-            cfg.linear_num_value_heads * cfg.linear_value_head_dim)
-        history = jnp.zeros((used, len(lin), batch, cfg.linear_conv_kernel_dim - 1, c), x.dtype)
-        state = jnp.zeros((used, len(lin), batch, cfg.linear_num_value_heads,
-                           cfg.linear_key_head_dim, cfg.linear_value_head_dim), jnp.float32)
+    if cache is None:  # each linear layer starts from zeros made where it runs (_linear)
+        history = state = None
         kv = (None, None)
     else:
         history, state = (_periods(a, len(lin), count) for a in (cache.history, cache.state))
@@ -194,6 +195,8 @@ def run(params, cfg, x, cos, sin, *, attend, cache=None, keep=None, feature_laye
 def _linear(h, lp, cfg, history, state, cache, keep):
     """One linear-attention mixer -> (output [B, T, D], {"history", "state"} committed, or
     {"pending"} when a cache runs without keep, or {} without a cache)."""
+    if history is None:  # no cache: the sequence starts here
+        history, state = linear_zeros(cfg, h.shape[0], h.dtype)
     r = qwen3_5.Recurrence(h, lp, cfg, history)
     g, beta = (r.g, r.beta) if keep is None else (qwen3_5.kept(r.g, keep),
                                                    qwen3_5.kept(r.beta, keep))
