@@ -47,6 +47,7 @@ import numpy as np
 from bench import common
 from dpace_jax import decode as decode_lib
 from dpace_jax import drafter as drafter_lib
+from dpace_jax.params import dims
 
 MODES = ("dflash", "autoregressive")
 
@@ -107,8 +108,7 @@ def roofline(tcfg, dcfg, target_bytes: int, drafter_bytes: int, batch: int, cont
     attention = len(tcfg.attention_layers) if tcfg.hybrid else tcfg.num_layers
     kv_t = kv_bytes(attention, batch, context, tcfg.num_kv_heads, tcfg.head_dim)
     if tcfg.hybrid:  # the recurrent state (fp32) and the convolution history, in and out
-        width = 2 * tcfg.linear_num_key_heads * tcfg.linear_key_head_dim + (
-            tcfg.linear_num_value_heads * tcfg.linear_value_head_dim)
+        width = dims(tcfg)["C"]  # the convolved q|k|v channels
         per_layer = batch * (4 * tcfg.linear_num_value_heads * tcfg.linear_key_head_dim
                              * tcfg.linear_value_head_dim + 2 * (tcfg.linear_conv_kernel_dim - 1)
                              * width)

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from dpace_jax import gated_delta, layers, moe, qwen3_5
+from dpace_jax import params as params_lib
 
 
 class Pending(NamedTuple):
@@ -54,8 +55,7 @@ class HybridCache(NamedTuple):
 
 def linear_zeros(cfg, batch: int, dtype) -> tuple[jax.Array, jax.Array]:
     """One linear layer's empty convolution history [B, W-1, C] and state [B, U, K, Y] (fp32)."""
-    c = 2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim + (
-        cfg.linear_num_value_heads * cfg.linear_value_head_dim)
+    c = params_lib.dims(cfg)["C"]
     return (jnp.zeros((batch, cfg.linear_conv_kernel_dim - 1, c), dtype),
             jnp.zeros((batch, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
                        cfg.linear_value_head_dim), jnp.float32))
