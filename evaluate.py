@@ -25,8 +25,8 @@ flags.mark_flags_as_required(["config"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from dpace_jax import evaluation
     from dpace_jax.demo.prepare import prepare
+    from dpace_jax.infer import evaluation
 
     logging.set_verbosity(logging.WARNING)  # keep Orbax's restore chatter out of the report
 

@@ -19,8 +19,8 @@ flags.mark_flags_as_required(["config"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from dpace_jax import trainer
     from dpace_jax.demo.prepare import prepare
+    from dpace_jax.train import loop as trainer
 
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO

@@ -272,21 +272,21 @@ def shape_preset(name: str) -> dict[str, Any]:
 
 
 def target_config(shape: dict[str, Any]):
-    from dpace_jax.model import ModelConfig
+    from dpace_jax.targets.model import ModelConfig
 
     return ModelConfig(**shape["target"])
 
 
 def random_target(cfg, seed: int = 0, dtype=jnp.bfloat16):
     """Random target weights (normal(0, 0.02)), built on the device in one jitted call."""
-    from dpace_jax.model import init_params
+    from dpace_jax.targets.model import init_params
 
     init = jax.jit(init_params, static_argnames=("cfg", "dtype", "scale"))
     return block(init(cfg=cfg, key=jax.random.PRNGKey(seed), dtype=dtype, scale=0.02))
 
 
 def random_drafter(dcfg, seed: int = 1, dtype=jnp.float32):
-    from dpace_jax.drafter import init_drafter_params
+    from dpace_jax.drafters.dflash import init_drafter_params
 
     init = jax.jit(init_drafter_params, static_argnames=("cfg", "dtype", "scale"))
     return block(init(cfg=dcfg, key=jax.random.PRNGKey(seed), dtype=dtype, scale=0.02))

@@ -39,7 +39,8 @@ def read_metrics(workdir: Path) -> list[dict]:
 
 def train_and_evaluate(base_config, loss: str, workdir: Path, target: Path, data: Path,
                        temperatures, progress: bool, seed: int) -> dict:
-    from dpace_jax import evaluation, trainer
+    from dpace_jax.infer import evaluation
+    from dpace_jax.train import loop as trainer
 
     config = base_config.copy_and_resolve_references()
     config.seed = seed  # the drafter's init, anchor sampling and data order; not the target's
@@ -209,9 +210,10 @@ def main(argv=None) -> None:
     import jax
     from absl import logging
 
-    from dpace_jax import convert, trainer
     from dpace_jax.demo.config import get_config
     from dpace_jax.demo.prepare import prepare
+    from dpace_jax.targets import hf as convert
+    from dpace_jax.train import loop as trainer
 
     logging.set_verbosity(logging.WARNING)
     base = get_config(args.size)

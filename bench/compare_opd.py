@@ -50,7 +50,7 @@ def arm_config(arm: str, sft: Path, workdir: Path, seed: int, progress: bool):
 
 def evaluate(config, temperature: float, path: Path, samples: int, progress: bool) -> dict:
     """The HumanEval report of config's drafter at `temperature` (cached at `path`)."""
-    from dpace_jax import evaluation
+    from dpace_jax.infer import evaluation
 
     if path.exists():
         return json.loads(path.read_text())
@@ -125,7 +125,7 @@ def main(argv=None) -> None:
     import jax
     from absl import logging
 
-    from dpace_jax import trainer
+    from dpace_jax.train import loop as trainer
 
     logging.set_verbosity(logging.WARNING)
     sft, workdir, out = Path(args.sft).absolute(), Path(args.workdir).absolute(), Path(args.out)

@@ -1,4 +1,4 @@
-"""Benchmark of the jitted speculative decoder (dpace_jax.decode.decode) against the memory
+"""Benchmark of the jitted speculative decoder (dpace_jax.infer.decode.decode) against the memory
 roofline: ms per draft+verify iteration (random DFlash drafter) and per autoregressive step,
 set against the time to read the weights and the KV cache once at the bandwidth measured in the
 same run.
@@ -45,9 +45,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import common
-from dpace_jax import decode as decode_lib
-from dpace_jax import drafter as drafter_lib
-from dpace_jax.params import dims
+from dpace_jax.drafters import dflash as drafter_lib
+from dpace_jax.infer import decode as decode_lib
+from dpace_jax.nn.params import dims
 
 MODES = ("dflash", "autoregressive")
 

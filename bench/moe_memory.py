@@ -5,7 +5,7 @@ drafter's fp32 master weights + Adam moments + gradients + bf16 compute copy, th
 train step (seq S, N anchors, block K, b sequences per device) and the KV cache for decoding, for a
 (data, fsdp, tensor) mesh. Parameters are split exactly as dpace_jax/sharding.py splits them
 (`sharding.mesh_axes`: a dimension over its logical axis's mesh axis when that divides it); the
-Qwen3-MoE tables come from dpace_jax.params' schemas, gpt-oss-120b from the hand table below (its
+Qwen3-MoE tables come from dpace_jax.nn.params' schemas, gpt-oss-120b from the hand table below (its
 published layout: biases, attention sinks; our gpt-oss support lands separately).
 
 Everything past the parameters is an ESTIMATE under the assumptions written next to each term
@@ -27,9 +27,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dpace_jax import sharding  # noqa: E402
-from dpace_jax.drafter_config import DrafterConfig  # noqa: E402
-from dpace_jax.model import ModelConfig  # noqa: E402
-from dpace_jax.schema import DRAFTER_SCHEMA, TARGET_SCHEMA  # noqa: E402
+from dpace_jax.drafters.config import DrafterConfig  # noqa: E402
+from dpace_jax.nn.schema import DRAFTER_SCHEMA, TARGET_SCHEMA  # noqa: E402
+from dpace_jax.targets.model import ModelConfig  # noqa: E402
 
 GB, GiB = 1e9, 1024**3
 EXPERT_AXIS = "expert"

@@ -86,7 +86,8 @@ def teacher_forced_agreement(params, cfg, module, prompts, lengths, tokens, num_
     import jax.numpy as jnp
     import numpy as np
 
-    from dpace_jax import model, spd_draft
+    from dpace_jax.infer.spd import draft as spd_draft
+    from dpace_jax.targets import model
 
     batch, width = prompts.shape[0], prompts.shape[1] + tokens.shape[1]
     seqs = np.zeros((batch, width), np.int32)
@@ -118,10 +119,15 @@ def main(argv=None):
     import numpy as np
 
     from bench import common
-    from dpace_jax.sampling import Sampling
+    from dpace_jax.infer.sampling import Sampling
 
     T1 = Sampling(1.0, "speculative")  # the sampled figures: temperature 1, min(1, p/q) rule
-    from dpace_jax import convert, decode, generation, layers, model, spd, spd_draft
+    from dpace_jax.infer import decode, generation
+    from dpace_jax.infer.spd import draft as spd_draft
+    from dpace_jax.infer.spd import pipeline as spd
+    from dpace_jax.nn import layers
+    from dpace_jax.targets import hf as convert
+    from dpace_jax.targets import model
 
     params, cfg = convert.load_target(args.target, dtype=jnp.float32)
     stops = generation.stop_token_ids(convert.load_tokenizer(args.target))

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from dpace_jax.decode import mean_acceptance  # tau as the decoder reports it
+from dpace_jax.infer.decode import mean_acceptance  # tau as the decoder reports it
 
 
 def bootstrap_tau(per_seed: Mapping[int, Sequence[Sequence[int]]], *, draws: int = 2000,

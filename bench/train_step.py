@@ -1,4 +1,4 @@
-"""Benchmark of the full jitted train step (dpace_jax.train_step.make_train_step): frozen target
+"""Benchmark of the full jitted train step (dpace_jax.train.step.make_train_step): frozen target
 forward + drafter forward/backward + AdamW, random weights, for the `dflash` and `dpace` losses
 in one run.
 
@@ -41,13 +41,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import common
-from dpace_jax import block_attention, chunked_loss
-from dpace_jax import drafter as drafter_lib
 from dpace_jax import loss as loss_lib
-from dpace_jax import model as model_lib
 from dpace_jax import sharding as shard_lib
-from dpace_jax import train_step as step_lib
 from dpace_jax.config import default_config
+from dpace_jax.drafters import block_attention
+from dpace_jax.drafters import dflash as drafter_lib
+from dpace_jax.loss import chunked as chunked_loss
+from dpace_jax.targets import model as model_lib
+from dpace_jax.train import step as step_lib
 
 LOSSES = ("dflash", "dpace")
 
@@ -60,7 +61,7 @@ def parse_args(argv):
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     p.add_argument("--remat", action="store_true", help="recompute drafter layers in backward")
     p.add_argument("--attention", default="dense", choices=block_attention.IMPLEMENTATIONS,
-                   help="drafter block attention (dpace_jax.block_attention)")
+                   help="drafter block attention (dpace_jax.drafters.block_attention)")
     p.add_argument("--attention-group", type=int, default=0,
                    help="blocks per attention group (dense: 0 = all at once; flash: 0 = 64)")
     p.add_argument("--attention-tile", type=int, default=block_attention.DEFAULT_FLASH_TILE,

@@ -10,9 +10,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 import ml_collections
 
-from dpace_jax.block_attention import DEFAULT_FLASH_TILE
-from dpace_jax.chunked_loss import DEFAULT_CHUNK_SIZE
+from dpace_jax.drafters.block_attention import DEFAULT_FLASH_TILE
 from dpace_jax.loss import DEFAULT_ALPHA
+from dpace_jax.loss.chunked import DEFAULT_CHUNK_SIZE
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 DEMO_TARGET_PREFIX = "demo:"
@@ -127,8 +127,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 3
     c.train.progress = True
 
-    # On-policy post-training (train.loss=opd, dpace_jax.opd): rounds of rollouts with the
-    # current drafter on the data's prompts, each followed by training on them.
+    # On-policy post-training (train.loss=opd, dpace_jax.train.opd.rounds): rounds of rollouts with
+    # the current drafter on the data's prompts, each followed by training on them.
     c.opd = ml_collections.ConfigDict()
     c.opd.rounds = 4
     c.opd.prompts_per_round = 256  # round r takes the next prompts of the data (wrapping)
@@ -149,7 +149,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.num_samples = 8
     c.eval.max_new_tokens = 256
     c.eval.temperature = 0.0  # 0: greedy
-    c.eval.rule = "dflash"  # dflash | speculative (dpace_jax.sampling.Sampling)
+    c.eval.rule = "dflash"  # dflash | speculative (dpace_jax.infer.sampling.Sampling)
     c.eval.top_k = 0  # 0: off
     c.eval.top_p = 1.0  # 1: off
     c.eval.batch_size = 1

@@ -4,13 +4,13 @@
         [--drafter HF_DIR] [--temperature 0] [--max-new-tokens 2048] [--batch-size 16] \
         [--max-samples N] [--seed 0] [--dtype bfloat16]
 
-Reads chat data in the training formats (`dpace_jax.data.load_conversations`) and writes, in input
-order, `{"messages": [...]}` rows: the same conversations with every assistant turn replaced by the
-target's answer to the turns before it (multi-turn: turn 1 is answered, the answer goes into the
-history, then turn 2 is answered, ...). Prompts use the chat template with the generation prompt
-and thinking disabled. Decoding is batched, greedy at temperature 0, else sampled; with a drafter
-the speculative decoder is used (same outputs at temperature 0), else plain autoregressive
-decoding (block size 1).
+Reads chat data in the training formats (`dpace_jax.data.conversations.load_conversations`) and
+writes, in input order, `{"messages": [...]}` rows: the same conversations with every assistant turn
+replaced by the target's answer to the turns before it (multi-turn: turn 1 is answered, the answer
+goes into the history, then turn 2 is answered, ...). Prompts use the chat template with the
+generation prompt and thinking disabled. Decoding is batched, greedy at temperature 0, else sampled;
+with a drafter the speculative decoder is used (same outputs at temperature 0), else plain
+autoregressive decoding (block size 1).
 
 Resumable: rows are appended with flush + fsync after every batch; a restart keeps the complete
 lines already written (a truncated last line from a crash is cut off) and goes on after them. The
@@ -32,10 +32,10 @@ from pathlib import Path
 
 import jax
 
-from dpace_jax import data as data_lib
-from dpace_jax import generation as ev
 from dpace_jax.config import DTYPES, parse_dtype
-from dpace_jax.sampling import GREEDY, Sampling
+from dpace_jax.data import conversations as data_lib
+from dpace_jax.infer import generation as ev
+from dpace_jax.infer.sampling import GREEDY, Sampling
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dpace_jax.params import AXES as PARAM_AXES  # parameter name -> logical axes (no L axis)
+from dpace_jax.nn.params import AXES as PARAM_AXES  # parameter name -> logical axes (no L axis)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")

@@ -5,8 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpace_jax import model
-from dpace_jax.drafter import DrafterConfig
+from dpace_jax.drafters.dflash import DrafterConfig
+from dpace_jax.targets import model
 
 TARGET = model.ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=6,
                            num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0)

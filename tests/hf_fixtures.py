@@ -106,8 +106,11 @@ def torch_outputs(model, tokens: np.ndarray):
 
 def check_transformers_reads_ours(saved_dir, model_class, torch_model, tokens: np.ndarray):
     """transformers loads the checkpoint we saved in saved_dir to torch_model's exact state dict,
-    and the two models give bitwise-equal logits on tokens [1, T]."""
-    reloaded = model_class.from_pretrained(str(saved_dir), attn_implementation="eager").eval()
+    and the two models give bitwise-equal logits on tokens [1, T]. The reloaded model runs the
+    same kernels as torch_model (`same_implementations`): bitwise equality holds only for like
+    with like (two expert implementations differ in summation order)."""
+    reloaded = model_class.from_pretrained(str(saved_dir),
+                                           **same_implementations(torch_model)).eval()
     want = torch_model.state_dict()
     assert reloaded.state_dict().keys() == want.keys()
     for key, value in reloaded.state_dict().items():
@@ -117,12 +120,26 @@ def check_transformers_reads_ours(saved_dir, model_class, torch_model, tokens: n
                                       torch_model(torch.as_tensor(tokens)).logits.numpy())
 
 
+def same_implementations(torch_model) -> dict:
+    """from_pretrained kwargs choosing torch_model's own implementations (attention, experts,
+    any other `<name>_implementation` transformers records on the config)."""
+    import re
+
+    found = {}
+    for attr, value in vars(torch_model.config).items():
+        match = re.fullmatch(r"_(\w+)_implementation(_internal)?", attr)
+        if match and isinstance(value, str):
+            found[f"{match.group(1)}_implementation"] = value
+    assert "attn_implementation" in found, sorted(vars(torch_model.config))
+    return found
+
+
 def module_builds(tmp_path_factory, make):
     """name -> (path, torch_model, fp32 params, cfg) of make(path, index, name), the HF model
     `make` saves, each built once per test module."""
     import jax.numpy as jnp
 
-    from dpace_jax import convert
+    from dpace_jax.targets import hf as convert
 
     built = {}
 
@@ -143,9 +160,9 @@ def check_round_trip(path, params, cfg, out_dir, model_class, torch_model, token
     A tied lm_head that transformers wrote anyway is left out of the comparison."""
     from safetensors.numpy import load_file
 
-    from dpace_jax import convert
-    from dpace_jax.params import flatten
-    from dpace_jax.schema import TARGET_SCHEMA
+    from dpace_jax.nn.params import flatten
+    from dpace_jax.nn.schema import TARGET_SCHEMA
+    from dpace_jax.targets import hf as convert
 
     theirs = load_file(str(Path(path) / convert.WEIGHTS_NAME))
     if cfg.tie_word_embeddings:
@@ -175,9 +192,11 @@ def check_drafter_trains_on(tmp_path: Path, make_target, drafter_intermediate: i
 
     import jax
 
-    from dpace_jax import drafter_hf, generation, trainer
     from dpace_jax.demo import target as demo_target
     from dpace_jax.demo.prepare import prepare
+    from dpace_jax.drafters import hf as drafter_hf
+    from dpace_jax.infer import generation
+    from dpace_jax.train import loop as trainer
 
     dense = demo_target.build_random_target(tmp_path / "dense", seed=0)
     target = tmp_path / "target"
@@ -209,7 +228,8 @@ def check_moe_matches_torch(params, cfg, torch_model, tokens: np.ndarray, featur
     import jax
     import jax.numpy as jnp
 
-    from dpace_jax import model, moe
+    from dpace_jax.targets import model
+    from dpace_jax.targets import qwen3_moe as moe
 
     ref_logits, ref_hidden = torch_outputs(torch_model, tokens)
     ref_features = np.concatenate([ref_hidden[j + 1] for j in feature_layers], axis=-1)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from dpace_jax import model
+from dpace_jax.targets import model
 
 
 @functools.lru_cache
@@ -98,8 +98,8 @@ def check_greedy_speculative(params, cfg: model.ModelConfig, *, new: int = 14) -
     of different lengths."""
     import jax.numpy as jnp
 
-    from dpace_jax import decode
-    from dpace_jax import drafter as dflash
+    from dpace_jax.drafters import dflash
+    from dpace_jax.infer import decode
 
     dcfg = dflash.DrafterConfig.for_target(cfg, num_layers=1, block_size=4, mask_token_id=63,
                                            target_layer_ids=(0, 2))
@@ -125,8 +125,9 @@ def replay_of_a_rollout(target_params, target_cfg, drafter_params, drafter_cfg, 
     number of draft positions checked, deepest offset checked)."""
     import jax.numpy as jnp
 
-    from dpace_jax import decode, replay
-    from dpace_jax import train_step as step_lib
+    from dpace_jax.infer import decode
+    from dpace_jax.train import step as step_lib
+    from dpace_jax.train.opd import replay
 
     k = drafter_cfg.block_size
     padded, lengths = decode.pad_prompts(prompts, bucket=16)

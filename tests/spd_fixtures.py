@@ -11,8 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpace_jax import model, spd
-from dpace_jax.model import ModelConfig
+from dpace_jax.infer.spd import pipeline as spd
+from dpace_jax.targets import model
+from dpace_jax.targets.model import ModelConfig
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=4,
                   num_heads=4, num_kv_heads=2, head_dim=8, rope_theta=10000.0)
@@ -46,8 +47,8 @@ def _target_at_head(params, config, view):
 
 
 def view_is_right(params, config, view) -> jax.Array:
-    """[B] whether the pipeline's view is what the module docstring of dpace_jax.spd says:
-    states[s] = boundary state b_s of position head - s (s = 0: its embedding), valid exactly
+    """[B] whether the pipeline's view is what the module docstring of dpace_jax.infer.spd.pipeline
+    says: states[s] = boundary state b_s of position head - s (s = 0: its embedding), valid exactly
     for s <= head - exited - 1 (the live in-flight tokens), from a full forward over view.seq."""
     n = view.states.shape[0]
     ids = spd.stage_layer_ids(config, n)

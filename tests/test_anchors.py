@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from dpace_jax import anchors
+from dpace_jax.train import anchors
 
 
 def _random_mask(rng, batch, seq):

@@ -7,8 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dpace_jax import benchmarks as bl
-from dpace_jax.benchmarks import make_prompt
+from dpace_jax.data import prompt_sets as bl
+from dpace_jax.data.prompt_sets import make_prompt
 
 
 def write_jsonl(path, rows):

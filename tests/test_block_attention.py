@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpace_jax import block_attention as ba
-from dpace_jax import model
-from dpace_jax.drafter import DrafterConfig, init_drafter_params, train_forward
+from dpace_jax.drafters import block_attention as ba
+from dpace_jax.drafters.dflash import DrafterConfig, init_drafter_params, train_forward
+from dpace_jax.targets import model
 
 pytestmark = pytest.mark.slow  # subprocesses or long compiles: `-m "not slow"` skips them
 

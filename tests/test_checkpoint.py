@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpace_jax import checkpoint as ckpt_lib
 from dpace_jax import sharding as shard_lib
+from dpace_jax.train import checkpoint as ckpt_lib
 
 
 def _state(seed):

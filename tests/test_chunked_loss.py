@@ -1,12 +1,12 @@
-"""dpace_jax.chunked_loss equals the logits path of dpace_jax.loss (values and gradients)."""
+"""dpace_jax.loss.chunked equals the logits path of dpace_jax.loss (values and gradients)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpace_jax import chunked_loss as C
 from dpace_jax import loss as L
+from dpace_jax.loss import chunked as C
 
 
 def make_inputs(seed=0, b=2, n=3, k=5, d=8, v=37):

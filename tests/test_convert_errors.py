@@ -16,8 +16,8 @@ import torch
 from hf_fixtures import make_tiny_hf_target, make_tiny_tokenizer, torch_outputs
 from safetensors.numpy import load_file, save_file
 
-from dpace_jax import convert
-from dpace_jax.model import forward
+from dpace_jax.targets import hf as convert
+from dpace_jax.targets.model import forward
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""Tests of dpace_jax.data / dpace_jax.chat: loading, loss masks, caching, batching."""
+"""Tests of dpace_jax.data.conversations / dpace_jax.data.chat: loading, loss masks, caching,
+batching."""
 
 from __future__ import annotations
 
@@ -8,14 +9,14 @@ import numpy as np
 import pytest
 from tokenizer_fixtures import build_chat_tokenizer
 
-from dpace_jax import data as D
-from dpace_jax.batches import Batches
-from dpace_jax.chat import (
+from dpace_jax.data import conversations as D
+from dpace_jax.data.chat import (
     BadConversation,
     normalize_roles,
     render_with_spans,
     token_loss_mask,
 )
+from dpace_jax.train.batches import Batches
 
 EOT = "<|im_end|>"
 

@@ -12,9 +12,10 @@ import pytest
 import references
 from test_sampling import np_filtered_probs
 
-from dpace_jax import decode, model
-from dpace_jax.model import ModelConfig
-from dpace_jax.sampling import Sampling
+from dpace_jax.infer import decode
+from dpace_jax.infer.sampling import Sampling
+from dpace_jax.targets import model
+from dpace_jax.targets.model import ModelConfig
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=8, rope_theta=10000.0)
@@ -235,8 +236,8 @@ def test_matches_transformers_generate_with_dflash_drafter(tmp_path):
     torch = pytest.importorskip("torch")
     from hf_fixtures import make_tiny_hf_target
 
-    from dpace_jax import drafter as dflash
-    from dpace_jax.convert import load_target
+    from dpace_jax.drafters import dflash
+    from dpace_jax.targets.hf import load_target
 
     path, hf = make_tiny_hf_target(tmp_path, seed=1)
     params, cfg = load_target(path, dtype=jnp.float32)
@@ -349,7 +350,7 @@ def test_sampling_is_lossless(rule, temperature, top_k, top_p):
 
 
 def test_bad_input_fails_before_decoding():
-    from dpace_jax import drafter as dflash
+    from dpace_jax.drafters import dflash
 
     params = dparams = None  # every check runs before the parameters are used
     prompts, lengths = np.zeros((2, 4), np.int32), [2, 4]

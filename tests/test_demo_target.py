@@ -17,10 +17,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dpace_jax import convert, model
 from dpace_jax.demo import corpus as corpus_lib
 from dpace_jax.demo import target as target_lib
 from dpace_jax.demo.tokenizer import build_tokenizer
+from dpace_jax.targets import hf as convert
+from dpace_jax.targets import model
 
 pytestmark = pytest.mark.slow  # subprocesses or long compiles: `-m "not slow"` skips them
 

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from drafter_fixtures import CFG, TARGET, S, random_like
 
-from dpace_jax import model
-from dpace_jax.drafter import (
+from dpace_jax.drafters.dflash import (
     DrafterConfig,
     block_forward,
     block_inputs,
@@ -22,6 +21,7 @@ from dpace_jax.drafter import (
     project_context,
     train_forward,
 )
+from dpace_jax.targets import model
 
 jax.config.update("jax_enable_x64", False)
 

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from drafter_fixtures import CFG, S, random_like
 from safetensors.numpy import load_file, save_file
 
-from dpace_jax import model
-from dpace_jax.drafter import DrafterConfig, init_drafter_params, train_forward
-from dpace_jax.drafter_hf import export_drafter, import_drafter
+from dpace_jax.drafters.dflash import DrafterConfig, init_drafter_params, train_forward
+from dpace_jax.drafters.hf import export_drafter, import_drafter
+from dpace_jax.targets import model
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,13 @@ import pytest
 import references
 from hf_fixtures import make_tiny_hf_target
 
-from dpace_jax import benchmarks as bl
-from dpace_jax import convert, decode, drafter_hf, evaluation, generation
-from dpace_jax import drafter as drafter_lib
 from dpace_jax.config import default_config
+from dpace_jax.data import prompt_sets as bl
 from dpace_jax.demo.prepare import prepare
+from dpace_jax.drafters import dflash as drafter_lib
+from dpace_jax.drafters import hf as drafter_hf
+from dpace_jax.infer import decode, evaluation, generation
+from dpace_jax.targets import hf as convert
 
 MAX_NEW = 8
 

@@ -1,7 +1,7 @@
-"""gpt-oss targets (dpace_jax.gpt_oss): parity with transformers' PyTorch GptOssForCausalLM
-(alternating sliding / full layers, sinks, biases, YaRN, clamped SwiGLU experts), the cached
-forward past the window, HF conversion both ways, MXFP4 checkpoints and lossless speculative
-decoding, on tiny random models (CPU, fp32)."""
+"""gpt-oss targets (dpace_jax.targets.gpt_oss.layers): parity with transformers' PyTorch
+GptOssForCausalLM (alternating sliding / full layers, sinks, biases, YaRN, clamped SwiGLU experts),
+the cached forward past the window, HF conversion both ways, MXFP4 checkpoints and lossless
+speculative decoding, on tiny random models (CPU, fp32)."""
 
 from __future__ import annotations
 
@@ -22,8 +22,10 @@ from hf_fixtures import (
 )
 from safetensors.numpy import load_file, save_file
 
-from dpace_jax import convert, gpt_oss, mxfp4
-from dpace_jax.model import ModelConfig, forward, forward_cached, init_params
+from dpace_jax.targets import hf as convert
+from dpace_jax.targets.gpt_oss import layers as gpt_oss
+from dpace_jax.targets.gpt_oss import mxfp4
+from dpace_jax.targets.model import ModelConfig, forward, forward_cached, init_params
 
 LAYERS = 3
 WINDOW = 4
@@ -130,7 +132,8 @@ def _quantize_codes(rng, shape):
 
 
 def _numpy_dequantize(blocks, scales):
-    """Independent of dpace_jax.mxfp4: element by element from the e2m1 bit fields."""
+    """Independent of dpace_jax.targets.gpt_oss.mxfp4: element by element from the e2m1 bit
+    fields."""
     def e2m1(code):
         sign = -1.0 if code & 8 else 1.0
         exp, man = (code >> 1) & 3, code & 1

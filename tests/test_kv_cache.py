@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpace_jax.model import KVCache, ModelConfig, forward, forward_cached, init_params
+from dpace_jax.targets.model import KVCache, ModelConfig, forward, forward_cached, init_params
 
 CACHE_LEN = 48
 CONFIGS = {

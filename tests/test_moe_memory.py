@@ -17,9 +17,9 @@ if str(ROOT) not in sys.path:
 
 from bench import moe_memory as mm  # noqa: E402
 from dpace_jax import sharding  # noqa: E402
-from dpace_jax.model import ModelConfig, init_params  # noqa: E402
-from dpace_jax.params import flatten  # noqa: E402
-from dpace_jax.schema import TARGET_SCHEMA  # noqa: E402
+from dpace_jax.nn.params import flatten  # noqa: E402
+from dpace_jax.nn.schema import TARGET_SCHEMA  # noqa: E402
+from dpace_jax.targets.model import ModelConfig, init_params  # noqa: E402
 
 TINY = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_layers=4, num_heads=4,
                    num_kv_heads=2, head_dim=8, arch="qwen3_moe", num_experts=8,

@@ -1,6 +1,6 @@
-"""Qwen3-MoE targets (dpace_jax.moe): parity with transformers' PyTorch Qwen3MoeForCausalLM, the
-two token dispatches, the cached forward, HF conversion both ways and lossless speculative
-decoding (greedy and sampled), on tiny random models (CPU, fp32)."""
+"""Qwen3-MoE targets (dpace_jax.targets.qwen3_moe): parity with transformers' PyTorch
+Qwen3MoeForCausalLM, the two token dispatches, the cached forward, HF conversion both ways and
+lossless speculative decoding (greedy and sampled), on tiny random models (CPU, fp32)."""
 
 from __future__ import annotations
 
@@ -22,8 +22,9 @@ from hf_fixtures import (
 from safetensors.numpy import load_file, save_file
 from test_decode import check_sampling, random_target
 
-from dpace_jax import convert, moe
-from dpace_jax.model import ModelConfig, forward, forward_cached, init_params
+from dpace_jax.targets import hf as convert
+from dpace_jax.targets import qwen3_moe as moe
+from dpace_jax.targets.model import ModelConfig, forward, forward_cached, init_params
 
 LAYERS = 3
 FEATURE_LAYERS = (2, 0, 1, 2)  # every layer, the last one (after the final norm) included
@@ -205,7 +206,7 @@ import dataclasses
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import PartitionSpec as P
 from dpace_jax import sharding
-from dpace_jax.model import ModelConfig, features, forward, init_params
+from dpace_jax.targets.model import ModelConfig, features, forward, init_params
 
 assert jax.device_count() == 8, jax.devices()
 mesh = sharding.make_mesh((2, 2, 2))

@@ -17,13 +17,18 @@ import pytest
 import references
 from drafter_fixtures import CFG, TARGET, random_like
 
-from dpace_jax import decode, drafter_hf, opd_loss, opd_step, replay, rollout, trainer
-from dpace_jax import drafter as drafter_lib
-from dpace_jax import generation as gen_lib
-from dpace_jax import model as model_lib
-from dpace_jax import train_step as step_lib
 from dpace_jax.config import default_config
 from dpace_jax.demo.prepare import prepare
+from dpace_jax.drafters import dflash as drafter_lib
+from dpace_jax.drafters import hf as drafter_hf
+from dpace_jax.infer import decode
+from dpace_jax.infer import generation as gen_lib
+from dpace_jax.loss import opd as opd_loss
+from dpace_jax.targets import model as model_lib
+from dpace_jax.train import loop as trainer
+from dpace_jax.train import step as step_lib
+from dpace_jax.train.opd import objective as opd_step
+from dpace_jax.train.opd import replay, rollout
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""dpace_jax.opd_loss against an independent float64 NumPy loop re-derivation of the Draft-OPD
+"""dpace_jax.loss.opd against an independent float64 NumPy loop re-derivation of the Draft-OPD
 objective (docs/design.md §9): values, analytic gradients (themselves checked by central finite
 differences), the clamps, the D-PACE variant, masking, batch axes and argument checks."""
 
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpace_jax import opd_loss as O
+from dpace_jax.loss import opd as O
 
 EPS32 = float(np.finfo(np.float32).eps)
 EPS64 = float(np.finfo(np.float64).eps)

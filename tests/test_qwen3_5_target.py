@@ -1,6 +1,6 @@
-"""Qwen3.5 hybrid targets (dpace_jax.qwen3_5, hybrid, gated_delta): parity with transformers'
-PyTorch Qwen3_5ForCausalLM / Qwen3_5MoeForCausalLM, the gated delta rule's two forms against
-transformers' own, the cache's commit / rollback, HF conversion both ways (text-only and
+"""Qwen3.5 hybrid targets (dpace_jax.targets.qwen3_5.layers, hybrid, gated_delta): parity with
+transformers' PyTorch Qwen3_5ForCausalLM / Qwen3_5MoeForCausalLM, the gated delta rule's two forms
+against transformers' own, the cache's commit / rollback, HF conversion both ways (text-only and
 multimodal checkpoints) and lossless speculative decoding, on tiny random models (CPU, fp32)."""
 
 from __future__ import annotations
@@ -23,10 +23,13 @@ from hf_fixtures import (
 from safetensors.numpy import load_file, save_file
 from test_decode import NEW, check_greedy, check_sampling, random_target, script_drafter
 
-from dpace_jax import convert, decode, gated_delta, model
-from dpace_jax.model import ModelConfig
-from dpace_jax.params import flatten
-from dpace_jax.schema import TARGET_SCHEMA
+from dpace_jax.infer import decode
+from dpace_jax.nn.params import flatten
+from dpace_jax.nn.schema import TARGET_SCHEMA
+from dpace_jax.targets import hf as convert
+from dpace_jax.targets import model
+from dpace_jax.targets.model import ModelConfig
+from dpace_jax.targets.qwen3_5 import gated_delta
 
 LINEAR = dict(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
               linear_value_head_dim=6, linear_conv_kernel_dim=4)
@@ -150,7 +153,7 @@ def test_gated_delta_rule_forms_match_transformers_and_each_other():
         for ref_out, ref_state in refs:
             np.testing.assert_allclose(np.asarray(out), ref_out.numpy(), atol=2e-5, rtol=0)
             np.testing.assert_allclose(np.asarray(state), ref_state.numpy(), atol=2e-5, rtol=0)
-    from dpace_jax import qwen3_5
+    from dpace_jax.targets.qwen3_5 import layers as qwen3_5
 
     keep = jnp.asarray([5, 37])
     q, k, v, g, beta = _ours(x)
@@ -361,7 +364,8 @@ def test_regeneration_on_a_qwen3_5_target_is_its_greedy_answer(tmp_path):
     answer is the brute-force greedy continuation of its rendered history."""
     from hf_fixtures import make_tiny_tokenizer
 
-    from dpace_jax import generation, regenerate
+    from dpace_jax import regenerate
+    from dpace_jax.infer import generation
 
     target = tmp_path / "target"
     make_hf_qwen3_5(target, seed=4, vocab_size=272, num_hidden_layers=4)
@@ -394,7 +398,7 @@ def test_the_qwen3_5_4b_config_and_shape():
     from pathlib import Path
 
     from bench import common
-    from dpace_jax.drafter_config import DrafterConfig
+    from dpace_jax.drafters.config import DrafterConfig
 
     root = Path(__file__).resolve().parents[1]
     c = runpy.run_path(str(root / "configs" / "qwen3_5_4b.py"))["get_config"]()

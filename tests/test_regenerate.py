@@ -10,8 +10,11 @@ import pytest
 from hf_fixtures import make_tiny_hf_target
 from test_evaluate import greedy_reference, make_drafter
 
-from dpace_jax import convert, data, generation, regenerate
-from dpace_jax.sampling import Sampling
+from dpace_jax import regenerate
+from dpace_jax.data import conversations as data
+from dpace_jax.infer import generation
+from dpace_jax.infer.sampling import Sampling
+from dpace_jax.targets import hf as convert
 
 MAX_NEW = 8
 CONVS = [

@@ -17,12 +17,14 @@ import numpy as np
 import pytest
 from drafter_fixtures import CFG
 
-from dpace_jax import checkpoint as ckpt_lib
-from dpace_jax import drafter_hf, generation, trainer
 from dpace_jax import sharding as shard_lib
-from dpace_jax import train_step as step_lib
 from dpace_jax.demo.prepare import prepare
-from dpace_jax.drafter import init_drafter_params
+from dpace_jax.drafters import hf as drafter_hf
+from dpace_jax.drafters.dflash import init_drafter_params
+from dpace_jax.infer import generation
+from dpace_jax.train import checkpoint as ckpt_lib
+from dpace_jax.train import loop as trainer
+from dpace_jax.train import step as step_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,11 +1,11 @@
-"""dpace_jax.sampling against NumPy re-derivations of the filters and the acceptance rules."""
+"""dpace_jax.infer.sampling against NumPy re-derivations of the filters and the acceptance rules."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpace_jax import sampling
+from dpace_jax.infer import sampling
 
 
 def np_filtered_probs(logits, temperature, top_k=0, top_p=1.0):

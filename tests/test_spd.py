@@ -1,6 +1,6 @@
-"""SPD (dpace_jax.spd) on a 4-device CPU mesh, against the target's own greedy decoding and its
-exact sampling distribution. One subprocess (XLA_FLAGS must be set before JAX starts) runs every
-decode and saves the results; the tests below check them."""
+"""SPD (dpace_jax.infer.spd.pipeline) on a 4-device CPU mesh, against the target's own greedy
+decoding and its exact sampling distribution. One subprocess (XLA_FLAGS must be set before JAX
+starts) runs every decode and saves the results; the tests below check them."""
 
 import dataclasses
 import json
@@ -14,8 +14,10 @@ import pytest
 import spd_fixtures as F
 from test_decode import chi_square_z, exact_conditionals
 
-from dpace_jax import decode, spd, spd_draft
-from dpace_jax.model import ModelConfig
+from dpace_jax.infer import decode
+from dpace_jax.infer.spd import draft as spd_draft
+from dpace_jax.infer.spd import pipeline as spd
+from dpace_jax.targets.model import ModelConfig
 
 TESTS = Path(__file__).resolve().parent
 B, PLEN, NEW = 3, 8, 20
@@ -51,8 +53,9 @@ import json, sys
 import jax, numpy as np
 sys.path.insert(0, {tests!r})
 import spd_fixtures as F, test_spd as T
-from dpace_jax import drafter as dflash, spd, spd_draft
-from dpace_jax.sampling import Sampling
+from dpace_jax.drafters import dflash
+from dpace_jax.infer.spd import draft as spd_draft, pipeline as spd
+from dpace_jax.infer.sampling import Sampling
 out = {{}}
 params = F.random_target(F.CFG, 1)
 for n in (2, 4):
@@ -134,7 +137,7 @@ def test_stop_tokens_end_generation_like_the_target(runs):
 
 @pytest.mark.parametrize("n", [4])
 def test_greedy_with_the_draft_module_equals_the_targets(runs, n):
-    """The draft module of dpace_jax.spd_draft (random weights) in the 4-stage pipeline: the
+    """The draft module of dpace_jax.infer.spd.draft (random weights) in the 4-stage pipeline: the
     target's greedy continuation, every token verified once. (Its decoding hooks equal its
     training forward at 2 and 4 stages: tests/test_spd_draft.py.)"""
     params = F.random_target(F.CFG, 1)

@@ -1,4 +1,4 @@
-"""The SPD draft module (dpace_jax.spd_draft): its inputs and loss against float64 NumPy, its
+"""The SPD draft module (dpace_jax.infer.spd.draft): its inputs and loss against float64 NumPy, its
 decoding hooks against its training forward, and a tiny train.loss=spd run."""
 
 import jax
@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 import spd_fixtures as F
 
-from dpace_jax import drafter as dflash
-from dpace_jax import model, spd, spd_draft
 from dpace_jax import sharding as shard_lib
-from dpace_jax import train_step as step_lib
 from dpace_jax.config import default_config
+from dpace_jax.drafters import dflash
+from dpace_jax.infer.spd import draft as spd_draft
+from dpace_jax.infer.spd import pipeline as spd
+from dpace_jax.targets import model
+from dpace_jax.train import step as step_lib
 
 SEQ = 24
 
@@ -142,7 +144,8 @@ def test_train_py_trains_and_exports_a_draft_module(tmp_path):
     import sys
     from pathlib import Path
 
-    from dpace_jax import convert, generation
+    from dpace_jax.infer import generation
+    from dpace_jax.targets import hf as convert
 
     root = Path(__file__).resolve().parents[1]
 

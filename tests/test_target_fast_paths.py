@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpace_jax import layers
-from dpace_jax.model import (
+from dpace_jax.nn import layers
+from dpace_jax.targets.model import (
     ATTENTION,
     TRAIN_ATTENTION,
     KVCache,

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from hf_fixtures import make_tiny_hf_target, torch_outputs
 
-from dpace_jax import convert
-from dpace_jax.layers import rope_inv_freq
-from dpace_jax.model import KVCache, features, forward, forward_cached
+from dpace_jax.nn.layers import rope_inv_freq
+from dpace_jax.targets import hf as convert
+from dpace_jax.targets.model import KVCache, features, forward, forward_cached
 
 pytestmark = pytest.mark.slow  # subprocesses or long compiles: `-m "not slow"` skips them
 
@@ -116,8 +116,9 @@ SHARDING_SCRIPT = textwrap.dedent("""
     import sys
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from dpace_jax import convert, params as P_
-    from dpace_jax.schema import TARGET_SCHEMA
+    from dpace_jax.targets import hf as convert
+    from dpace_jax.nn import params as P_
+    from dpace_jax.nn.schema import TARGET_SCHEMA
 
     path = sys.argv[1]
     assert jax.device_count() == 4, jax.devices()

@@ -14,8 +14,8 @@ import pytest
 from train_fixtures import batches, tiny_setup
 
 from dpace_jax import sharding as shard_lib
-from dpace_jax import train_step as step_lib
 from dpace_jax.config import default_config
+from dpace_jax.train import step as step_lib
 
 pytestmark = pytest.mark.slow  # subprocesses or long compiles: `-m "not slow"` skips them
 

@@ -30,9 +30,12 @@ import references
 from dflash_reference import Drafter, greedy_decode, load_target
 from hf_fixtures import make_tiny_tokenizer
 
-from dpace_jax import convert, evaluation, generation, model, trainer
 from dpace_jax.config import default_config
-from dpace_jax.train_step import StepConfig
+from dpace_jax.infer import evaluation, generation
+from dpace_jax.targets import hf as convert
+from dpace_jax.targets import model
+from dpace_jax.train import loop as trainer
+from dpace_jax.train.step import StepConfig
 
 pytestmark = pytest.mark.slow  # subprocesses or long compiles: `-m "not slow"` skips them
 

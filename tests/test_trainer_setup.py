@@ -4,10 +4,11 @@ import jax
 import pytest
 from hf_fixtures import make_tiny_tokenizer
 
-from dpace_jax import drafter as drafter_lib
-from dpace_jax import drafter_hf, trainer
-from dpace_jax import model as model_lib
 from dpace_jax.config import default_config
+from dpace_jax.drafters import dflash as drafter_lib
+from dpace_jax.drafters import hf as drafter_hf
+from dpace_jax.targets import model as model_lib
+from dpace_jax.train import loop as trainer
 
 TARGET = model_lib.ModelConfig(vocab_size=272, hidden_size=64, intermediate_size=128,
                                num_layers=6, num_heads=4, num_kv_heads=2, head_dim=16)
@@ -106,9 +107,9 @@ def test_training_imports_neither_evaluation_nor_the_demo():
     import subprocess
     import sys
 
-    code = ("import sys, dpace_jax.trainer, dpace_jax.regenerate; "
+    code = ("import sys, dpace_jax.train.loop, dpace_jax.regenerate; "
             "print(sorted(m for m in sys.modules if m.startswith('dpace_jax.demo') "
-            "or m == 'dpace_jax.evaluation'))")
+            "or m == 'dpace_jax.infer.evaluation'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, check=True)
     assert out.stdout.strip() == "[]", out.stdout

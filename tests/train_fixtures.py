@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpace_jax import drafter as drafter_lib
-from dpace_jax import model as model_lib
-from dpace_jax import train_step as step_lib
 from dpace_jax.config import default_config
+from dpace_jax.drafters import dflash as drafter_lib
+from dpace_jax.targets import model as model_lib
+from dpace_jax.train import step as step_lib
 
 VOCAB, SEQ, BLOCK = 64, 48, 4
 

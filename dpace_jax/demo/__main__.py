@@ -23,9 +23,10 @@ def main(argv=None) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
 
-    from dpace_jax import evaluation, trainer
     from dpace_jax.demo.config import get_config
     from dpace_jax.demo.prepare import prepare
+    from dpace_jax.infer import evaluation
+    from dpace_jax.train import loop as trainer
 
     logging.set_verbosity(logging.WARNING)
     config = get_config(args.size)

@@ -21,7 +21,7 @@ import sysconfig
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from dpace_jax.benchmarks import PROMPT_HEADER, make_prompt  # noqa: F401
+from dpace_jax.data.prompt_sets import PROMPT_HEADER, make_prompt  # noqa: F401
 
 # Directory names never descended into.
 SKIP_DIRS = frozenset({

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from dpace_jax import data as data_lib
+from dpace_jax.data import conversations as data_lib
 from dpace_jax.demo import corpus
 
 

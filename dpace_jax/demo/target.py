@@ -5,7 +5,7 @@ tokenizer (dpace_jax.demo.tokenizer), trains the LM with next-token cross-entrop
 source windows and chat-formatted function tasks (user: signature + docstring, assistant: the body
 in a code fence, ending with `<|im_end|>`), and saves an ordinary HF checkpoint directory
 (config.json with architectures ["Qwen3ForCausalLM"], model.safetensors, tokenizer files) through
-dpace_jax.convert.save_target. `build_random_target` saves a tiny random-weight target the same
+dpace_jax.targets.hf.save_target. `build_random_target` saves a tiny random-weight target the same
 way (tests and the tiny config).
 
 Both are cached: a build is staged in a hidden sibling directory, `demo_build.json` (the settings
@@ -30,10 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dpace_jax import convert, model
-from dpace_jax.atomic import atomic_dir
 from dpace_jax.demo import corpus as corpus_lib
 from dpace_jax.demo.tokenizer import IM_END, PAD, build_tokenizer
+from dpace_jax.io.atomic import atomic_dir
+from dpace_jax.targets import hf as convert
+from dpace_jax.targets import model
 
 MARKER = "demo_build.json"
 BUILD_VERSION = 2  # bump when the build recipe changes, so cached builds are redone
@@ -77,8 +78,8 @@ DEMO_SIZES: dict[str, DemoSize] = {
                     steps=2000, learning_rate=1.5e-3, compute_dtype="bfloat16",
                     save_dtype="bfloat16"),
 }
-# The cpu recipe with a Qwen3.5 hybrid target (dpace_jax/qwen3_5.py): three gated-DeltaNet layers
-# and one gated-attention layer with RoPE on a quarter of each head.
+# The cpu recipe with a Qwen3.5 hybrid target (dpace_jax/targets/qwen3_5/layers.py): three
+# gated-DeltaNet layers and one gated-attention layer with RoPE on a quarter of each head.
 DEMO_SIZES["cpu-qwen3.5"] = dataclasses.replace(DEMO_SIZES["cpu"], model_extra=(
     ("arch", "qwen3_5"), ("partial_rotary_factor", 0.25),
     ("layer_types", ("linear_attention",) * 3 + ("full_attention",)),

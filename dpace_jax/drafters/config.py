@@ -1,0 +1,172 @@
+"""The DFlash drafter's configuration: widths, block size, mask token, the target's feature
+layers, and each layer's attention (full or sliding window); checks against a target.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+from dpace_jax.targets.model import ModelConfig
+
+
+def default_target_layer_ids(num_target_layers: int, num_features: int) -> tuple[int, ...]:
+    """DFlash's feature layers: round(1 + i*(L-4)/(n-1)) for i < n (n=1: L//2)."""
+    if num_features < 1:
+        raise ValueError(f"number of target features must be >= 1, got {num_features}")
+    if num_features == 1:
+        ids = (num_target_layers // 2,)
+    else:
+        span = num_target_layers - 4
+        ids = tuple(int(round(1 + i * span / (num_features - 1))) for i in range(num_features))
+    if any(not 0 <= j < num_target_layers for j in ids):
+        raise ValueError(
+            f"default target_layer_ids {list(ids)} fall outside the target's "
+            f"{num_target_layers} layers; pass target_layer_ids explicitly"
+        )
+    return ids
+
+
+LAYER_TYPES = ("full_attention", "sliding_attention")
+# The ModelConfig fields a drafter takes from its target (DFlash) or from its config.json; its
+# depth is its own, and it never ties embeddings (it has none) nor drops the q/k norms.
+SHARED_FIELDS = ("hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim",
+                 "vocab_size", "rope_theta", "rms_norm_eps", "rope_scaling",
+                 "max_position_embeddings")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DrafterConfig(ModelConfig):
+    """The drafter's layer stack as a ModelConfig (its widths, depth `num_layers`, rope, eps;
+    Qwen3-style, q/k norm) plus what makes it a DFlash drafter."""
+
+    block_size: int
+    mask_token_id: int
+    target_layer_ids: tuple[int, ...]
+    num_target_layers: int
+    layer_types: tuple[str, ...] = ()  # per layer, from LAYER_TYPES; () = all full_attention
+    sliding_window: int = 0  # W of the sliding_attention layers (0: none)
+    is_causal: bool = False  # full_attention layers causal inside the block as well
+
+    def __post_init__(self):
+        object.__setattr__(self, "target_layer_ids", tuple(int(j) for j in self.target_layer_ids))
+        types = tuple(str(t) for t in self.layer_types) or ("full_attention",) * self.num_layers
+        object.__setattr__(self, "layer_types", types)
+        if len(types) != self.num_layers:
+            raise ValueError(f"drafter config: layer_types has {len(types)} entries, expected one "
+                             f"per layer (num_layers={self.num_layers})")
+        unknown = sorted({t for t in types if t not in LAYER_TYPES})
+        if unknown:
+            raise ValueError(f"drafter config: layer_types {unknown} unknown; expected "
+                             f"{' or '.join(LAYER_TYPES)}")
+        sliding = "sliding_attention" in types
+        if int(self.sliding_window) < 0 or (sliding and int(self.sliding_window) < 1):
+            raise ValueError(f"drafter config: sliding_window={self.sliding_window}; sliding_"
+                             "attention layers need a window >= 1")
+        # without sliding layers the window has no effect: one spelling of it, 0
+        object.__setattr__(self, "sliding_window", int(self.sliding_window) if sliding else 0)
+        object.__setattr__(self, "is_causal", bool(self.is_causal))
+        if not self.qk_norm or self.tie_word_embeddings:
+            raise ValueError("drafter config: a DFlash drafter's layers are Qwen3-style (qk_norm, "
+                             "no embedding of its own)")
+        positive = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                    "head_dim", "vocab_size", "num_target_layers")
+        for name in positive:
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"drafter config: {name} must be >= 1, got {getattr(self, name)}")
+        if self.block_size < 2:
+            raise ValueError(f"drafter config: block_size must be >= 2, got {self.block_size}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"drafter config: num_heads={self.num_heads} is not a multiple of "
+                             f"num_kv_heads={self.num_kv_heads}")
+        if not self.target_layer_ids:
+            raise ValueError("drafter config: target_layer_ids is empty")
+        bad = [j for j in self.target_layer_ids if not 0 <= j < self.num_target_layers]
+        if bad:
+            raise ValueError(f"drafter config: target_layer_ids {bad} out of range for "
+                             f"num_target_layers={self.num_target_layers}")
+        if not 0 <= self.mask_token_id < self.vocab_size:
+            raise ValueError(f"drafter config: mask_token_id={self.mask_token_id} is outside the "
+                             f"vocabulary (vocab_size={self.vocab_size})")
+
+    @classmethod
+    def for_target(cls, target_cfg: ModelConfig, *, num_layers: int = 5, block_size: int = 16,
+                   mask_token_id: int, target_layer_ids=None, layer_types=(),
+                   sliding_window: int = 0, is_causal: bool = False,
+                   intermediate_size: int = 0) -> DrafterConfig:
+        """A drafter with the target's widths (as DFlash builds it) and `num_layers` layers; the
+        default feature layers are `default_target_layer_ids(L, num_layers)`. `intermediate_size`
+        > 0 replaces the target's MLP width (required for a target without a dense one, e.g.
+        Qwen3.5-MoE)."""
+        if target_layer_ids is None:
+            target_layer_ids = default_target_layer_ids(target_cfg.num_layers, num_layers)
+        shared = {f: getattr(target_cfg, f) for f in SHARED_FIELDS}
+        if intermediate_size:
+            shared["intermediate_size"] = int(intermediate_size)
+        elif not target_cfg.intermediate_size:
+            raise ValueError(f"drafter.intermediate_size: the target ({target_cfg.arch}) has no "
+                             "dense MLP width to copy; set the drafter's MLP width (> 0)")
+        return cls(**shared, num_layers=num_layers,
+                   num_target_layers=target_cfg.num_layers, block_size=block_size,
+                   mask_token_id=mask_token_id, target_layer_ids=tuple(target_layer_ids),
+                   layer_types=tuple(layer_types), sliding_window=int(sliding_window),
+                   is_causal=bool(is_causal))
+
+    @property
+    def layer_windows(self) -> tuple[int, ...]:
+        """Per layer, the sliding window (0 for full_attention layers)."""
+        return tuple(self.sliding_window if t == "sliding_attention" else 0
+                     for t in self.layer_types)
+
+    @property
+    def layer_causal(self) -> tuple[bool, ...]:
+        """Per layer, whether block positions see only the block positions up to their own."""
+        return tuple(t == "sliding_attention" or self.is_causal for t in self.layer_types)
+
+    @property
+    def num_features(self) -> int:
+        return len(self.target_layer_ids)
+
+    @property
+    def feature_size(self) -> int:
+        """F = n * D, the width of the concatenated target features."""
+        return self.num_features * self.hidden_size
+
+
+_WARNED_LAST_LAYER: set = set()
+
+
+def warn_if_last_layer(target_layer_ids, num_target_layers: int, field: str) -> bool:
+    """Warn (once per field and value) when the feature layers include the target's last layer.
+    Its feature is HF's hidden_states[L], the state after the final norm, which is what this
+    package and DFlash's reference decoder use; serving engines that capture auxiliary hidden
+    states before the final norm would feed the drafter something else. Returns whether it
+    applies."""
+    ids = tuple(int(j) for j in target_layer_ids)
+    if num_target_layers - 1 not in ids:
+        return False
+    key = (field, ids, num_target_layers)
+    if key not in _WARNED_LAST_LAYER:
+        _WARNED_LAST_LAYER.add(key)
+        warnings.warn(
+            f"{field}={list(ids)} includes the target's last layer ({num_target_layers - 1}): "
+            "its feature is the state after the target's final norm (HF hidden_states[L]), "
+            "which some serving engines do not capture; prefer layers below "
+            f"{num_target_layers - 1}", UserWarning, stacklevel=2)
+    return True
+
+
+def check_compatible(cfg: DrafterConfig, target_cfg: ModelConfig, source: str = "drafter") -> None:
+    """Raise ValueError naming the field when the drafter cannot run on this target. (Its feature
+    layers and mask token then fit as well: DrafterConfig keeps them within num_target_layers
+    and vocab_size.)"""
+    def fail(what):
+        raise ValueError(f"{source}: {what} does not match the target")
+
+    if cfg.hidden_size != target_cfg.hidden_size:
+        fail(f"hidden_size={cfg.hidden_size} (target hidden_size={target_cfg.hidden_size})")
+    if cfg.vocab_size != target_cfg.vocab_size:
+        fail(f"vocab_size={cfg.vocab_size} (target vocab_size={target_cfg.vocab_size})")
+    if cfg.num_target_layers != target_cfg.num_layers:
+        fail(f"num_target_layers={cfg.num_target_layers} "
+             f"(target num_hidden_layers={target_cfg.num_layers})")

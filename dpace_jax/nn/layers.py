@@ -1,0 +1,185 @@
+"""Building blocks shared by the target model and the drafter: plain functions over arrays and
+a decoder layer's parameters (`dpace_jax.nn.params.LayerParams`, one layer's slice). Shape letters:
+docs/design.md §1.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm as in HF Qwen3/Llama: statistics in fp32, result cast back to x's dtype."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * x32.astype(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: Mapping | None = None) -> jax.Array:
+    """Inverse frequencies [E/2] of rotary embeddings, with Llama-3.1 ("llama3") scaling."""
+    inv = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if not scaling:
+        return inv
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "default":
+        return inv
+    if kind == "yarn":
+        return _yarn_inv_freq(head_dim, theta, scaling)
+    if kind != "llama3":
+        raise ValueError(f"rope_scaling.rope_type={kind!r} is not supported (expected 'llama3' "
+                         "or 'yarn')")
+    factor = float(scaling["factor"])
+    low = float(scaling["low_freq_factor"])
+    high = float(scaling["high_freq_factor"])
+    old_ctx = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    scaled = jnp.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def _yarn_factor(scaling: Mapping) -> float:
+    if scaling.get("factor") is None:
+        raise ValueError("rope_scaling: a 'yarn' rope needs its 'factor'")
+    return float(scaling["factor"])
+
+
+def _yarn_inv_freq(head_dim: int, theta: float, scaling: Mapping) -> jax.Array:
+    """YaRN (transformers' `_compute_yarn_parameters`): per frequency pair j, a blend
+    inv = interp * (1 - x_j) + extrap * x_j of extrap = theta^(-2j/E) and interp = extrap / factor,
+    with x_j = 1 - clip((j - low) / (high - low), 0, 1) and [low, high] the dims where
+    beta_fast / beta_slow rotations fit in original_max_position_embeddings (floor / ceil unless
+    truncate is false; high += 0.001 when they meet)."""
+    factor = _yarn_factor(scaling)
+    fast, slow = float(scaling.get("beta_fast") or 32), float(scaling.get("beta_slow") or 1)
+    old_ctx = float(scaling["original_max_position_embeddings"])
+
+    def dim_of(rotations):
+        return head_dim * math.log(old_ctx / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_of(fast), dim_of(slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001
+    extrap = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    interp = 1.0 / (factor * theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    ramp = jnp.clip((jnp.arange(head_dim // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
+    keep = 1 - ramp
+    return interp * (1 - keep) + extrap * keep
+
+
+def rope_attention_factor(scaling: Mapping | None) -> float:
+    """The factor transformers multiplies cos and sin by: 1 except for YaRN, where it is
+    `attention_factor`, else mscale(factor, mscale) / mscale(factor, mscale_all_dim) when both
+    are set, else mscale(factor) with mscale(s, m) = 0.1 m ln(s) + 1 (1 for s <= 1)."""
+    if not scaling or scaling.get("rope_type", scaling.get("type")) != "yarn":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    factor = _yarn_factor(scaling)
+
+    def mscale(s, m=1.0):
+        return 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0
+
+    m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    if m and m_all:
+        return float(mscale(factor, m) / mscale(factor, m_all))
+    return mscale(factor)
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin of shape positions.shape + [E] (the two halves repeated, HF convention)."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate x [..., T, heads, E] by cos/sin [..., T, E] (rotate-half convention), in fp32."""
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    out = x32 * cos[..., None, :] + rotated * sin[..., None, :]
+    return out.astype(x.dtype)
+
+
+def project_q(x: jax.Array, p, eps: float) -> jax.Array:
+    """[..., T, D] -> queries [..., T, H, E], with the per-head q_norm when the layer has one."""
+    q = jnp.einsum("...td,dhe->...the", x, p.q)
+    return rms_norm(q, p.q_norm, eps) if p.q_norm is not None else q
+
+
+def project_kv(x: jax.Array, p, eps: float) -> tuple[jax.Array, jax.Array]:
+    """[..., S, D] -> keys and values [..., S, G, E] (keys k_norm-ed when the layer has one)."""
+    k = jnp.einsum("...sd,dge->...sge", x, p.k)
+    v = jnp.einsum("...sd,dge->...sge", x, p.v)
+    if p.k_norm is not None:
+        k = rms_norm(k, p.k_norm, eps)
+    return k, v
+
+
+def attention_logits(q: jax.Array, k: jax.Array) -> jax.Array:
+    """Scaled scores of grouped-query attention: q [..., T, H, E], k [..., S, G, E] ->
+    [..., G, R, T, S] in fp32."""
+    *lead, t, h, e = q.shape
+    g = k.shape[-2]
+    q = q.reshape(*lead, t, g, h // g, e)
+    scores = jnp.einsum("...tgre,...sge->...grts", q, k, preferred_element_type=jnp.float32)
+    return scores / math.sqrt(e)
+
+
+def attention_output(probs: jax.Array, v: jax.Array) -> jax.Array:
+    """probs [..., G, R, T, S] x v [..., S, G, E] -> [..., T, H, E] in v's dtype."""
+    out = jnp.einsum("...grts,...sge->...tgre", probs.astype(v.dtype), v)
+    *lead, t, g, r, e = out.shape
+    return out.reshape(*lead, t, g * r, e)
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                     implementation: str | None = None) -> jax.Array:
+    """Causal grouped-query attention through `jax.nn.dot_product_attention`: q [B, T, H, E],
+    k, v [B, T, G, E] -> [B, T, H, E], query t seeing keys 0..t, scale 1/sqrt(E).
+
+    `implementation` is passed on: "cudnn" (fused flash attention on NVIDIA GPUs; bf16 or fp16
+    inputs only, checked here rather than cast), "xla", or None (JAX's default, XLA today).
+    """
+    if implementation == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(
+            f"cuDNN attention needs bf16 or fp16 inputs, got {q.dtype}; load the target in "
+            "bf16 or use attention='einsum'"
+        )
+    if implementation == "cudnn" and jax.default_backend() != "gpu":
+        raise ValueError(f"cuDNN attention needs an NVIDIA GPU; this process runs on "
+                         f"{jax.default_backend()!r}: use attention='einsum'")
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+
+
+def masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax over the last axis where mask is True; rows with nothing visible give zeros."""
+    scores = jnp.where(mask, scores, -jnp.inf)
+    peak = jnp.max(scores, axis=-1, keepdims=True)
+    peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
+    e = jnp.where(mask, jnp.exp(scores - peak), 0.0)
+    denom = jnp.sum(e, axis=-1, keepdims=True)
+    return e / jnp.where(denom > 0, denom, 1.0)
+
+
+def mlp(x: jax.Array, p) -> jax.Array:
+    """SwiGLU feed-forward: down(silu(gate x) * up x)."""
+    gate = jnp.einsum("...d,df->...f", x, p.gate)
+    up = jnp.einsum("...d,df->...f", x, p.up)
+    return jnp.einsum("...f,fd->...d", jax.nn.silu(gate) * up, p.down)
+
+
+def output_projection(attn: jax.Array, p) -> jax.Array:
+    """[..., T, H, E] -> [..., T, D]."""
+    return jnp.einsum("...the,hed->...td", attn, p.o)

@@ -1,0 +1,101 @@
+"""What a resumed run must share with the run that wrote its checkpoint, and the run's record.
+
+The fingerprint holds every setting that changes the trained result: the schedule, the
+objective, anchors, clipping, dtypes, the drafter's shape, the tokenized data and the target.
+A resume with another value is refused in one line that names the setting, unless the run allows
+it (`train.allow_changed`, for deliberate continuations); an allowed change is appended, with the
+step it took effect, to WORKDIR/run_history.jsonl, which is never rewritten. Checkpoints written
+before a key existed are compared on the keys they have.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from dpace_jax.drafters import hf as drafter_hf
+
+
+def target_identity(target_dir: Path) -> str:
+    """A hash of the target's config.json and the names and sizes of its weight files."""
+    h = hashlib.sha256((target_dir / "config.json").read_bytes())
+    for f in sorted(target_dir.glob("*.safetensors")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()[:16]
+
+
+def run_fingerprint(config, dcfg, steps: int, data_fingerprint: str | None = None,
+                    target_dir: Path | None = None) -> dict:
+    """The settings a resumed run must keep (see the module doc)."""
+    t = config.train
+    fingerprint = {
+        "total_steps": int(steps), "lr": float(t.lr), "loss": t.loss, "alpha": float(t.alpha),
+        "gamma": float(t.gamma), "batch_size": int(t.batch_size), "seed": int(config.seed),
+        "block_size": dcfg.block_size, "num_layers": dcfg.num_layers,
+        "target_layer_ids": list(dcfg.target_layer_ids),
+    }
+    if dcfg.sliding_window or dcfg.is_causal:  # absent for the DFlash mask: older runs resume
+        fingerprint.update(layer_types=list(dcfg.layer_types),
+                           sliding_window=dcfg.sliding_window, is_causal=dcfg.is_causal)
+    drafter = {k: v for k, v in drafter_hf.config_to_hf(dcfg).items() if k != "torch_dtype"}
+    fingerprint.update(
+        warmup_ratio=float(t.warmup_ratio), num_anchors=int(t.num_anchors),
+        grad_clip=float(t.grad_clip), compute_dtype=str(t.compute_dtype),
+        target_dtype=str(config.target.dtype), max_length=int(config.data.max_length),
+        drafter=drafter)
+    if t.loss == "opd":  # on-policy post-training (dpace_jax.train.opd.rounds)
+        fingerprint["opd"] = {**config.opd.to_dict(), "dpace": bool(t.opd_dpace)}
+    if data_fingerprint is not None:
+        fingerprint["data"] = data_fingerprint
+    if target_dir is not None:
+        fingerprint["target"] = target_identity(target_dir)
+    return fingerprint
+
+
+def _short(value) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# The drafter's shape: its arrays in the checkpoint could not be restored with another one.
+FIXED = ("drafter", "num_layers", "target_layer_ids", "block_size")
+
+
+def _differences(changed: dict) -> list[str]:
+    out = []
+    for key, (old, new) in sorted(changed.items()):
+        if isinstance(old, dict) and isinstance(new, dict):  # name the inner fields
+            out += [f"{key}.{k}={_short(old.get(k))}, this run has {_short(new.get(k))}"
+                    for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        else:
+            out.append(f"{key}={_short(old)}, this run has {_short(new)}")
+    return out
+
+
+def changed_settings(stored: dict, current: dict, allowed, where: str) -> dict:
+    """{key: [stored, current]} of the settings that changed, every one of them allowed; a
+    change that is not allowed is a ValueError naming the setting and how to proceed."""
+    changed = {k: [v, current.get(k)] for k, v in stored.items() if current.get(k) != v}
+    fixed = {k: v for k, v in changed.items() if k in FIXED}
+    if fixed:
+        raise ValueError(f"{where} was written with another drafter: "
+                         f"{'; '.join(_differences(fixed)[:3])}. Its arrays cannot take another "
+                         "shape: use a new workdir (or start from its hf/ export with "
+                         "drafter.init_from)")
+    refused = {k: v for k, v in changed.items() if k not in {str(a) for a in allowed}}
+    if refused:
+        raise ValueError(
+            f"{where} was written with other settings: {'; '.join(_differences(refused)[:3])}."
+            f" Use a new workdir, or continue with the new values: "
+            f"--config.train.allow_changed=\"{tuple(sorted(refused))}\"")
+    return changed
+
+
+def record_start(workdir: Path, step: int, changed: dict) -> None:
+    """Append this start (its step, the settings it changed) to WORKDIR/run_history.jsonl."""
+    row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "start_step": int(step),
+           "changed": changed}
+    with (workdir / "run_history.jsonl").open("a") as f:
+        f.write(json.dumps(row, default=str) + "\n")
