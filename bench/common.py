@@ -216,7 +216,7 @@ SHAPES: dict[str, dict[str, Any]] = {
         "target": dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728,
                        num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128,
                        rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True,
-                       qk_norm=True, max_position_embeddings=40960, arch="qwen3"),
+                       max_position_embeddings=40960, arch="qwen3"),
         "mask_token_id": 151669,
         "drafter_layers": 5, "block_size": 16,
         "seq_len": 3072, "num_anchors": 512, "batch": 1,
@@ -226,7 +226,7 @@ SHAPES: dict[str, dict[str, Any]] = {
     "tiny": {
         "target": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=6,
                        num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0,
-                       rms_norm_eps=1e-6, tie_word_embeddings=True, qk_norm=True,
+                       rms_norm_eps=1e-6, tie_word_embeddings=True,
                        max_position_embeddings=4096, arch="qwen3"),
         "mask_token_id": 255,
         "drafter_layers": 2, "block_size": 8,
@@ -239,7 +239,7 @@ SHAPES: dict[str, dict[str, Any]] = {
 
 # Qwen3.5-4B (the published config: 32 layers, three gated-DeltaNet layers to one gated attention
 # layer, partial RoPE 0.25) and its tiny CPU form with the same layer pattern and head ratios.
-_QWEN3_5 = dict(arch="qwen3_5", qk_norm=True, tie_word_embeddings=True, rms_norm_eps=1e-6,
+_QWEN3_5 = dict(arch="qwen3_5", tie_word_embeddings=True, rms_norm_eps=1e-6,
                 partial_rotary_factor=0.25, rope_theta=1e7)
 
 
@@ -274,7 +274,7 @@ def shape_preset(name: str) -> dict[str, Any]:
 def target_config(shape: dict[str, Any]):
     from dpace_jax.targets.model import ModelConfig
 
-    return ModelConfig(**shape["target"])
+    return ModelConfig.make(**shape["target"])
 
 
 def random_target(cfg, seed: int = 0, dtype=jnp.bfloat16):

@@ -47,7 +47,6 @@ import numpy as np
 from bench import common
 from dpace_jax.drafters import dflash as drafter_lib
 from dpace_jax.infer import decode as decode_lib
-from dpace_jax.nn.params import dims
 
 MODES = ("dflash", "autoregressive")
 
@@ -105,14 +104,15 @@ def roofline(tcfg, dcfg, target_bytes: int, drafter_bytes: int, batch: int, cont
              bandwidth: float) -> dict:
     """Bytes read once per step and the time that takes at `bandwidth` bytes/s."""
     head = tcfg.vocab_size * tcfg.hidden_size * 2
-    attention = len(tcfg.attention_layers) if tcfg.hybrid else tcfg.num_layers
+    f = tcfg.family_cfg
+    hybrid = hasattr(f, "linear_layers")  # Qwen3.5: linear and full attention layers
+    attention = len(f.attention_layers) if hybrid else tcfg.num_layers
     kv_t = kv_bytes(attention, batch, context, tcfg.num_kv_heads, tcfg.head_dim)
-    if tcfg.hybrid:  # the recurrent state (fp32) and the convolution history, in and out
-        width = dims(tcfg)["C"]  # the convolved q|k|v channels
-        per_layer = batch * (4 * tcfg.linear_num_value_heads * tcfg.linear_key_head_dim
-                             * tcfg.linear_value_head_dim + 2 * (tcfg.linear_conv_kernel_dim - 1)
-                             * width)
-        kv_t += 2 * len(tcfg.linear_layers) * per_layer
+    if hybrid:  # the recurrent state (fp32) and the convolution history, in and out
+        per_layer = batch * (4 * f.linear_num_value_heads * f.linear_key_head_dim
+                             * f.linear_value_head_dim + 2 * (f.linear_conv_kernel_dim - 1)
+                             * f.conv_channels)  # C: the convolved q|k|v channels
+        kv_t += 2 * len(f.linear_layers) * per_layer
     kv_d = kv_bytes(dcfg.num_layers, batch, context, dcfg.num_kv_heads, dcfg.head_dim)
     ar = target_bytes + kv_t
     spec = ar + drafter_bytes + head + kv_d

@@ -5,8 +5,9 @@ drafter's fp32 master weights + Adam moments + gradients + bf16 compute copy, th
 train step (seq S, N anchors, block K, b sequences per device) and the KV cache for decoding, for a
 (data, fsdp, tensor) mesh. Parameters are split exactly as dpace_jax/sharding.py splits them
 (`sharding.mesh_axes`: a dimension over its logical axis's mesh axis when that divides it); the
-Qwen3-MoE tables come from dpace_jax.nn.params' schemas, gpt-oss-120b from the hand table below (its
-published layout: biases, attention sinks; our gpt-oss support lands separately).
+Qwen3-MoE tables come from the family's schema (dpace_jax.targets.qwen3_moe), gpt-oss-120b from the
+hand table below (its published layout: biases, attention sinks; our gpt-oss support lands
+separately).
 
 Everything past the parameters is an ESTIMATE under the assumptions written next to each term
 (docs/moe.md lists them): what XLA keeps alive, fuses or gathers is not modelled buffer by buffer.
@@ -28,21 +29,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dpace_jax import sharding  # noqa: E402
 from dpace_jax.drafters.config import DrafterConfig  # noqa: E402
-from dpace_jax.nn.schema import DRAFTER_SCHEMA, TARGET_SCHEMA  # noqa: E402
-from dpace_jax.targets.model import ModelConfig  # noqa: E402
+from dpace_jax.drafters.dflash import SCHEMA as DRAFTER_SCHEMA  # noqa: E402
+from dpace_jax.targets.model import ModelConfig, schema  # noqa: E402
 
 GB, GiB = 1e9, 1024**3
 EXPERT_AXIS = "expert"
 
 # Published shapes (config.json of the hub repos; see docs/moe.md for the sources)
-QWEN3_30B_A3B = ModelConfig(
+QWEN3_30B_A3B = ModelConfig.make(
     vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_layers=48, num_heads=32,
     num_kv_heads=4, head_dim=128, rope_theta=1e6, arch="qwen3_moe", num_experts=128,
     num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True)
 # gpt-oss-120b as the widths a drafter takes from it (intermediate_size = the experts' width)
-GPT_OSS_120B = ModelConfig(
+GPT_OSS_120B = ModelConfig.make(
     vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_layers=36, num_heads=64,
-    num_kv_heads=8, head_dim=64, rope_theta=150000.0, qk_norm=False, arch="qwen3_moe",
+    num_kv_heads=8, head_dim=64, rope_theta=150000.0, arch="qwen3_moe",
     num_experts=128, num_experts_per_tok=4, moe_intermediate_size=2880)
 
 # hardware: (devices, bytes of memory per device); nominal capacities, before any reserve
@@ -67,10 +68,9 @@ class Array:
 def schema_arrays(schema, cfg) -> list[Array]:
     """Every parameter leaf of one of our schemas, with the stacked layer axis."""
     out = []
+    d = schema.dims(cfg)
     for p in schema.params(cfg):
-        shape = p.leaf_shape(cfg)
-        axes = ("layers", *p.info.axes) if p.stacked else p.info.axes
-        out.append(Array("/".join(p.path), shape, axes))
+        out.append(Array("/".join(p.path), p.leaf_shape(d), p.leaf_axes()))
     return out
 
 
@@ -78,7 +78,7 @@ def gpt_oss_arrays(cfg: ModelConfig) -> list[Array]:
     """gpt-oss in our layout: Qwen3-MoE's minus the q/k norms, plus biases (q, k, v, o, router,
     experts) and one attention sink per head; experts' gate and up as two [P, D, M] arrays."""
     L, D, H, G, E = cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    V, P, M = cfg.vocab_size, cfg.num_experts, cfg.moe_intermediate_size
+    V, P, M = cfg.vocab_size, cfg.family_cfg.num_experts, cfg.family_cfg.moe_intermediate_size
     layer = [("attn_norm", (D,), (None,)), ("mlp_norm", (D,), (None,)),
              ("q", (D, H, E), ("embed", "heads", "head_dim")),
              ("k", (D, G, E), ("embed", "kv_heads", "head_dim")),
@@ -112,13 +112,13 @@ class Target:
     def active_params(self, embedding: bool = True) -> int:
         """Parameters one token uses: experts count k/P; the input embedding only if asked (its
         lookup is not a matmul: some model cards count it, some do not)."""
-        k, p = self.cfg.num_experts_per_tok, self.cfg.num_experts
+        k, p = self.cfg.family_cfg.num_experts_per_tok, self.cfg.family_cfg.num_experts
         total = sum(a.size * (k / p if a.is_expert else 1) for a in self.arrays)
         return int(total - (0 if embedding else self.cfg.vocab_size * self.cfg.hidden_size))
 
 
 def qwen3_moe_target(name: str, cfg: ModelConfig) -> Target:
-    return Target(name, cfg, tuple(schema_arrays(TARGET_SCHEMA, cfg)))
+    return Target(name, cfg, tuple(schema_arrays(schema(cfg), cfg)))
 
 
 TARGETS = {"Qwen3-30B-A3B": qwen3_moe_target("Qwen3-30B-A3B", QWEN3_30B_A3B),
@@ -171,8 +171,8 @@ def train_activations(target: Target, dcfg: DrafterConfig, mesh: dict, *, b: flo
     """Bytes of activations per device (estimates; docs/moe.md states the assumptions)."""
     cfg, t, fsdp = target.cfg, mesh["tensor"], mesh["fsdp"]
     D, H, G, E, V = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
-    k, M, K, F = cfg.num_experts_per_tok, cfg.moe_intermediate_size, dcfg.block_size, \
-        dcfg.intermediate_size
+    k, M = cfg.family_cfg.num_experts_per_tok, cfg.family_cfg.moe_intermediate_size
+    K, F = dcfg.block_size, dcfg.intermediate_size
     tokens = b * seq
     out = {}
     # target forward, no gradient: one layer's transients at a time (inputs freed after it)

@@ -180,11 +180,11 @@ def main(argv=None):
     probes = {}
     for n in sorted({1, 2, 4} | {n for n in args.stages if cfg.num_layers % n == 0}):
         per = cfg.num_layers // n
-        shape = (per, 1, size, cfg.num_kv_heads, cfg.head_dim)
         probes[("stage", n)] = (
-            jax.jit(lambda ly, c: spd.stage_forward(ly, cfg, x, c, pos)[0]),
+            jax.jit(lambda ly, c, n=n: spd.stage_forward(ly, cfg, x, c, pos, num_stages=n,
+                                                         stage=0)[0]),
             (jax.tree.map(lambda a, per=per: a[:per], params.layers),
-             model.KVCache(jnp.zeros(shape), jnp.zeros(shape))))
+             spd.stage_cache(cfg, n, 1, size, jnp.float32)))
     probes[("head", 0)] = (jax.jit(lambda h: jnp.argmax(model.lm_head(params, layers.rms_norm(
         h, params.final_norm, cfg.rms_norm_eps)), -1)), (x[:, 0],))
     modules = {n: generation.load_drafter(args.spd.format(n=n)) for n in trained}

@@ -190,7 +190,7 @@ def bench_loss(args, loss, tcfg, dcfg, target, t_shard, drafter_params, batch, m
     optimizer = step_lib.make_optimizer(cfg)
     # A fresh copy: the state is donated to the step.
     state = step_lib.init_state(jax.tree.map(jnp.copy, drafter_params), optimizer, args.seed)
-    s_shard = step_lib.state_shardings(state, mesh)
+    s_shard = step_lib.state_shardings(state, mesh, dcfg)
     state = common.block(jax.device_put(state, s_shard))
     step = step_lib.make_train_step(tcfg, dcfg, cfg, optimizer, mesh, s_shard, t_shard)
     t0 = time.perf_counter()
@@ -234,7 +234,7 @@ def main(argv=None) -> dict:
     matmul = common.measure_matmul(args.matmul_size) if args.matmul_size else None
 
     target = common.random_target(tcfg, seed=args.seed)
-    t_shard = shard_lib.param_shardings(target, mesh)
+    t_shard = model_lib.shardings(tcfg, target, mesh)
     target = common.block(jax.device_put(target, t_shard))
     drafter_params = common.random_drafter(dcfg, seed=args.seed + 1)
     host_batch = make_batch(args.batch, args.seq_len, tcfg.vocab_size, dcfg.mask_token_id,

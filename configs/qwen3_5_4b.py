@@ -1,7 +1,7 @@
 """Qwen3.5-4B target (a hybrid: 32 layers, three gated-DeltaNet layers to one gated-attention layer,
 D 2560, F 9216, 16 q / 4 kv heads of 256 with RoPE on a quarter of each head, linear attention
 with 16 key / 32 value heads of 128, V 248320, tied embeddings;
-dpace_jax/targets/qwen3_5/layers.py), 5-layer drafter, block 16, D-PACE (alpha 0.5), the paper's
+dpace_jax/targets/qwen3_5/parts.py), 5-layer drafter, block 16, D-PACE (alpha 0.5), the paper's
 recipe otherwise (dpace_jax/config.py).
 
 The hub checkpoint is the multimodal `Qwen3_5ForConditionalGeneration`: only its text model is

@@ -4,6 +4,8 @@ The mesh has three named axes: `data` (pure data parallelism), `fsdp` (data para
 replicas also split the parameters and optimizer state) and `tensor` (heads / MLP width / vocab).
 Batches are split over ("data", "fsdp"). A parameter dimension is sharded over its mesh axis only
 when its size divides evenly; otherwise it stays replicated, so any config runs on any mesh.
+Each parameter's logical axes come from its schema (dpace_jax.nn.schema.Schema.rules: by the
+parameter's path in the tree); an array of a parameter tree without a rule is an error naming it.
 """
 
 from __future__ import annotations
@@ -15,8 +17,6 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-from dpace_jax.nn.params import AXES as PARAM_AXES  # parameter name -> logical axes (no L axis)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -69,30 +69,34 @@ def mesh_axes(shape: Sequence[int], axes: Sequence[str | None], axis_sizes: dict
     return tuple(spec)
 
 
-def _spec_for(name: str, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
-    axes = PARAM_AXES.get(name)
-    if axes is None:
-        raise ValueError(f"no sharding rule for parameter {name!r} (add it to PARAM_AXES)")
-    if len(shape) == len(axes) + 1:
-        axes = ("layers", *axes)
-    if len(shape) != len(axes):
-        raise ValueError(f"parameter {name!r} has shape {shape}, expected rank {len(axes)}")
-    return PartitionSpec(*mesh_axes(shape, axes, dict(mesh.shape)))
+def _names(path) -> tuple[str, ...]:
+    return tuple(n for n in (getattr(p, "name", getattr(p, "key", None)) for p in path)
+                 if isinstance(n, str))
 
 
-def param_shardings(params, mesh: Mesh):
-    """NamedShardings for a target or drafter parameter tree (or an optimizer state holding
-    such trees: leaves are matched by their parameter name, the last named path element)."""
+def param_shardings(tree, mesh: Mesh, rules: dict[tuple[str, ...], tuple]):
+    """NamedShardings for a parameter tree, or a tree holding parameter trees (an optimizer
+    state): a leaf whose path ends with a parameter's path in `rules` ({path: logical axes of
+    the leaf}, Schema.rules) is sharded by that rule; scalars (step counts) are replicated. Any
+    other array is a ValueError naming its path: a parameter without a rule is never silently
+    replicated."""
 
     def one(path, leaf):
         shape = tuple(getattr(leaf, "shape", ()))
-        names = [getattr(p, "name", getattr(p, "key", None)) for p in path]
-        names = [n for n in names if isinstance(n, str)]
-        if not shape or not names or names[-1] not in PARAM_AXES:
-            return NamedSharding(mesh, PartitionSpec())
-        return NamedSharding(mesh, _spec_for(names[-1], shape, mesh))
+        names = _names(path)
+        match = next((names[-n:] for n in range(len(names), 0, -1) if names[-n:] in rules), None)
+        if match is None:
+            if not shape:
+                return NamedSharding(mesh, PartitionSpec())
+            raise ValueError(f"no sharding rule for array {'/'.join(names) or path} of shape "
+                             f"{shape}: not a parameter of this model's schema")
+        axes = rules[match]
+        if len(shape) != len(axes):
+            raise ValueError(f"parameter {'/'.join(match)} has shape {shape}, expected rank "
+                             f"{len(axes)} (axes {axes})")
+        return NamedSharding(mesh, PartitionSpec(*mesh_axes(shape, axes, dict(mesh.shape))))
 
-    return jax.tree_util.tree_map_with_path(one, params)
+    return jax.tree_util.tree_map_with_path(one, tree)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

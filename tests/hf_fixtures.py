@@ -160,18 +160,18 @@ def check_round_trip(path, params, cfg, out_dir, model_class, torch_model, token
     A tied lm_head that transformers wrote anyway is left out of the comparison."""
     from safetensors.numpy import load_file
 
-    from dpace_jax.nn.params import flatten
-    from dpace_jax.nn.schema import TARGET_SCHEMA
+    from dpace_jax.nn.schema import flatten
     from dpace_jax.targets import hf as convert
+    from dpace_jax.targets.model import schema
 
     theirs = load_file(str(Path(path) / convert.WEIGHTS_NAME))
     if cfg.tie_word_embeddings:
         theirs.pop("lm_head.weight", None)
-    ours = TARGET_SCHEMA.to_hf(cfg, params)
+    ours = schema(cfg).to_hf(cfg, params)
     assert ours.keys() == theirs.keys()
     for key, value in ours.items():
         np.testing.assert_array_equal(value, theirs[key], err_msg=key)
-    again = TARGET_SCHEMA.from_hf(cfg, theirs, "memory")
+    again = schema(cfg).from_hf(cfg, theirs, "memory")
     convert.save_target(params, cfg, out_dir)
     loaded, cfg2 = convert.load_target(out_dir, dtype=None)
     assert cfg2 == cfg
@@ -223,20 +223,18 @@ def check_moe_matches_torch(params, cfg, torch_model, tokens: np.ndarray, featur
     """Our forward with each MoE dispatch (of `dispatches`, default all), and the early-stopping
     training forward, give the PyTorch model's logits and hidden_states[j + 1] features (fp32,
     atol 1e-4); returns the reference logits."""
-    import dataclasses
-
     import jax
     import jax.numpy as jnp
 
-    from dpace_jax.targets import model
-    from dpace_jax.targets import qwen3_moe as moe
+    from dpace_jax.targets import experts, model
 
     ref_logits, ref_hidden = torch_outputs(torch_model, tokens)
     ref_features = np.concatenate([ref_hidden[j + 1] for j in feature_layers], axis=-1)
     assert np.abs(ref_logits).max() > 0.5  # the comparison is not between near-zero numbers
     run = jax.jit(model.forward, static_argnames=("cfg", "feature_layers"))
-    for dispatch in dispatches or moe.DISPATCHES:
-        c = dataclasses.replace(cfg, moe_dispatch=dispatch)
+    has_experts = experts.experts_config(cfg) is not None
+    for dispatch in (dispatches or experts.DISPATCHES) if has_experts else (None,):
+        c = experts.with_dispatch(cfg, dispatch) if has_experts else cfg
         out = run(params, c, jnp.asarray(tokens), feature_layers=tuple(feature_layers))
         np.testing.assert_allclose(np.asarray(out.logits), ref_logits, atol=atol, rtol=0)
         np.testing.assert_allclose(np.asarray(out.features), ref_features, atol=atol, rtol=0)

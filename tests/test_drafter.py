@@ -42,7 +42,10 @@ def test_config_defaults_and_validation():
     assert default_target_layer_ids(36, 1) == (18,)
     assert CFG.target_layer_ids == (1, 3) and CFG.feature_size == 128
     assert CFG.hidden_size == 64 and CFG.num_target_layers == 6
-    assert isinstance(CFG, model.ModelConfig)  # the drafter's layer stack is a ModelConfig
+    from dpace_jax.drafters.config import SHARED_FIELDS  # the widths it takes from its target
+
+    assert all(getattr(CFG, f) == getattr(TARGET, f) for f in SHARED_FIELDS)
+    assert CFG.arch == "dflash" and CFG.family_cfg is None  # no target-family fields
     assert CFG.num_layers == 2 and CFG.qk_norm and CFG.hidden_size == 64
     hash(CFG)
     with pytest.raises(ValueError, match="target_layer_ids"):

@@ -97,7 +97,7 @@ def test_llama_style_target_rope_scaling(tmp_path):
                                     "high_freq_factor": 4.0,
                                     "original_max_position_embeddings": 8192})
     target = model.ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_layers=8,
-                               num_heads=4, num_kv_heads=1, head_dim=8, qk_norm=False,
+                               num_heads=4, num_kv_heads=1, head_dim=8,
                                rope_scaling=scaling, arch="llama")
     cfg = DrafterConfig.for_target(target, num_layers=1, block_size=3, mask_token_id=7)
     assert cfg.target_layer_ids == (4,)

@@ -1,4 +1,4 @@
-"""gpt-oss targets (dpace_jax.targets.gpt_oss.layers): parity with transformers' PyTorch
+"""gpt-oss targets (dpace_jax.targets.gpt_oss): parity with transformers' PyTorch
 GptOssForCausalLM (alternating sliding / full layers, sinks, biases, YaRN, clamped SwiGLU experts),
 the cached forward past the window, HF conversion both ways, MXFP4 checkpoints and lossless
 speculative decoding, on tiny random models (CPU, fp32)."""
@@ -23,8 +23,8 @@ from hf_fixtures import (
 from safetensors.numpy import load_file, save_file
 
 from dpace_jax.targets import hf as convert
-from dpace_jax.targets.gpt_oss import layers as gpt_oss
 from dpace_jax.targets.gpt_oss import mxfp4
+from dpace_jax.targets.gpt_oss import parts as gpt_oss
 from dpace_jax.targets.model import ModelConfig, forward, forward_cached, init_params
 
 LAYERS = 3
@@ -67,16 +67,19 @@ def _tokens(cfg, batch=2, length=20, seed=0):
 
 def test_logits_and_features_match_pytorch(hf_target):
     path, torch_model, params, cfg = hf_target
-    assert cfg.arch == "gpt_oss" and cfg.sliding_window == WINDOW and cfg.num_experts == 4
-    assert cfg.scaling_dict["rope_type"] == "yarn" and cfg.swiglu_limit == 0.8
+    f = cfg.family_cfg
+    assert cfg.arch == "gpt_oss" and f.sliding_window == WINDOW and f.num_experts == 4
+    assert cfg.scaling_dict["rope_type"] == "yarn" and f.swiglu_limit == 0.8
     tokens = _tokens(cfg)  # 20 positions > the window of 4
     ref_logits = check_moe_matches_torch(params, cfg, torch_model, tokens, FEATURE_LAYERS)
     # the window, the sinks and YaRN all matter here: dropping one changes the logits
-    for change in (dict(sliding_window=1000), dict(rope_scaling=None)):
-        other = jit_forward(params, dataclasses.replace(cfg, **change), jnp.asarray(tokens))
-        assert np.abs(np.asarray(other.logits) - ref_logits).max() > 1e-3, change
-    no_sinks = dataclasses.replace(params, oss=dataclasses.replace(
-        params.oss, sinks=params.oss.sinks - 30.0))
+    wide = dataclasses.replace(cfg, family_cfg=dataclasses.replace(f, sliding_window=1000))
+    for other_cfg in (wide, dataclasses.replace(cfg, rope_scaling=None)):
+        other = jit_forward(params, other_cfg, jnp.asarray(tokens))
+        assert np.abs(np.asarray(other.logits) - ref_logits).max() > 1e-3, other_cfg
+    oss = params.layers.oss
+    no_sinks = dataclasses.replace(params, layers=dataclasses.replace(
+        params.layers, oss=dataclasses.replace(oss, sinks=oss.sinks - 30.0)))
     assert np.abs(np.asarray(jit_forward(no_sinks, cfg, jnp.asarray(tokens)).logits)
                   - ref_logits).max() > 1e-3
     with pytest.raises(ValueError, match="einsum"):
@@ -85,13 +88,13 @@ def test_logits_and_features_match_pytorch(hf_target):
 
 def _oss_cfg(**kw):
     base = dict(vocab_size=64, hidden_size=32, intermediate_size=32, num_layers=3, num_heads=4,
-                num_kv_heads=2, head_dim=8, rope_theta=10000.0, qk_norm=False, arch="gpt_oss",
+                num_kv_heads=2, head_dim=8, rope_theta=10000.0, arch="gpt_oss",
                 num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                 sliding_window=WINDOW, swiglu_limit=0.8,
                 layer_types=("sliding_attention", "full_attention", "sliding_attention"),
                 rope_scaling=tuple(sorted({k: v for k, v in YARN.items()
                                            if k != "rope_theta"}.items())))
-    return ModelConfig(**{**base, **kw})
+    return ModelConfig.make(**{**base, **kw})
 
 
 def _random_params(cfg, seed=0, scale=0.15):
@@ -174,16 +177,17 @@ def test_mxfp4_checkpoints_dequantize_like_transformers(hf_target, tmp_path):
         loaded, cfg2 = convert.load_target(tmp_path / "q", dtype=dtype)
         assert cfg2 == cfg
         for i in range(LAYERS):
-            for name, leaf in (("gate_up_proj", loaded.oss.expert_gate_up),
-                               ("down_proj", loaded.oss.expert_down)):
+            for name, leaf in (("gate_up_proj", loaded.layers.oss.expert_gate_up),
+                               ("down_proj", loaded.layers.oss.expert_down)):
                 blocks, scales = refs[f"model.layers.{i}.mlp.experts.{name}"]
                 theirs = convert_moe_packed_tensors(torch.from_numpy(blocks),
                                                     torch.from_numpy(scales), dtype=torch.float32)
                 np.testing.assert_array_equal(np.asarray(leaf[i], np.float32), theirs.numpy())
                 np.testing.assert_array_equal(np.asarray(leaf[i], np.float32),
                                               _numpy_dequantize(blocks, scales))
-        np.testing.assert_array_equal(np.asarray(loaded.oss.router_bias, np.float32),
-                                      np.asarray(params.oss.router_bias.astype(dtype), np.float32))
+        np.testing.assert_array_equal(
+            np.asarray(loaded.layers.oss.router_bias, np.float32),
+            np.asarray(params.layers.oss.router_bias.astype(dtype), np.float32))
     gone = "model.layers.1.mlp.experts.down_proj_scales"
     _mxfp4_copy(path, tmp_path / "m", np.random.default_rng(0), drop=(gone,))
     with pytest.raises(ValueError, match=gone.replace(".", "[.]")):

@@ -17,7 +17,7 @@ CONFIGS = {
                          num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0),
     "llama": ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2,
                          num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0,
-                         qk_norm=False, arch="llama",
+                         arch="llama",
                          rope_scaling=(("factor", 8.0), ("high_freq_factor", 4.0),
                                        ("low_freq_factor", 1.0),
                                        ("original_max_position_embeddings", 16),

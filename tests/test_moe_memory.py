@@ -4,7 +4,6 @@ docs/performance.md), its per-device split against dpace_jax.sharding's rule, an
 
 import math
 import sys
-import types
 from pathlib import Path
 
 import jax
@@ -17,11 +16,11 @@ if str(ROOT) not in sys.path:
 
 from bench import moe_memory as mm  # noqa: E402
 from dpace_jax import sharding  # noqa: E402
-from dpace_jax.nn.params import flatten  # noqa: E402
-from dpace_jax.nn.schema import TARGET_SCHEMA  # noqa: E402
-from dpace_jax.targets.model import ModelConfig, init_params  # noqa: E402
+from dpace_jax.nn.schema import flatten  # noqa: E402
+from dpace_jax.targets.model import ModelConfig, init_params, schema  # noqa: E402
 
-TINY = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_layers=4, num_heads=4,
+TINY = ModelConfig.make(vocab_size=96, hidden_size=32, intermediate_size=48, num_layers=4,
+                        num_heads=4,
                    num_kv_heads=2, head_dim=8, arch="qwen3_moe", num_experts=8,
                    num_experts_per_tok=2, moe_intermediate_size=16, mlp_only_layers=(1,),
                    decoder_sparse_step=1)
@@ -35,7 +34,7 @@ def test_counts_equal_a_tiny_target_built_by_our_init():
     assert {a.name: a.shape for a in target.arrays} == {
         "/".join(p): tuple(x.shape) for p, x in leaves.items()}
     experts = sum(x.size for p, x in leaves.items() if p[-1].startswith("expert_"))
-    k_over_p = TINY.num_experts_per_tok / TINY.num_experts
+    k_over_p = TINY.family_cfg.num_experts_per_tok / TINY.family_cfg.num_experts
     assert target.active_params() == int(target.params() - experts * (1 - k_over_p))
     assert target.active_params(embedding=False) == target.active_params() - 96 * 32
 
@@ -54,18 +53,18 @@ def test_qwen3_4b_drafter_is_the_performance_docs():
                       num_heads=32, num_kv_heads=8, head_dim=128, tie_word_embeddings=True)
     drafter = mm.schema_arrays(mm.DRAFTER_SCHEMA, mm.drafter_for(cfg))
     assert sum(a.size for a in drafter) == pytest.approx(537.4e6, abs=0.05e6)
-    assert sum(a.size for a in mm.schema_arrays(TARGET_SCHEMA, cfg)) == pytest.approx(
+    assert sum(a.size for a in mm.schema_arrays(schema(cfg), cfg)) == pytest.approx(
         4.02e9, rel=0.005)
 
 
 @pytest.mark.parametrize("shape", [(1, 2, 2), (1, 4, 1), (2, 1, 2)])
 def test_per_device_split_is_the_sharding_rule(shape):
     mesh = dict(zip(sharding.MESH_AXES, shape, strict=True))
-    fake = types.SimpleNamespace(shape=mesh)
+    rules = schema(TINY).rules(TINY)  # the run's rule: dpace_jax.sharding.param_shardings
     params = jax.eval_shape(lambda: init_params(TINY, jax.random.key(0), jnp.float32))
     want = 0.0
     for path, leaf in flatten(params).items():
-        spec = sharding._spec_for(path[-1], leaf.shape, fake)
+        spec = sharding.mesh_axes(leaf.shape, rules[path], mesh)
         want += leaf.size / math.prod(mesh[s] for s in spec if s)
     target = mm.qwen3_moe_target("tiny", TINY)
     assert mm.per_device_elements(target.arrays, mesh) == pytest.approx(want)

@@ -22,6 +22,7 @@ from hf_fixtures import (
 from safetensors.numpy import load_file, save_file
 from test_decode import check_sampling, random_target
 
+from dpace_jax.targets import experts as experts_lib
 from dpace_jax.targets import hf as convert
 from dpace_jax.targets import qwen3_moe as moe
 from dpace_jax.targets.model import ModelConfig, forward, forward_cached, init_params
@@ -72,9 +73,9 @@ def _tokens(cfg, batch=2, length=24, seed=0):
 def test_logits_and_features_match_pytorch(build, name):
     path, torch_model, params, cfg = build(name)
     sparse = {"all-sparse-norm": (0, 1, 2), "mixed-unnormed": (0, 2), "step2-norm-tied": (1,)}
-    assert cfg.arch == "qwen3_moe" and cfg.moe_layers == sparse[name]
-    assert cfg.norm_topk_prob == CASES[name]["norm_topk_prob"]
-    assert (params.mlp is None) == (len(sparse[name]) == LAYERS)
+    assert cfg.arch == "qwen3_moe" and moe.sparse_layers(cfg) == sparse[name]
+    assert cfg.family_cfg.norm_topk_prob == CASES[name]["norm_topk_prob"]
+    assert (params.layers.mlp is None) == (len(sparse[name]) == LAYERS)
     assert (path / convert.INDEX_NAME).is_file() == (name == SHARDED)
     check_moe_matches_torch(params, cfg, torch_model, _tokens(cfg), FEATURE_LAYERS)
 
@@ -84,7 +85,7 @@ def _moe_cfg(**kw):
                 num_kv_heads=2, head_dim=8, rope_theta=10000.0, arch="qwen3_moe", num_experts=4,
                 num_experts_per_tok=2, moe_intermediate_size=24, norm_topk_prob=True,
                 mlp_only_layers=(1,))
-    return ModelConfig(**{**base, **kw})
+    return ModelConfig.make(**{**base, **kw})
 
 
 def _random_params(cfg, seed=0):
@@ -100,13 +101,15 @@ def test_dispatches_agree_and_route_top_k():
     more tokens than experts; every token gets exactly k nonzero routing weights."""
     cfg = _moe_cfg(num_experts=6, num_experts_per_tok=3)
     params = _random_params(cfg)
-    p = jax.tree.map(lambda a: a[0], params.experts)
+    p = jax.tree.map(lambda a: a[0], params.layers.experts)
     h = jnp.asarray(np.random.default_rng(2).standard_normal((3, 17, 32)), jnp.float32)
-    weights, experts = jax.jit(moe.route, static_argnums=2)(h, p.router, cfg)
+    weights, experts = jax.jit(experts_lib.route, static_argnums=2)(h, p.router, cfg.family_cfg)
     np.testing.assert_allclose(np.asarray(weights.sum(-1)), 1.0, rtol=1e-6)
     assert all(len(set(row)) == 3 for row in np.asarray(experts).reshape(-1, 3).tolist())
-    dense = jax.jit(moe.dense_dispatch, static_argnums=4)(h, p, weights, experts, cfg)
-    grouped = jax.jit(moe.sorted_dispatch, static_argnums=4)(h, p, weights, experts, cfg)
+    dense = jax.jit(experts_lib.dense_dispatch, static_argnums=4)(h, p, weights, experts,
+                                                                  cfg.family_cfg)
+    grouped = jax.jit(experts_lib.sorted_dispatch, static_argnums=4)(h, p, weights, experts,
+                                                                     cfg.family_cfg)
     np.testing.assert_allclose(np.asarray(grouped), np.asarray(dense), atol=1e-5, rtol=0)
     # by hand: the chosen experts' SwiGLU outputs, weighted
     x, e, w = np.asarray(h)[1, 5], np.asarray(experts)[1, 5], np.asarray(weights)[1, 5]
@@ -169,8 +172,8 @@ def test_bad_checkpoints_name_the_tensor_or_field(build, tmp_path):
         cfg.update(fields)
         with pytest.raises(ValueError, match=field):
             ModelConfig.from_hf({k: v for k, v in cfg.items() if v is not None})
-    with pytest.raises(ValueError, match="moe_dispatch"):
-        jit_forward(_random_params(_moe_cfg()), _moe_cfg(moe_dispatch="ragged"),
+    with pytest.raises(ValueError, match="dispatch='ragged'"):
+        jit_forward(_random_params(_moe_cfg()), _moe_cfg(dispatch="ragged"),
                     jnp.zeros((1, 4), jnp.int32))
 
 
@@ -184,7 +187,7 @@ def test_speculative_decoding_is_lossless():
 
 # a tiny-vocab mixed target (layer 0 dense, layer 1 with experts): its exact conditionals over
 # three tokens are 6 + 36 full forwards
-SAMPLING_CFG = ModelConfig(vocab_size=6, hidden_size=16, intermediate_size=32, num_layers=2,
+SAMPLING_CFG = ModelConfig.make(vocab_size=6, hidden_size=16, intermediate_size=32, num_layers=2,
                            num_heads=2, num_kv_heads=1, head_dim=8, rope_theta=10000.0,
                            arch="qwen3_moe", num_experts=4, num_experts_per_tok=2,
                            moe_intermediate_size=16, norm_topk_prob=True, mlp_only_layers=(0,))
@@ -202,10 +205,11 @@ def test_sampling_is_lossless(rule, temperature, top_k, top_p):
 
 
 MESH_SCRIPT = """
-import dataclasses
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import PartitionSpec as P
 from dpace_jax import sharding
+from dpace_jax.targets import model
+from dpace_jax.targets.experts import with_dispatch
 from dpace_jax.targets.model import ModelConfig, features, forward, init_params
 
 assert jax.device_count() == 8, jax.devices()
@@ -215,14 +219,14 @@ shared = dict(vocab_size=64, hidden_size=32, num_layers=3, num_heads=4, num_kv_h
 yarn = (("beta_fast", 32.0), ("beta_slow", 1.0), ("factor", 4.0),
         ("original_max_position_embeddings", 16), ("rope_type", "yarn"), ("truncate", False))
 configs = {
-    "qwen3_moe": ModelConfig(**shared, intermediate_size=48, arch="qwen3_moe",
+    "qwen3_moe": ModelConfig.make(**shared, intermediate_size=48, arch="qwen3_moe",
                              moe_intermediate_size=24, mlp_only_layers=(1,)),
-    "gpt_oss": ModelConfig(**shared, intermediate_size=32, arch="gpt_oss", qk_norm=False,
+    "gpt_oss": ModelConfig.make(**shared, intermediate_size=32, arch="gpt_oss",
                            moe_intermediate_size=32, sliding_window=4, swiglu_limit=0.8,
                            rope_theta=10000.0, rope_scaling=yarn,
                            layer_types=("sliding_attention", "full_attention",
                                         "sliding_attention")),
-    "qwen3_5_moe": ModelConfig(**shared, intermediate_size=0, arch="qwen3_5_moe",
+    "qwen3_5_moe": ModelConfig.make(**shared, intermediate_size=0, arch="qwen3_5_moe",
                                moe_intermediate_size=24, shared_expert_intermediate_size=16,
                                norm_topk_prob=True, partial_rotary_factor=0.5,
                                layer_types=("linear_attention", "full_attention",
@@ -235,13 +239,13 @@ tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (4, 12)))
 run = jax.jit(forward, static_argnums=1, static_argnames="feature_layers")
 for name, cfg in configs.items():
     params = init_params(cfg, jax.random.key(0), jnp.float32, scale=0.15)
-    shardings = sharding.param_shardings(params, mesh)
+    shardings = model.shardings(cfg, params, mesh)
     if name == "qwen3_moe":
-        assert shardings.experts.expert_gate.spec == P(None, "fsdp", None, "tensor")
-        assert shardings.experts.router.spec == P(None, "fsdp", None)
-        assert shardings.mlp.down.spec == P(None, "tensor", "fsdp")
+        assert shardings.layers.experts.expert_gate.spec == P(None, "fsdp", None, "tensor")
+        assert shardings.layers.experts.router.spec == P(None, "fsdp", None)
+        assert shardings.layers.mlp.down.spec == P(None, "tensor", "fsdp")
     placed = jax.device_put(params, shardings)
-    ref = run(params, dataclasses.replace(cfg, moe_dispatch="dense"), tokens,
+    ref = run(params, with_dispatch(cfg, "dense"), tokens,
               feature_layers=(0, 1))
     on_mesh = jax.device_put(tokens, sharding.batch_sharding(mesh))
     got = run(placed, cfg, on_mesh)  # the sorted dispatch

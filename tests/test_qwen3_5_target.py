@@ -1,10 +1,11 @@
-"""Qwen3.5 hybrid targets (dpace_jax.targets.qwen3_5.layers, hybrid, gated_delta): parity with
+"""Qwen3.5 hybrid targets (dpace_jax.targets.qwen3_5: parts, decoder, gated_delta): parity with
 transformers' PyTorch Qwen3_5ForCausalLM / Qwen3_5MoeForCausalLM, the gated delta rule's two forms
 against transformers' own, the cache's commit / rollback, HF conversion both ways (text-only and
 multimodal checkpoints) and lossless speculative decoding, on tiny random models (CPU, fp32)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 
@@ -24,8 +25,7 @@ from safetensors.numpy import load_file, save_file
 from test_decode import NEW, check_greedy, check_sampling, random_target, script_drafter
 
 from dpace_jax.infer import decode
-from dpace_jax.nn.params import flatten
-from dpace_jax.nn.schema import TARGET_SCHEMA
+from dpace_jax.nn.schema import flatten
 from dpace_jax.targets import hf as convert
 from dpace_jax.targets import model
 from dpace_jax.targets.model import ModelConfig
@@ -104,7 +104,8 @@ def test_logits_and_features_match_pytorch(build, name):
     torch_model = copy.deepcopy(torch_model).double()
     moe, fields = CASES[name]
     assert cfg.arch == ("qwen3_5_moe" if moe else "qwen3_5")
-    assert cfg.num_layers == fields["num_hidden_layers"] and cfg.partial_rotary_factor == 0.5
+    assert cfg.num_layers == fields["num_hidden_layers"]
+    assert cfg.family_cfg.partial_rotary_factor == 0.5
     assert cfg.tie_word_embeddings == (params.lm_head is None) == ("tied" in name)
     every = tuple(range(cfg.num_layers))
     # the default dispatch; the dense one is checked against it on a mesh (test_moe_target.py)
@@ -153,7 +154,7 @@ def test_gated_delta_rule_forms_match_transformers_and_each_other():
         for ref_out, ref_state in refs:
             np.testing.assert_allclose(np.asarray(out), ref_out.numpy(), atol=2e-5, rtol=0)
             np.testing.assert_allclose(np.asarray(state), ref_state.numpy(), atol=2e-5, rtol=0)
-    from dpace_jax.targets.qwen3_5 import layers as qwen3_5
+    from dpace_jax.targets.qwen3_5 import parts as qwen3_5
 
     keep = jnp.asarray([5, 37])
     q, k, v, g, beta = _ours(x)
@@ -263,7 +264,7 @@ def test_speculative_greedy_is_lossless_with_rejections_at_every_offset(build):
     assert all(n > 0 for n in decode.acceptance_histogram(res, 4)[1:])
 
 
-SAMPLING_CFG = ModelConfig(vocab_size=6, hidden_size=16, intermediate_size=32, num_layers=2,
+SAMPLING_CFG = ModelConfig.make(vocab_size=6, hidden_size=16, intermediate_size=32, num_layers=2,
                            num_heads=2, num_kv_heads=1, head_dim=8, rope_theta=10000.0,
                            arch="qwen3_5", partial_rotary_factor=0.5,
                            layer_types=("linear_attention", "full_attention"),
@@ -310,7 +311,8 @@ def test_multimodal_checkpoint_loads_its_text_model(build, tmp_path):
         "tie_word_embeddings": False, "text_config": {**text, "model_type": "qwen3_5_text"},
         "vision_config": {"depth": 1}}))
     loaded, cfg2 = convert.load_target(out, dtype=jnp.float32)
-    assert cfg2.multimodal and cfg2 == ModelConfig(**{**cfg.__dict__, "multimodal": True})
+    assert cfg2.family_cfg.multimodal and cfg2 == dataclasses.replace(
+        cfg, family_cfg=dataclasses.replace(cfg.family_cfg, multimodal=True))
     for (p, a), b in zip(flatten(loaded).items(), flatten(params).values(), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg="/".join(p))
     tensors["model.language_model.layers.0.linear_attn.extra"] = np.zeros(2, np.float32)
@@ -404,9 +406,9 @@ def test_the_qwen3_5_4b_config_and_shape():
     c = runpy.run_path(str(root / "configs" / "qwen3_5_4b.py"))["get_config"]()
     assert c.target.path == "Qwen/Qwen3.5-4B" and c.drafter.num_layers == 5
     cfg = common.target_config(common.shape_preset("qwen3.5-4b"))
-    assert cfg.attention_layers == tuple(range(3, 32, 4)) and cfg.hybrid
+    assert cfg.family_cfg.attention_layers == tuple(range(3, 32, 4)) and cfg.arch == "qwen3_5"
     dcfg = DrafterConfig.for_target(cfg, num_layers=c.drafter.num_layers,
                                     block_size=c.drafter.block_size, mask_token_id=248319)
     assert dcfg.target_layer_ids == (1, 8, 15, 22, 29) and dcfg.head_dim == 256
-    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(TARGET_SCHEMA.abstract(cfg)))
+    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(model.schema(cfg).abstract(cfg)))
     assert 4.1e9 < count < 4.3e9, count

@@ -183,5 +183,9 @@ def test_bad_input_is_refused():
                                          r"\[0, 1, 2, 3\]"):
         spd.decode(params, F.CFG, spd_draft.spd_drafter(None, module), prompts(), LENGTHS,
                    num_stages=4, max_new_tokens=4)
-    with pytest.raises(ValueError, match="dense qwen3"):
-        spd.check_stages(dataclasses.replace(F.CFG, arch="gpt_oss"), 2)
+    common = {f.name: getattr(F.CFG, f.name) for f in dataclasses.fields(F.CFG)
+              if f.name not in ("arch", "family_cfg")}
+    mixed = ModelConfig.make(**common, arch="qwen3_moe", num_experts=2, num_experts_per_tok=1,
+                             moe_intermediate_size=8, mlp_only_layers=(0,))
+    with pytest.raises(ValueError, match="mixes layers with and without experts"):
+        spd.check_stages(mixed, 2)

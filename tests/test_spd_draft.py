@@ -112,7 +112,7 @@ def test_a_tiny_spd_training_lowers_the_loss():
     opt = step_lib.make_optimizer(step_cfg)
     state = step_lib.init_state(dflash.init_drafter_params(dcfg, jax.random.PRNGKey(0)), opt, 0)
     mesh = shard_lib.make_mesh((1, 1, 1), jax.devices()[:1])
-    shardings = step_lib.state_shardings(state, mesh)
+    shardings = step_lib.state_shardings(state, mesh, dcfg)
     rep = shard_lib.replicated(mesh)
     step = step_lib.make_train_step(F.CFG, dcfg, step_cfg, opt, mesh, shardings,
                                     jax.tree.map(lambda _: rep, target), **spd_draft.STEP_ARGS)

@@ -117,8 +117,8 @@ SHARDING_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     from dpace_jax.targets import hf as convert
-    from dpace_jax.nn import params as P_
-    from dpace_jax.nn.schema import TARGET_SCHEMA
+    from dpace_jax.nn import schema as P_
+    from dpace_jax.targets.model import schema
 
     path = sys.argv[1]
     assert jax.device_count() == 4, jax.devices()
@@ -135,9 +135,9 @@ SHARDING_SCRIPT = textwrap.dedent("""
             node = node.get(part) if isinstance(node, dict) else None
         return NamedSharding(mesh, node if node is not None else P())
 
-    ref, _ = convert.load_target(path, dtype=jnp.float32)
+    ref, cfg = convert.load_target(path, dtype=jnp.float32)
     # a pytree of shardings shaped like the parameters, and the callable form
-    tree = TARGET_SCHEMA.build({p: spec_for(p) for p in P_.flatten(ref)})
+    tree = schema(cfg).build({p: spec_for(p) for p in P_.flatten(ref)})
     for shardings in (spec_for, tree):
         params, _ = convert.load_target(path, dtype=jnp.float32, shardings=shardings)
         for names, arr in P_.flatten(params).items():

@@ -15,6 +15,7 @@ from train_fixtures import batches, tiny_setup
 
 from dpace_jax import sharding as shard_lib
 from dpace_jax.config import default_config
+from dpace_jax.targets import model as model_lib
 from dpace_jax.train import step as step_lib
 
 pytestmark = pytest.mark.slow  # subprocesses or long compiles: `-m "not slow"` skips them
@@ -29,8 +30,8 @@ def _trainer(loss, steps, mesh=None, drafter_overrides=None, **step_overrides):
     mesh = mesh or shard_lib.make_mesh((1, 1, 1), jax.devices()[:1])
     opt = step_lib.make_optimizer(step_cfg)
     state = step_lib.init_state(drafter, opt, seed=0)
-    s_shard = step_lib.state_shardings(state, mesh)
-    t_shard = shard_lib.param_shardings(target, mesh)
+    s_shard = step_lib.state_shardings(state, mesh, dcfg)
+    t_shard = model_lib.shardings(tcfg, target, mesh)
     state = jax.device_put(state, s_shard)
     target = jax.device_put(target, t_shard)
     step = step_lib.make_train_step(tcfg, dcfg, step_cfg, opt, mesh, s_shard, t_shard)

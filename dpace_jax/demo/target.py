@@ -78,7 +78,7 @@ DEMO_SIZES: dict[str, DemoSize] = {
                     steps=2000, learning_rate=1.5e-3, compute_dtype="bfloat16",
                     save_dtype="bfloat16"),
 }
-# The cpu recipe with a Qwen3.5 hybrid target (dpace_jax/targets/qwen3_5/layers.py): three
+# The cpu recipe with a Qwen3.5 hybrid target (dpace_jax/targets/qwen3_5/parts.py): three
 # gated-DeltaNet layers and one gated-attention layer with RoPE on a quarter of each head.
 DEMO_SIZES["cpu-qwen3.5"] = dataclasses.replace(DEMO_SIZES["cpu"], model_extra=(
     ("arch", "qwen3_5"), ("partial_rotary_factor", 0.25),

@@ -1,13 +1,15 @@
-"""The DFlash drafter's configuration: widths, block size, mask token, the target's feature
-layers, and each layer's attention (full or sliding window); checks against a target.
+"""A drafter's configuration: widths, block size, mask token, the target's feature layers, each
+layer's attention (full or sliding window), and its family (`arch`, dpace_jax.drafters.DRAFTERS)
+with the family's own nested config; checks against a target.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import warnings
+from typing import Any
 
-from dpace_jax.targets.model import ModelConfig
+from dpace_jax.targets.config import ModelConfig
 
 
 def default_target_layer_ids(num_target_layers: int, num_features: int) -> tuple[int, ...]:
@@ -36,10 +38,22 @@ SHARED_FIELDS = ("hidden_size", "intermediate_size", "num_heads", "num_kv_heads"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class DrafterConfig(ModelConfig):
-    """The drafter's layer stack as a ModelConfig (its widths, depth `num_layers`, rope, eps;
-    Qwen3-style, q/k norm) plus what makes it a DFlash drafter."""
+class DrafterConfig:
+    """The drafter's layer stack (Qwen3-style decoder layers with q/k norms and no embedding or
+    LM head of their own: its widths, depth `num_layers`, rope, eps) and what makes it a
+    block drafter of the target."""
 
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rope_theta: float = 1e6
+    rms_norm_eps: float = 1e-6
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None
+    max_position_embeddings: int = 40960
     block_size: int
     mask_token_id: int
     target_layer_ids: tuple[int, ...]
@@ -47,6 +61,14 @@ class DrafterConfig(ModelConfig):
     layer_types: tuple[str, ...] = ()  # per layer, from LAYER_TYPES; () = all full_attention
     sliding_window: int = 0  # W of the sliding_attention layers (0: none)
     is_causal: bool = False  # full_attention layers causal inside the block as well
+    arch: str = "dflash"  # the drafter family (dpace_jax.drafters.DRAFTERS)
+    family_cfg: Any = None  # the family's own settings (None for DFlash)
+
+    qk_norm = True  # its layers are Qwen3-style
+
+    @property
+    def scaling_dict(self) -> dict | None:
+        return dict(self.rope_scaling) if self.rope_scaling else None
 
     def __post_init__(self):
         object.__setattr__(self, "target_layer_ids", tuple(int(j) for j in self.target_layer_ids))
@@ -66,9 +88,9 @@ class DrafterConfig(ModelConfig):
         # without sliding layers the window has no effect: one spelling of it, 0
         object.__setattr__(self, "sliding_window", int(self.sliding_window) if sliding else 0)
         object.__setattr__(self, "is_causal", bool(self.is_causal))
-        if not self.qk_norm or self.tie_word_embeddings:
-            raise ValueError("drafter config: a DFlash drafter's layers are Qwen3-style (qk_norm, "
-                             "no embedding of its own)")
+        from dpace_jax.drafters import drafter_family
+
+        drafter_family(self.arch).check(self)
         positive = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                     "head_dim", "vocab_size", "num_target_layers")
         for name in positive:
@@ -93,7 +115,8 @@ class DrafterConfig(ModelConfig):
     def for_target(cls, target_cfg: ModelConfig, *, num_layers: int = 5, block_size: int = 16,
                    mask_token_id: int, target_layer_ids=None, layer_types=(),
                    sliding_window: int = 0, is_causal: bool = False,
-                   intermediate_size: int = 0) -> DrafterConfig:
+                   intermediate_size: int = 0, arch: str = "dflash",
+                   family_cfg=None) -> DrafterConfig:
         """A drafter with the target's widths (as DFlash builds it) and `num_layers` layers; the
         default feature layers are `default_target_layer_ids(L, num_layers)`. `intermediate_size`
         > 0 replaces the target's MLP width (required for a target without a dense one, e.g.
@@ -110,7 +133,7 @@ class DrafterConfig(ModelConfig):
                    num_target_layers=target_cfg.num_layers, block_size=block_size,
                    mask_token_id=mask_token_id, target_layer_ids=tuple(target_layer_ids),
                    layer_types=tuple(layer_types), sliding_window=int(sliding_window),
-                   is_causal=bool(is_causal))
+                   is_causal=bool(is_causal), arch=arch, family_cfg=family_cfg)
 
     @property
     def layer_windows(self) -> tuple[int, ...]:

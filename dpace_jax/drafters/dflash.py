@@ -1,12 +1,12 @@
 """The DFlash drafter: N Qwen3-style decoder layers over a block of K positions, conditioned on the
 frozen target's hidden features, using the target's embedding and LM head.
 
-Parameters: `dpace_jax.nn.params.DrafterParams` (fc [X, D] with X = n * D, hidden_norm, the stacked
-decoder layers the target uses too, final_norm). Shape letters: docs/design.md §1; the masks:
-§3.
+Parameters: `DrafterParams` (fc [X, D] with X = n * D, hidden_norm, the stacked decoder layers
+(dpace_jax.nn.layers.LAYER, the Qwen3 layer), final_norm), declared once in DRAFTER. Shape
+letters: docs/design.md §1; the masks: §3.
 
 Context: target features [B, S, X] (the features of the target layers `target_layer_ids`,
-concatenated) -> fc -> hidden_norm = c [B, S, D]. Every drafter layer (`model.decoder_layer`)
+concatenated) -> fc -> hidden_norm = c [B, S, D]. Every drafter layer (`nn.layers.decoder_layer`)
 projects the same c to keys/values (k_norm, RoPE at the context positions) and puts them before
 the keys and values of the block; queries come from the block only.
 
@@ -26,10 +26,12 @@ Two modes share the weights:
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
-from dpace_jax.drafters import block_attention
+from dpace_jax.drafters import block_attention, register
 from dpace_jax.drafters.config import (  # noqa: F401  (the drafter's public names)
     LAYER_TYPES,
     DrafterConfig,
@@ -37,16 +39,60 @@ from dpace_jax.drafters.config import (  # noqa: F401  (the drafter's public nam
     default_target_layer_ids,
     warn_if_last_layer,
 )
+from dpace_jax.drafters.family import DrafterFamily
 from dpace_jax.nn import layers
-from dpace_jax.nn.params import DrafterParams, TargetParams
-from dpace_jax.nn.schema import DRAFTER_SCHEMA
-from dpace_jax.targets.model import KVCache, decoder_layer, lm_head, write_at
+from dpace_jax.nn.layers import LAYER, LayerParams, decoder_layer
+from dpace_jax.nn.schema import ArrayInfo, Schema, normal_names, split_keys, table_params
+from dpace_jax.targets.base import KVCache, TargetParams
+from dpace_jax.targets.model import lm_head
+from dpace_jax.targets.runner import write_at
+
+DRAFTER = {
+    "fc": ArrayInfo(("X", "D"), ("features", "embed"), "normal", "fc.weight", "t"),
+    "hidden_norm": ArrayInfo(("D",), (None,), "ones", "hidden_norm.weight", "same"),
+    "final_norm": ArrayInfo(("D",), (None,), "ones", "norm.weight", "same"),
+}
+LAYER_PREFIX = "layers.{i}."
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DrafterParams:
+    fc: jax.Array  # [n * D, D]
+    hidden_norm: jax.Array  # [D]
+    layers: LayerParams
+    final_norm: jax.Array  # [D]
+
+
+def dims(cfg: DrafterConfig) -> dict[str, int]:
+    return {**layers.dims(cfg), "X": cfg.feature_size}
+
+
+def params(cfg: DrafterConfig):
+    """DRAFTER and the decoder layers; keys: one for the layers, then one per top matrix."""
+    top = normal_names(DRAFTER)
+    split = ("split", 1 + len(top))
+    top_keys = {n: (split + (1 + j,),) for j, n in enumerate(top)}
+    layer_keys = split_keys(normal_names(LAYER), ((*split, 0),))
+    return (table_params(DRAFTER, (), "", None, top_keys)
+            + table_params(LAYER, ("layers",), LAYER_PREFIX, tuple(range(cfg.num_layers)),
+                           layer_keys))
+
+
+SCHEMA = Schema("drafter", params, dims, {(): DrafterParams, ("layers",): LayerParams})
+
+
+class DFlash(DrafterFamily):
+    schema = SCHEMA
+
+
+FAMILY = register(DFlash())
 
 
 def init_drafter_params(cfg: DrafterConfig, key: jax.Array, dtype=jnp.float32,
                         scale: float = 0.02) -> DrafterParams:
     """Random parameters: normal(0, scale) matrices, unit norms (dpace_jax.nn.params)."""
-    return DRAFTER_SCHEMA.init(cfg, key, dtype, scale)
+    return SCHEMA.init(cfg, key, dtype, scale)
 
 
 def _inv_freq(cfg: DrafterConfig) -> jax.Array:

@@ -23,13 +23,12 @@ import jax  # noqa: F401  (registers bfloat16 with numpy before safetensors.nump
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from dpace_jax.drafters import drafter_family, family_of_architectures
 from dpace_jax.drafters.config import SHARED_FIELDS, DrafterConfig
 from dpace_jax.io.atomic import atomic_path
-from dpace_jax.nn.schema import DRAFTER_SCHEMA
+from dpace_jax.targets.config import ModelConfig
 from dpace_jax.targets.hf import INDEX_NAME, WEIGHTS_NAME, index_tensors, read_config_json
-from dpace_jax.targets.model import ModelConfig
 
-ARCHITECTURE = "DFlashDraftModel"
 CONFIG_NAME = "config.json"
 
 _DTYPE_NAMES = ("float32", "bfloat16", "float16")
@@ -44,8 +43,9 @@ def _dtype_name(dtype) -> str:
 
 def config_to_hf(cfg: DrafterConfig, dtype_name: str = "bfloat16") -> dict:
     """The config.json dict of a drafter."""
-    return {
-        "architectures": [ARCHITECTURE],
+    family = drafter_family(cfg.arch)
+    out = {
+        "architectures": [family.architecture],
         "model_type": "qwen3",
         "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size,
@@ -73,14 +73,13 @@ def config_to_hf(cfg: DrafterConfig, dtype_name: str = "bfloat16") -> dict:
                           "target_layer_ids": list(cfg.target_layer_ids)},
         "torch_dtype": dtype_name,
     }
+    family.config_to_hf(cfg, out)
+    return out
 
 
 def config_from_hf(hf: dict, source: str = CONFIG_NAME) -> DrafterConfig:
     """Parse a DFlash config.json dict; wrong architecture or missing fields raise ValueError."""
-    archs = hf.get("architectures") or []
-    if ARCHITECTURE not in archs:
-        raise ValueError(f"{source}: field 'architectures' is {archs!r}, expected "
-                         f"[{ARCHITECTURE!r}] (not a DFlash drafter)")
+    family = family_of_architectures(hf.get("architectures"), source)
     base = ModelConfig.from_hf({**hf, "architectures": ["Qwen3ForCausalLM"]}, source)
     dflash = hf.get("dflash_config")
     if not isinstance(dflash, dict):
@@ -105,6 +104,7 @@ def config_from_hf(hf: dict, source: str = CONFIG_NAME) -> DrafterConfig:
             layer_types=layer_types,
             sliding_window=window,
             is_causal=bool(hf.get("is_causal") or False),
+            arch=family.arch, family_cfg=family.config_from_hf(hf, dflash, source),
         )
     except (TypeError, ValueError) as e:
         raise ValueError(f"{source}: {e}") from None
@@ -144,7 +144,7 @@ def export_drafter(params, cfg: DrafterConfig, out_dir, *, dtype=None) -> Path:
     all finite are refused (ValueError naming the tensors): no serving engine should get them."""
     out = Path(out_dir)
     np_dtype = np.dtype(dtype) if dtype is not None else None
-    tensors = DRAFTER_SCHEMA.to_hf(cfg, params, np_dtype)  # key map: dpace_jax.nn.params
+    tensors = drafter_family(cfg.arch).schema.to_hf(cfg, params, np_dtype)  # the key map
     bad = [k for k, v in tensors.items() if not np.isfinite(v.astype(np.float32)).all()]
     if bad:
         raise ValueError(f"refusing to export to {out}: {len(bad)} tensor(s) hold NaN or inf "
@@ -174,4 +174,4 @@ def import_drafter(path) -> tuple[dict, DrafterConfig]:
     files = sorted({file for file, _ in index_tensors(path).values()})
     tensors = {k.removeprefix("model."): v for f in files for k, v in load_file(str(f)).items()}
     source = path / WEIGHTS_NAME if (path / WEIGHTS_NAME).is_file() else path / INDEX_NAME
-    return DRAFTER_SCHEMA.from_hf(cfg, tensors, str(source)), cfg
+    return drafter_family(cfg.arch).schema.from_hf(cfg, tensors, str(source)), cfg

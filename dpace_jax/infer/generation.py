@@ -23,10 +23,10 @@ import numpy as np
 
 from dpace_jax.data.chat import TEMPLATE_KWARGS
 from dpace_jax.drafters import dflash as drafter_lib
+from dpace_jax.drafters import drafter_family
 from dpace_jax.drafters import hf as drafter_hf
 from dpace_jax.infer import decode
 from dpace_jax.infer.sampling import GREEDY, Sampling
-from dpace_jax.nn.schema import DRAFTER_SCHEMA
 from dpace_jax.targets import hf as convert
 from dpace_jax.targets.model import ModelConfig
 from dpace_jax.train.checkpoint import checksums
@@ -81,7 +81,7 @@ def _restore_params(manager, step: int, dcfg: drafter_lib.DrafterConfig):
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = {"params": jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=sharding),
-        DRAFTER_SCHEMA.abstract(dcfg))}
+        drafter_family(dcfg.arch).schema.abstract(dcfg))}
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(
             item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),

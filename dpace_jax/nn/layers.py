@@ -1,15 +1,86 @@
-"""Building blocks shared by the target model and the drafter: plain functions over arrays and
-a decoder layer's parameters (`dpace_jax.nn.params.LayerParams`, one layer's slice). Shape letters:
-docs/design.md §1.
+"""Building blocks shared by the targets and the drafters: plain functions over arrays, and the
+Qwen3-style pre-norm decoder layer (`LAYER`, its parameters declared once; `LayerParams`, stacked
+on a leading L axis; `decoder_layer`). Shape letters: docs/design.md §1.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+
+from dpace_jax.nn.schema import ArrayInfo
+
+LAYER = {
+    "attn_norm": ArrayInfo(("D",), (None,), "ones", "input_layernorm.weight", "same"),
+    "q": ArrayInfo(("D", "H", "E"), ("embed", "heads", "head_dim"), "normal",
+                   "self_attn.q_proj.weight", "in_heads"),
+    "k": ArrayInfo(("D", "G", "E"), ("embed", "kv_heads", "head_dim"), "normal",
+                   "self_attn.k_proj.weight", "in_heads"),
+    "v": ArrayInfo(("D", "G", "E"), ("embed", "kv_heads", "head_dim"), "normal",
+                   "self_attn.v_proj.weight", "in_heads"),
+    "o": ArrayInfo(("H", "E", "D"), ("heads", "head_dim", "embed"), "normal",
+                   "self_attn.o_proj.weight", "out_heads"),
+    "mlp_norm": ArrayInfo(("D",), (None,), "ones", "post_attention_layernorm.weight", "same"),
+    "gate": ArrayInfo(("D", "F"), ("embed", "mlp"), "normal", "mlp.gate_proj.weight", "t"),
+    "up": ArrayInfo(("D", "F"), ("embed", "mlp"), "normal", "mlp.up_proj.weight", "t"),
+    "down": ArrayInfo(("F", "D"), ("mlp", "embed"), "normal", "mlp.down_proj.weight", "t"),
+    # Qwen3 only (per-head RMSNorm of q and k)
+    "q_norm": ArrayInfo(("E",), (None,), "ones", "self_attn.q_norm.weight", "same"),
+    "k_norm": ArrayInfo(("E",), (None,), "ones", "self_attn.k_norm.weight", "same"),
+}
+QK_NORM = ("q_norm", "k_norm")
+MLP = ("gate", "up", "down")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LayerParams:
+    """Decoder layers (LAYER), each array with a leading L axis. Absent entries are None: the
+    q/k norms of a Llama layer, the MLP of a layer whose feed-forward lives elsewhere (experts),
+    the attention of a Qwen3.5 layer (its own mixers)."""
+
+    attn_norm: jax.Array
+    q: jax.Array | None = None
+    k: jax.Array | None = None
+    v: jax.Array | None = None
+    o: jax.Array | None = None
+    mlp_norm: jax.Array | None = None
+    gate: jax.Array | None = None
+    up: jax.Array | None = None
+    down: jax.Array | None = None
+    q_norm: jax.Array | None = None
+    k_norm: jax.Array | None = None
+
+
+def dims(cfg) -> dict[str, int]:
+    """The sizes of the decoder layer's letters (D, H, G, E, F) and V for a target or drafter
+    config."""
+    return {"D": cfg.hidden_size, "H": cfg.num_heads, "G": cfg.num_kv_heads, "E": cfg.head_dim,
+            "F": cfg.intermediate_size, "V": cfg.vocab_size}
+
+
+def slice_layer(tree, i):
+    """Layer i (traced) of a stacked tree, read in place (no copy of the stack)."""
+    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), tree)
+
+
+def decoder_layer(x, p: LayerParams, cos, sin, cfg, attend, feed_forward=None):
+    """One pre-norm decoder layer on x [..., T, D] (the targets' and the drafters'). `attend(q,
+    k, v)` returns (attention output [..., T, H, E], extra) given this layer's queries
+    [..., T, H, E] and new keys / values [..., T, G, E]; extra is passed back (e.g. an updated
+    cache). `feed_forward`: h -> out when it is not p's SwiGLU MLP (experts)."""
+    h = rms_norm(x, p.attn_norm, cfg.rms_norm_eps)
+    q = apply_rope(project_q(h, p, cfg.rms_norm_eps), cos, sin)
+    k, v = project_kv(h, p, cfg.rms_norm_eps)
+    k = apply_rope(k, cos, sin)
+    attn, extra = attend(q, k, v)
+    x = x + output_projection(attn, p)
+    h = rms_norm(x, p.mlp_norm, cfg.rms_norm_eps)
+    return x + (mlp(h, p) if feed_forward is None else feed_forward(h)), extra
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -173,6 +244,23 @@ def masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
     return e / jnp.where(denom > 0, denom, 1.0)
 
 
+def sink_attention(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array,
+                   sinks: jax.Array | None = None) -> jax.Array:
+    """Grouped-query attention of q [B, T, H, E] over keys / values [B, S, G, E] where mask
+    [B, 1, 1, T, S] allows -> [B, T, H, E]. `sinks` [H] (gpt-oss): one more logit per head in the
+    softmax's denominator only (it has no value); without, a plain masked softmax."""
+    scores = attention_logits(q, keys)  # [B, G, R, T, S] fp32
+    if sinks is None:
+        return attention_output(masked_softmax(scores, mask), values)
+    g, r = scores.shape[1], scores.shape[2]
+    sink = sinks.astype(jnp.float32).reshape(1, g, r, 1, 1)
+    scores = jnp.where(mask, scores, -jnp.inf)
+    peak = jnp.maximum(jnp.max(scores, axis=-1, keepdims=True), sink)
+    e = jnp.where(mask, jnp.exp(scores - peak), 0.0)
+    probs = e / (jnp.sum(e, axis=-1, keepdims=True) + jnp.exp(sink - peak))
+    return attention_output(probs, values)
+
+
 def mlp(x: jax.Array, p) -> jax.Array:
     """SwiGLU feed-forward: down(silu(gate x) * up x)."""
     gate = jnp.einsum("...d,df->...f", x, p.gate)
@@ -183,3 +271,13 @@ def mlp(x: jax.Array, p) -> jax.Array:
 def output_projection(attn: jax.Array, p) -> jax.Array:
     """[..., T, H, E] -> [..., T, D]."""
     return jnp.einsum("...the,hed->...td", attn, p.o)
+
+
+
+def rope_cos_sin_scaled(positions: jax.Array, head_dim: int, theta: float,
+                        scaling: Mapping | None):
+    """RoPE cos, sin [..., E] at positions [...], with the inverse frequencies of `scaling` and,
+    for YaRN, its attention factor (transformers multiplies cos and sin by it)."""
+    cos, sin = rope_cos_sin(positions, rope_inv_freq(head_dim, theta, scaling))
+    factor = rope_attention_factor(scaling)
+    return (cos * factor, sin * factor) if factor != 1.0 else (cos, sin)

@@ -28,13 +28,8 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from dpace_jax.io.atomic import atomic_path
-from dpace_jax.nn.params import dims, flatten, get
-from dpace_jax.nn.schema import TARGET_SCHEMA, Param
-from dpace_jax.targets import qwen3_moe as moe
-from dpace_jax.targets.gpt_oss import layers as gpt_oss
-from dpace_jax.targets.gpt_oss import mxfp4
-from dpace_jax.targets.model import ModelConfig
-from dpace_jax.targets.qwen3_5 import layers as qwen3_5
+from dpace_jax.nn.schema import Schema, flatten, get
+from dpace_jax.targets.model import ModelConfig, schema
 
 HF_ALLOW_PATTERNS = [
     "config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
@@ -108,16 +103,10 @@ def load_config(path_or_id: str | os.PathLike) -> ModelConfig:
     path = resolve_checkpoint(path_or_id) / "config.json"
     hf = read_config_json(path)
     cfg = ModelConfig.from_hf(hf, source=str(path))
-    mxfp4.check_config(hf, cfg.arch, str(path))
-    hf = qwen3_5.text_config(hf)[0]
-    oss = cfg.arch == "gpt_oss"  # biases, and its own clamped SwiGLU whatever hidden_act says
-    unsupported = {
-        "hidden_act": (hf.get("hidden_act", "silu") not in ("silu", "swish") and not oss, "silu"),
-        "attention_bias": (bool(hf.get("attention_bias", False)) and not oss, False),
-        "mlp_bias": (bool(hf.get("mlp_bias", False)), False),
-        "use_sliding_window": (bool(hf.get("use_sliding_window", False)), False),
-    }
-    for field, (bad, expected) in unsupported.items():
+    fam = cfg.family
+    fam.check_quantization(hf, str(path))
+    hf = fam.text_config(hf)[0]
+    for field, (bad, expected) in fam.unsupported(hf).items():
         if bad:
             raise ValueError(
                 f"{path}: {field}={hf[field]!r} is not supported (expected {expected!r})")
@@ -162,9 +151,8 @@ def index_tensors(ckpt: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
     return tensors
 
 
-def _check_keys(ckpt: Path, cfg: ModelConfig, entries: list[Param], tensors: dict) -> None:
-    d = dims(cfg)
-    expected = {k: e.hf_shape(d) for e in entries for k in e.hf_keys(cfg)}
+def _check_keys(ckpt: Path, cfg: ModelConfig, target_schema: Schema, tensors: dict) -> None:
+    expected = target_schema.expected_hf(cfg)
     allowed = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
     missing = [k for k in expected if k not in tensors]
     unexpected = sorted(k for k in tensors if k not in expected and k not in allowed
@@ -217,18 +205,12 @@ def load_target(path_or_id: str | os.PathLike, *, dtype=jnp.bfloat16, shardings=
     """
     ckpt = resolve_checkpoint(path_or_id)
     cfg = load_config(ckpt)
-    entries = TARGET_SCHEMA.params(cfg)
+    fam, target_schema = cfg.family, schema(cfg)
     raw = index_tensors(ckpt)
-    packed: dict[str, tuple[str, str]] = {}
-    tensors = raw
-    if mxfp4.check_config(read_config_json(ckpt / "config.json"), cfg.arch, str(ckpt)):
-        tensors, packed = mxfp4.fold(raw, str(ckpt))
-    original: dict[str, str] = {}
-    if cfg.hybrid:
-        tensors, original = qwen3_5.text_tensors(raw, cfg.multimodal)
-        raw = tensors
-    moe.check_expert_count(cfg, tensors, str(ckpt))
-    _check_keys(ckpt, cfg, entries, tensors)
+    tensors, packed, original = fam.checkpoint_tensors(
+        cfg, read_config_json(ckpt / "config.json"), raw, str(ckpt))
+    fam.check_tensors(cfg, tensors, str(ckpt))
+    _check_keys(ckpt, cfg, target_schema, tensors)
     target = None if dtype is None else np.dtype(dtype)
 
     with contextlib.ExitStack() as stack:
@@ -236,8 +218,8 @@ def load_target(path_or_id: str | os.PathLike, *, dtype=jnp.bfloat16, shardings=
 
         def read(key: str) -> np.ndarray:
             if key in packed:
-                return mxfp4.dequantize(*(read(k) for k in packed[key]), name=key)
-            file = raw[key][0]
+                return fam.unpack(key, [read(k) for k in packed[key]])
+            file = (tensors[key] if key in tensors else raw[key])[0]
             try:
                 if file not in handles:
                     handles[file] = stack.enter_context(safe_open(str(file), framework="numpy"))
@@ -251,18 +233,18 @@ def load_target(path_or_id: str | os.PathLike, *, dtype=jnp.bfloat16, shardings=
                                  "from model.embed_tokens.weight")
 
         leaves = {}
-        d = dims(cfg)
-        for entry in entries:
+        d = target_schema.dims(cfg)
+        for entry in target_schema.params(cfg):
             host = None
-            for index, key in entry.hf_items(cfg):  # a stacked array layer (expert) by layer
+            for index, key in entry.hf_items():  # a stacked array layer (expert) by layer
                 w = entry.from_hf(read(key), d)
                 if host is None:
-                    host = np.empty(entry.leaf_shape(cfg), w.dtype if target is None else target)
+                    host = np.empty(entry.leaf_shape(d), w.dtype if target is None else target)
                 host[index] = w.astype(host.dtype, copy=False)
                 del w
             leaves[entry.path] = _place(host, _sharding_for(shardings, entry.path))
             del host
-    return TARGET_SCHEMA.build(leaves), cfg
+    return target_schema.build(leaves), cfg
 
 
 # ----------------------------------------------------------------------------- saving
@@ -272,14 +254,7 @@ def hf_config(cfg: ModelConfig, dtype_name: str = "float32") -> dict:
     """A config.json dict that transformers loads as Qwen3ForCausalLM / LlamaForCausalLM /
     Qwen3MoeForCausalLM / GptOssForCausalLM (unquantized) / Qwen3_5ForCausalLM /
     Qwen3_5MoeForCausalLM (the text model alone)."""
-    arch = {"qwen3": ("Qwen3ForCausalLM", "qwen3"), "llama": ("LlamaForCausalLM", "llama"),
-            "qwen3_moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
-            "gpt_oss": ("GptOssForCausalLM", "gpt_oss"),
-            "qwen3_5": ("Qwen3_5ForCausalLM", "qwen3_5_text"),
-            "qwen3_5_moe": ("Qwen3_5MoeForCausalLM", "qwen3_5_moe_text")}
-    if cfg.arch not in arch:
-        raise ValueError(f"cannot export arch {cfg.arch!r}; expected one of {sorted(arch)}")
-    name, model_type = arch[cfg.arch]
+    name, model_type = cfg.family.export
     out = {
         "architectures": [name], "model_type": model_type,
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
@@ -291,20 +266,7 @@ def hf_config(cfg: ModelConfig, dtype_name: str = "float32") -> dict:
         "tie_word_embeddings": cfg.tie_word_embeddings, "attention_bias": False,
         "attention_dropout": 0.0, "torch_dtype": dtype_name, "dtype": dtype_name,
     }
-    if cfg.arch in ("qwen3", "qwen3_moe"):
-        out.update(use_sliding_window=False, sliding_window=None)
-    if cfg.arch == "qwen3_moe":
-        out.update(moe.hf_config_fields(cfg))
-    elif cfg.arch == "gpt_oss":
-        del out["rope_theta"], out["rope_scaling"]
-        out.update(gpt_oss.hf_config_fields(cfg))
-    elif cfg.hybrid:
-        del out["rope_theta"], out["rope_scaling"]
-        if cfg.arch == "qwen3_5_moe":
-            del out["intermediate_size"]
-        out.update(qwen3_5.hf_config_fields(cfg))
-    else:
-        out.update(mlp_bias=False, pretraining_tp=1)
+    cfg.family.hf_config(cfg, out)
     return out
 
 
@@ -318,8 +280,9 @@ def save_target(params, cfg: ModelConfig, out_dir: str | os.PathLike, *, tokeniz
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    entries = TARGET_SCHEMA.params(cfg)
-    want = {e.path: e.leaf_shape(cfg) for e in entries}
+    target_schema = schema(cfg)
+    entries, d = target_schema.params(cfg), target_schema.dims(cfg)
+    want = {e.path: e.leaf_shape(d) for e in entries}
     have = {path: tuple(leaf.shape) for path, leaf in flatten(params).items()}
     problems = [f"{'/'.join(p)}: missing" for p in want if p not in have]
     problems += [f"{'/'.join(p)}: unexpected" for p in have if p not in want]
@@ -329,14 +292,14 @@ def save_target(params, cfg: ModelConfig, out_dir: str | os.PathLike, *, tokeniz
         raise ValueError("params do not match the config:\n  " + "\n  ".join(problems))
 
     # (key, dtype, hf shape, thunk producing the tensor) in file order
-    plan, d = [], dims(cfg)
+    plan = []
     for e in entries:
         leaf = get(params, e.path)
         dt = np.dtype(dtype if dtype is not None else leaf.dtype)
         if dt.name not in _SAFETENSORS_DTYPES:
             raise ValueError(f"cannot store {'/'.join(e.path)} as {dt.name}; "
                              f"expected one of {sorted(_SAFETENSORS_DTYPES)}")
-        for index, key in e.hf_items(cfg):
+        for index, key in e.hf_items():
             # leaf[l] of a layer (leaf[l, e] of an expert), read when that tensor is written
             at = None if not index else index[0] if len(index) == 1 else index
             plan.append((key, dt, e.hf_shape(d), lambda e=e, leaf=leaf, at=at, dt=dt:

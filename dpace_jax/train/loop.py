@@ -28,7 +28,6 @@ from dpace_jax.drafters import dflash as drafter_lib
 from dpace_jax.drafters import hf as drafter_hf
 from dpace_jax.infer import generation
 from dpace_jax.io.atomic import atomic_path
-from dpace_jax.nn.schema import TARGET_SCHEMA
 from dpace_jax.targets import hf as convert
 from dpace_jax.targets import model as model_lib
 from dpace_jax.train import checkpoint as ckpt_lib
@@ -255,8 +254,8 @@ def setup(config) -> Run:
                          f"data*fsdp mesh size {shard_lib.num_batch_shards(mesh)}")
 
     target_dtype = parse_dtype(config.target.dtype, "target.dtype")
-    target_shardings = shard_lib.param_shardings(
-        TARGET_SCHEMA.abstract(target_cfg, target_dtype), mesh)
+    target_shardings = model_lib.shardings(
+        target_cfg, model_lib.schema(target_cfg).abstract(target_cfg, target_dtype), mesh)
     target_params, _ = convert.load_target(target_dir, dtype=target_dtype,
                                            shardings=target_shardings)
 
@@ -265,7 +264,7 @@ def setup(config) -> Run:
         init_params = drafter_lib.init_drafter_params(dcfg, jax.random.PRNGKey(config.seed))
     abstract_state = jax.eval_shape(
         lambda p: step_lib.init_state(p, optimizer, config.seed), init_params)
-    state_shardings = step_lib.state_shardings(abstract_state, mesh)
+    state_shardings = step_lib.state_shardings(abstract_state, mesh, dcfg)
     state = jax.jit(lambda p: step_lib.init_state(p, optimizer, config.seed),
                     out_shardings=state_shardings)(init_params)
 

@@ -237,12 +237,16 @@ def make_train_step(
     )
 
 
-def state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
-    """Drafter params and both Adam moments sharded fsdp-style; step and rng replicated."""
+def state_shardings(state: TrainState, mesh: Mesh, drafter_cfg) -> TrainState:
+    """Drafter params and both Adam moments sharded fsdp-style (by the drafter family schema's
+    rules); step and rng replicated."""
+    from dpace_jax.drafters import drafter_family
+
+    rules = drafter_family(drafter_cfg.arch).schema.rules(drafter_cfg)
     rep = shard_lib.replicated(mesh)
     return TrainState(
         step=rep,
-        params=shard_lib.param_shardings(state.params, mesh),
-        opt_state=shard_lib.param_shardings(state.opt_state, mesh),
+        params=shard_lib.param_shardings(state.params, mesh, rules),
+        opt_state=shard_lib.param_shardings(state.opt_state, mesh, rules),
         rng=rep,
     )

@@ -41,7 +41,8 @@ from dpace_jax.drafters.config import DrafterConfig
 from dpace_jax.infer.spd import pipeline as spd
 from dpace_jax.nn import layers
 from dpace_jax.targets import model as model_lib
-from dpace_jax.targets.model import KVCache, write_at
+from dpace_jax.targets.base import KVCache
+from dpace_jax.targets.runner import write_at
 from dpace_jax.train import anchors as anchor_lib
 
 SPD = "spd"  # train.loss of the draft module's training

@@ -72,13 +72,13 @@ from dpace_jax.infer.sampling import Sampling
 from dpace_jax.infer.spd.stage import (  # noqa: F401  (public names of the pipeline)
     AXIS,
     check_stages,
+    stage_cache,
     stage_forward,
     stage_layer_ids,
     stage_mesh,
     target_specs,
 )
-from dpace_jax.nn import layers
-from dpace_jax.targets.model import KVCache, ModelConfig, lm_head
+from dpace_jax.targets.model import ModelConfig, lm_head
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["params"],
@@ -121,7 +121,7 @@ class SpdResult(NamedTuple):
 
 
 class _State(NamedTuple):
-    cache: KVCache  # this stage's layers: k, v [L/n, B, S, G, E]
+    cache: Any  # this stage's layers' cache (a KVCache: k, v [L/n, B, S, G, E])
     slot: Slot
     seq: jax.Array  # [B, S]
     head: jax.Array  # [B]
@@ -139,7 +139,7 @@ class _State(NamedTuple):
 
 
 def _final(params, cfg: ModelConfig, x):
-    return layers.rms_norm(x, params.final_norm, cfg.rms_norm_eps)
+    return cfg.family.norm(x, params.final_norm, cfg.rms_norm_eps)
 
 
 def _gather_rows(buf, idx):
@@ -193,8 +193,7 @@ def _pipeline(target_params, drafter: SpdDrafter, prompts, lengths, stop_ids, ke
     ring = [(i, (i + 1) % n) for i in range(n)]
     dp, dc = drafter.params, drafter.config
     embed = target_params.embed
-    shape = (cfg.num_layers // n, batch, size, cfg.num_kv_heads, cfg.head_dim)
-    cache = KVCache(jnp.zeros(shape, embed.dtype), jnp.zeros(shape, embed.dtype))
+    cache = stage_cache(cfg, n, batch, size, embed.dtype)
 
     # Prefill: stage k runs the prompt at pipeline step k; boundary k + 1 is shared (psum).
     with jax.named_scope("spd_prefill"):
@@ -202,7 +201,8 @@ def _pipeline(target_params, drafter: SpdDrafter, prompts, lengths, stop_ids, ke
         zeros = jnp.zeros((batch,), jnp.int32)
         boundary = []
         for k in range(n):
-            y, new_cache = stage_forward(target_params.layers, cfg, x, cache, zeros)
+            y, new_cache = stage_forward(target_params.layers, cfg, x, cache, zeros,
+                                         num_stages=n, keep=lengths)
             mine = s_idx == k
             cache = jax.tree.map(lambda a, b, m=mine: jnp.where(m, a, b), new_cache, cache)
             b_k = jax.lax.psum(jnp.where(mine, y, jnp.zeros_like(y)), AXIS)
@@ -259,7 +259,7 @@ def _pipeline(target_params, drafter: SpdDrafter, prompts, lengths, stop_ids, ke
                 drafted = jnp.argmax(draft_logits, axis=-1).astype(jnp.int32)
         with jax.named_scope("spd_stage"):
             y, cache = stage_forward(target_params.layers, cfg, st.slot.x[:, None], st.cache,
-                                     st.slot.pos)
+                                     st.slot.pos, num_stages=n)
         out = jax.lax.ppermute(Slot(y[:, 0], st.slot.pos, st.slot.tag), AXIS, ring)
         with jax.named_scope("spd_verify"):
             out_valid = (out.tag == st.epoch) & ~done

@@ -1,6 +1,7 @@
 """The stages of SPD's pipeline (dpace_jax.infer.spd.pipeline): how a target is split over the
 `stage` mesh axis and what one stage computes. Stage s of n holds the target's layers [s*L/n,
-(s+1)*L/n) and their KV cache; its output is the boundary state b_{s+1}."""
+(s+1)*L/n) (a slice of its family's layer loop: dpace_jax.targets.runner) and their cache; its
+output is the boundary state b_{s+1}."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from dpace_jax.nn import layers
-from dpace_jax.targets.model import KVCache, ModelConfig, decoder_layer, write_at
+from dpace_jax.targets.config import ModelConfig
+from dpace_jax.targets.runner import context, run_layers
 
 AXIS = "stage"
 
@@ -26,48 +27,36 @@ def stage_layer_ids(cfg: ModelConfig, num_stages: int) -> tuple[int, ...]:
 
 
 def check_stages(cfg: ModelConfig, num_stages: int) -> None:
-    """ValueError unless the target splits into num_stages equal stages of a dense model."""
+    """ValueError unless the target splits into num_stages equal stages (its family says how:
+    a stage holds whole units of its layer loop)."""
     if int(num_stages) != num_stages or num_stages < 2:
         raise ValueError(f"num_stages must be an integer >= 2 (one stage is autoregressive "
                          f"decoding: dpace_jax.infer.decode), got {num_stages}")
-    if cfg.num_layers % num_stages:
-        raise ValueError(f"num_stages={num_stages} does not divide the target's "
-                         f"num_layers={cfg.num_layers}")
-    if cfg.arch not in ("qwen3", "llama"):
-        raise ValueError(f"SPD supports dense qwen3 / llama targets, not arch={cfg.arch!r}")
+    cfg.family.check_stages(cfg, num_stages)
+    if cfg.family.arch in ("qwen3_5", "qwen3_5_moe"):
+        raise ValueError(f"SPD supports targets whose layers roll back by position, not "
+                         f"arch={cfg.arch!r}")
 
 
-def rope(cfg: ModelConfig, positions: jax.Array):
-    """RoPE cos, sin [..., E] at positions [...] (with YaRN's attention factor)."""
-    inv_freq = layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.scaling_dict)
-    cos, sin = layers.rope_cos_sin(positions, inv_freq)
-    factor = layers.rope_attention_factor(cfg.scaling_dict)
-    return (cos * factor, sin * factor) if factor != 1.0 else (cos, sin)
+def stage_cache(cfg: ModelConfig, num_stages: int, batch: int, length: int, dtype):
+    """One stage's empty cache (its share of the target's units)."""
+    return cfg.family.init_cache(cfg, batch, length, dtype,
+                                 cfg.family.num_units(cfg) // num_stages)
 
 
-def stage_forward(stage_layers, cfg: ModelConfig, x: jax.Array, cache: KVCache,
-                  start: jax.Array):
-    """One stage: its decoder layers (stacked [L/n, ...]) on x [B, T, D] at positions
-    start[b] + 0..T-1, writing keys / values there into its cache [L/n, B, S, G, E]; queries see
-    slots up to their own position -> (x [B, T, D], cache)."""
+def stage_forward(stage_layers, cfg: ModelConfig, x: jax.Array, cache, start: jax.Array, *,
+                  num_stages: int, keep: jax.Array | None = None, stage=None):
+    """One stage: its units of the target's layer loop (its shard of every stack) on x
+    [B, T, D] at positions start[b] + 0..T-1, writing their cache entries there; queries see
+    slots up to their own position -> (x [B, T, D], cache). `stage`: the stage's index (default:
+    its index on the `stage` axis, inside shard_map)."""
+    fam = cfg.family
+    units = fam.num_units(cfg) // num_stages
     positions = start[:, None] + jnp.arange(x.shape[1], dtype=jnp.int32)[None, :]
-    cos, sin = rope(cfg, positions)
-    slots = jnp.arange(cache.k.shape[2], dtype=jnp.int32)
-    mask = (slots[None, None, :] <= positions[:, :, None])[:, None, None]  # [B, 1, 1, T, S]
-
-    def step(x, inputs):
-        p, ck, cv = inputs
-
-        def attend(q, k, v):
-            ck2, cv2 = write_at(ck, k, start), write_at(cv, v, start)
-            probs = layers.masked_softmax(layers.attention_logits(q, ck2), mask)
-            return layers.attention_output(probs, cv2), (ck2, cv2)
-
-        x, (ck2, cv2) = decoder_layer(x, p, cos, sin, cfg, attend)
-        return x, (ck2, cv2)
-
-    x, (ks, vs) = jax.lax.scan(step, x, (stage_layers, cache.k, cache.v))
-    return x, KVCache(ks, vs)
+    ctx = context(fam, cfg, positions, start=start, keep=keep)
+    x, _, cache = run_layers(fam, cfg, stage_layers, x, ctx, cache, stop=units,
+                             offset=(jax.lax.axis_index(AXIS) if stage is None else stage) * units)
+    return x, cache
 
 
 def target_specs(target_params):
