@@ -31,7 +31,7 @@ def main(argv):
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         raise SystemExit(f"error: {e}") from None
     load = summary["data"]["load"]
-    used = summary["data"].get("tokenize") or summary["data"]["prompts"]  # train.loss=opd: prompts
+    used = summary["data"].get("tokenize") or summary["data"]["prompts"]  # train.mode=opd: prompts
     if load["skipped"] or used["skipped"]:
         first = f"; first: {load['skipped_examples'][0]}" if load["skipped_examples"] else ""
         kind = "samples" if "samples" in used else "prompts"
@@ -44,7 +44,7 @@ def main(argv):
     if final:
         print(f"step {final['step']}: loss {final['loss']:.4f}  accuracy {final['accuracy']:.3f}")
     rounds = Path(_CONFIG.value.workdir) / "rounds.jsonl"
-    if _CONFIG.value.train.loss == "opd" and rounds.exists():
+    if summary["mode"] == "opd" and rounds.exists():
         taus = [json.loads(line)["on_policy_tau"] for line in rounds.read_text().splitlines()]
         print("on-policy tau per round: " + ", ".join(f"{t:.2f}" for t in taus))
     if not summary["finished"]:

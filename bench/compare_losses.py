@@ -213,7 +213,8 @@ def main(argv=None) -> None:
     from dpace_jax.demo.config import get_config
     from dpace_jax.demo.prepare import prepare
     from dpace_jax.targets import hf as convert
-    from dpace_jax.train import loop as trainer
+    from dpace_jax.train import sft
+    from dpace_jax.train.settings import Settings
 
     logging.set_verbosity(logging.WARNING)
     base = get_config(args.size)
@@ -231,7 +232,8 @@ def main(argv=None) -> None:
     shared.train.progress = not args.no_progress
     target = Path(prepare(shared).target.path)
     tokenizer = convert.load_tokenizer(target)
-    trainer.load_training_data(shared, workdir, target, tokenizer, base.drafter.block_size)
+    sft.load_training_data(Settings.from_config(shared), workdir, target, tokenizer,
+                           base.drafter.block_size)
     data = workdir / "data" / "regenerated.jsonl"
 
     temperatures = [float(t) for t in args.temperatures.split(",")]

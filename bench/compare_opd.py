@@ -7,7 +7,7 @@
 Four arms continue the SFT drafter for the same number of optimizer steps at the same batch size
 (so the same number of training target forwards) and learning-rate schedule (configs/demo_opd.py):
 `sft-dflash` and `sft-dpace` train on the SFT run's regenerated data (uniform anchors), `opd` and
-`opd-dpace` on rounds of their own rollouts (train.loss=opd, without / with D-PACE weights on the
+`opd-dpace` on rounds of their own rollouts (train.mode=opd, without / with D-PACE weights on the
 realized tokens); the rollouts are the on-policy arms' extra compute (reported). Every drafter,
 and the SFT drafter itself, is evaluated on held-out HumanEval prompts at temperature 0 and 1;
 per arm: pooled tau with a 95% bootstrap interval over seeds and prompts, and the paired per-seed
@@ -40,11 +40,12 @@ def arm_config(arm: str, sft: Path, workdir: Path, seed: int, progress: bool):
     c.workdir, c.seed, c.train.progress = str(workdir), seed, progress
     steps = c.opd.rounds * c.opd.epochs_per_round * (c.opd.prompts_per_round // c.train.batch_size)
     if arm.startswith("sft-"):
-        c.train.loss, c.train.max_steps = arm.removeprefix("sft-"), steps
+        c.train.mode, c.train.loss = "sft", arm.removeprefix("sft-")
+        c.train.max_steps = steps
         c.train.num_anchors = 32  # the SFT run's
         c.data.paths = (str(sft / "data" / "regenerated.jsonl"),)
     else:
-        c.train.opd_dpace = arm == "opd-dpace"
+        c.opd.dpace_weights = arm == "opd-dpace"
     return c
 
 

@@ -5,7 +5,7 @@ current drafter, then training on them (docs/opd.md). About 80 s on a 2-core CPU
     python train.py --config configs/demo_opd.py
     python evaluate.py --config configs/demo_opd.py
 
---config.train.opd_dpace=True adds D-PACE weights to the realized-token stream.
+--config.opd.dpace_weights=True adds D-PACE weights to the realized-token stream.
 """
 
 from dpace_jax.demo.config import get_config as _demo_config
@@ -19,7 +19,7 @@ def get_config(sft: str = "runs/demo"):
     c.data.demo, c.data.regenerate = False, False
     c.data.paths = (f"{sft}/data/demo.jsonl",)  # the SFT run's prompts
     c.drafter.init_from = sft
-    c.train.loss = "opd"
+    c.train.mode = "opd"
     c.train.max_steps = -1  # the rounds set the length
     c.train.lr = 5e-4
     c.train.warmup_ratio = 0.05

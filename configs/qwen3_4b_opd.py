@@ -7,7 +7,7 @@ chat data:
     python train.py --config configs/qwen3_4b_opd.py --config.workdir=runs/opd \
         --config.drafter.init_from=runs/sft --config.data.paths="('data/train.jsonl',)"
 
---config.train.opd_dpace=True adds D-PACE weights to the realized-token stream.
+--config.opd.dpace_weights=True adds D-PACE weights to the realized-token stream.
 """
 
 from dpace_jax.config import default_config
@@ -16,7 +16,7 @@ from dpace_jax.config import default_config
 def get_config():
     c = default_config()
     c.target.path = "Qwen/Qwen3-4B"
-    c.train.loss = "opd"
+    c.train.mode = "opd"
     c.train.lr = 3e-4
     c.train.warmup_ratio = 0.05
     c.train.num_anchors = 1024  # blocks per sequence: 4096 response tokens at tau >= 4

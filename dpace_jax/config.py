@@ -100,8 +100,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.strict = False  # True: the first unusable row is an error (else counted and skipped)
 
     c.train = ml_collections.ConfigDict()
-    c.train.loss = "dpace"  # dflash | dpace | dpace-cumulative-confidence-only | ... | opd | spd
-    c.train.opd_dpace = False  # loss opd: D-PACE weights (train.alpha) on the realized tokens
+    # The mode: sft (supervised), opd (on-policy post-training), spd (the SPD draft module);
+    # dpace_jax.train.modes. The objective: "" = the mode's default; sft: dpace | dflash |
+    # dpace-cumulative-confidence-only | dpace-continuation-value-only; opd: opd; spd: kl.
+    c.train.mode = "sft"
+    c.train.loss = ""
+    c.train.opd_dpace = False  # deprecated: opd.dpace_weights
     c.train.alpha = DEFAULT_ALPHA
     c.train.gamma = 7.0  # DFlash's decay for block 16 (5 for 10, 4 for 8); 0: no decay
     c.train.batch_size = 16
@@ -127,7 +131,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 3
     c.train.progress = True
 
-    # On-policy post-training (train.loss=opd, dpace_jax.train.opd.rounds): rounds of rollouts with
+    # On-policy post-training (train.mode=opd, dpace_jax.train.opd): rounds of rollouts with
     # the current drafter on the data's prompts, each followed by training on them.
     c.opd = ml_collections.ConfigDict()
     c.opd.rounds = 4
@@ -140,6 +144,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.opd.rule = "dflash"
     c.opd.decay = 0.8  # a rejected draft at block offset j weighs decay^(j-1)
     c.opd.rejected_weight = 1.0
+    c.opd.dpace_weights = False  # D-PACE weights (train.alpha) on the realized-token stream
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (1, -1, 1)  # (data, fsdp, tensor); -1: all remaining devices

@@ -29,6 +29,7 @@ from dpace_jax.train import loop as trainer
 from dpace_jax.train import step as step_lib
 from dpace_jax.train.opd import objective as opd_step
 from dpace_jax.train.opd import replay, rollout
+from dpace_jax.train.settings import OpdConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,11 +82,9 @@ def test_replay_refuses_inconsistent_rows(field, value, match):
         replay.blocks({k: v for k, v in ROW.items() if k != "emitted"}, 4, "rollouts.jsonl:3")
 
 
-def _step_cfg(**train):
+def _step_cfg():
     c = default_config()
     c.train.compute_dtype, c.train.loss, c.train.loss_chunk_size = "float32", "opd", 16
-    for k, v in train.items():
-        setattr(c.train, k, v)
     return step_lib.StepConfig.from_config(c, 10)
 
 
@@ -100,12 +99,13 @@ def test_replay_reproduces_the_rollout_drafts_and_the_objective_matches_dense_lo
     params = random_like(drafter_lib.init_drafter_params, CFG, 1, 0.3)
     rs = np.random.RandomState(0)
     prompts = [list(rs.randint(0, 90, n)) for n in (5, 9, 3)]
-    cfg = _step_cfg(opd_dpace=dpace)
+    cfg = _step_cfg()
+    opd = OpdConfig.from_config(default_config().opd, dpace_weights=dpace)
     _, batch, logits, checked, _ = references.replay_of_a_rollout(
         target, TARGET, params, CFG, prompts, max_new=15, seq_len=32, step_cfg=cfg)
     assert checked >= 10
     loss, aux = opd_step.opd_loss_fn(params, target, jax.tree.map(jnp.asarray, batch), None,
-                                     target_cfg=TARGET, drafter_cfg=CFG, cfg=cfg)
+                                     target_cfg=TARGET, drafter_cfg=CFG, cfg=cfg, opd=opd)
     logq = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     labels = np.take_along_axis(batch["input_ids"], np.minimum(
         batch["anchors"][..., None] + np.arange(CFG.block_size), 31).reshape(3, -1), 1)
@@ -162,7 +162,7 @@ def sft(tmp_path_factory):
 
 
 OPD_SETTINGS = {  # configs/tiny.py's fields a tiny on-policy run changes
-    "train.loss": "opd", "train.max_steps": -1, "train.log_every": 1, "train.save_every": 100,
+    "train.mode": "opd", "train.max_steps": -1, "train.log_every": 1, "train.save_every": 100,
     "train.lr": 1e-3, "train.batch_size": 4, "train.num_anchors": 24, "train.progress": False,
     "opd.rounds": 2, "opd.prompts_per_round": 8, "opd.max_new_tokens": 16,
     "opd.rollout_batch_size": 4, "opd.max_prompt_length": 300, "data.max_length": 320}

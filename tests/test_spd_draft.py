@@ -1,5 +1,5 @@
 """The SPD draft module (dpace_jax.infer.spd.draft): its inputs and loss against float64 NumPy, its
-decoding hooks against its training forward, and a tiny train.loss=spd run."""
+decoding hooks against its training forward, and a tiny train.mode=spd run."""
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +13,7 @@ from dpace_jax.drafters import dflash
 from dpace_jax.infer.spd import draft as spd_draft
 from dpace_jax.infer.spd import pipeline as spd
 from dpace_jax.targets import model
+from dpace_jax.train import spd as spd_training
 from dpace_jax.train import step as step_lib
 
 SEQ = 24
@@ -60,7 +61,7 @@ def test_kl_loss_matches_numpy():
     rs = np.random.RandomState(3)
     draft, target = rs.standard_normal((2, 2, 5, 11)) * 2
     keep = rs.rand(2, 5) < 0.6
-    loss, _ = spd_draft.kl_loss(jnp.asarray(draft), jnp.asarray(target), jnp.asarray(keep))
+    loss, _ = spd_training.kl_loss(jnp.asarray(draft), jnp.asarray(target), jnp.asarray(keep))
 
     def logsm(x):
         x = x - x.max(-1, keepdims=True)
@@ -99,14 +100,14 @@ def test_decoding_hooks_equal_the_training_forward(n, age):
 
 @pytest.mark.slow  # a train-step compilation (~15 s cold)
 def test_a_tiny_spd_training_lowers_the_loss():
-    """train_step with train.loss=spd on a learnable stream: the KL falls and the draft module
-    comes to agree with the target's argmax."""
+    """train_step with the SPD objective (train.mode=spd) on a learnable stream: the KL falls and
+    the draft module comes to agree with the target's argmax."""
     from train_fixtures import batches
 
     target = F.random_target(F.CFG, 1, scale=0.2)
     dcfg = spd_draft.draft_config(F.CFG, 2, num_layers=1)
     c = default_config()
-    c.train.loss, c.train.num_anchors, c.train.lr = "spd", 16, 1e-2
+    c.train.loss, c.train.num_anchors, c.train.lr = "kl", 16, 1e-2
     c.train.compute_dtype, c.train.warmup_ratio = "float32", 0.05
     step_cfg = step_lib.StepConfig.from_config(c, 60)
     opt = step_lib.make_optimizer(step_cfg)
@@ -115,7 +116,8 @@ def test_a_tiny_spd_training_lowers_the_loss():
     shardings = step_lib.state_shardings(state, mesh, dcfg)
     rep = shard_lib.replicated(mesh)
     step = step_lib.make_train_step(F.CFG, dcfg, step_cfg, opt, mesh, shardings,
-                                    jax.tree.map(lambda _: rep, target), **spd_draft.STEP_ARGS)
+                                    jax.tree.map(lambda _: rep, target),
+                                    objective=spd_training.loss_fn)
     data = batches()
     losses, accs = [], []
     for _ in range(60):
@@ -135,7 +137,7 @@ def test_a_config_that_is_not_the_stage_boundaries_is_refused():
 
 @pytest.mark.slow
 def test_train_py_trains_and_exports_a_draft_module(tmp_path):
-    """train.py with train.loss=spd on the tiny config (a 3-layer random target: 3 stages):
+    """train.py with train.mode=spd on the tiny config (a 3-layer random target: 3 stages):
     trains, logs, exports a module that loads back for SPD; a config whose feature layers are
     not the stage boundaries is refused naming the field."""
     import json
@@ -152,7 +154,7 @@ def test_train_py_trains_and_exports_a_draft_module(tmp_path):
     def train(*overrides):
         cmd = [sys.executable, str(root / "train.py"), "--config", str(root / "configs/tiny.py"),
                f"--config.workdir={tmp_path}", "--config.train.progress=False",
-               "--config.train.loss=spd", "--config.drafter.block_size=3",
+               "--config.train.mode=spd", "--config.drafter.block_size=3",
                "--config.drafter.mask_token_id=0", "--config.train.max_steps=3",
                "--config.train.log_every=1", *overrides]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root,

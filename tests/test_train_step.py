@@ -130,8 +130,9 @@ def test_one_device_and_2x2x2_mesh_agree():
 def test_step_config_comes_from_the_run_config_and_names_bad_fields():
     c = default_config()
     base = step_lib.StepConfig.from_config(c, 100)
-    assert (base.loss, base.alpha, base.gamma, base.lr, base.total_steps) == (
-        c.train.loss, c.train.alpha, c.train.gamma, c.train.lr, 100)
+    assert c.train.loss == "" and base.loss == "dpace"  # "": the supervised default
+    assert (base.alpha, base.gamma, base.lr, base.total_steps) == (
+        c.train.alpha, c.train.gamma, c.train.lr, 100)
     assert (base.loss_chunk_size, base.attention_tile) == (c.train.loss_chunk_size,
                                                            c.train.attention_tile)
     c.train.gamma = 0.0

@@ -135,7 +135,7 @@ def test_reference_decoder_agrees_step_by_step(tmp_path):
             assert tokens == sample["output_ids"], (name, sample["id"])
             assert accepted == sample["acceptance_lengths"], (name, sample["id"], accepted,
                                                               sample["acceptance_lengths"])
-        # On-policy replay (train.loss=opd): blocks replayed at a rollout's boundaries with the
+        # On-policy replay (train.mode=opd): blocks replayed at a rollout's boundaries with the
         # training forward draft what the cached decoder drafted, deep into the blocks.
         loaded = generation.load_drafter(workdir)
         _, _, _, checked, deepest = references.replay_of_a_rollout(

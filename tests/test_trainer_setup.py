@@ -8,7 +8,10 @@ from dpace_jax.config import default_config
 from dpace_jax.drafters import dflash as drafter_lib
 from dpace_jax.drafters import hf as drafter_hf
 from dpace_jax.targets import model as model_lib
+from dpace_jax.train import drafter as drafter_setup
 from dpace_jax.train import loop as trainer
+from dpace_jax.train import sft
+from dpace_jax.train.settings import DrafterSettings, LoopConfig
 
 TARGET = model_lib.ModelConfig(vocab_size=272, hidden_size=64, intermediate_size=128,
                                num_layers=6, num_heads=4, num_kv_heads=2, head_dim=16)
@@ -23,8 +26,13 @@ def _config(**drafter):
     return c
 
 
+def build_drafter(c, target_cfg, tokenizer):
+    return drafter_setup.build_drafter(DrafterSettings.from_config(c.drafter), target_cfg,
+                                       tokenizer)
+
+
 def test_default_drafter_follows_the_target():
-    dcfg, _ = trainer.build_drafter(_config(), TARGET, make_tiny_tokenizer())
+    dcfg, _ = build_drafter(_config(), TARGET, make_tiny_tokenizer())
     assert dcfg.hidden_size == 64 and dcfg.num_target_layers == 6
     assert dcfg.target_layer_ids == (1, 3)  # round(1 + i * (6 - 4) / 1)
     assert dcfg.mask_token_id == make_tiny_tokenizer().convert_tokens_to_ids("<|MASK|>")
@@ -32,13 +40,13 @@ def test_default_drafter_follows_the_target():
 
 def test_layer_ids_beyond_the_target_are_refused():
     with pytest.raises(ValueError, match="target_layer_ids"):
-        trainer.build_drafter(_config(target_layer_ids=(1, 6)), TARGET,
+        build_drafter(_config(target_layer_ids=(1, 6)), TARGET,
                                      make_tiny_tokenizer())
 
 
 def test_mask_token_outside_vocab_is_refused():
     with pytest.raises(ValueError, match="mask_token_id=300"):
-        trainer.build_drafter(_config(mask_token_id=300), TARGET, make_tiny_tokenizer())
+        build_drafter(_config(mask_token_id=300), TARGET, make_tiny_tokenizer())
 
 
 @pytest.mark.parametrize("field,value", [("hidden_size", 32), ("num_layers", 8)])
@@ -53,7 +61,7 @@ def test_init_from_a_drafter_for_another_target_is_refused(tmp_path, field, valu
                               dcfg, tmp_path)
     expect = "hidden_size" if field == "hidden_size" else "num_target_layers"
     with pytest.raises(ValueError, match=expect):
-        trainer.build_drafter(_config(init_from=str(tmp_path)), TARGET,
+        build_drafter(_config(init_from=str(tmp_path)), TARGET,
                                      make_tiny_tokenizer())
 
 
@@ -61,9 +69,9 @@ def test_too_few_samples_for_one_batch():
     c = _config()
     c.train.batch_size = 8
     with pytest.raises(ValueError, match="batch_size=8"):
-        trainer.total_steps(c, 5)
+        sft.total_steps(LoopConfig.from_config(c.train), 5)
     c.train.epochs = 2
-    assert trainer.total_steps(c, 20) == 4
+    assert sft.total_steps(LoopConfig.from_config(c.train), 20) == 4
 
 
 def test_feature_layers_with_the_last_target_layer_warn_once():
@@ -72,23 +80,23 @@ def test_feature_layers_with_the_last_target_layer_warn_once():
     tok = make_tiny_tokenizer()
     with pytest.warns(UserWarning, match=r"drafter.target_layer_ids=\[1, 5\] includes the "
                                          r"target's last layer \(5\)"):
-        trainer.build_drafter(_config(target_layer_ids=(1, 5)), TARGET, tok)
+        build_drafter(_config(target_layer_ids=(1, 5)), TARGET, tok)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        trainer.build_drafter(_config(target_layer_ids=(1, 5)), TARGET, tok)  # once
-        trainer.build_drafter(_config(target_layer_ids=(1, 4)), TARGET, tok)  # no warning
+        build_drafter(_config(target_layer_ids=(1, 5)), TARGET, tok)  # once
+        build_drafter(_config(target_layer_ids=(1, 4)), TARGET, tok)  # no warning
 
 
 def test_attention_layout_options():
     tok = make_tiny_tokenizer()
-    dcfg, _ = trainer.build_drafter(_config(sliding_window=16), TARGET, tok)
+    dcfg, _ = build_drafter(_config(sliding_window=16), TARGET, tok)
     assert dcfg.layer_types == ("sliding_attention",) * 2 and dcfg.sliding_window == 16
     mixed = ("full_attention", "sliding_attention")
-    dcfg, _ = trainer.build_drafter(
+    dcfg, _ = build_drafter(
         _config(sliding_window=8, layer_types=mixed, is_causal=True), TARGET, tok)
     assert (dcfg.layer_types, dcfg.layer_windows, dcfg.layer_causal) == (mixed, (0, 8),
                                                                          (True, True))
-    plain, _ = trainer.build_drafter(_config(), TARGET, tok)
+    plain, _ = build_drafter(_config(), TARGET, tok)
     assert plain.layer_types == ("full_attention",) * 2 and plain.layer_causal == (False,) * 2
     cases = [(dict(sliding_window=-1), "drafter.sliding_window=-1 must be >= 0"),
              (dict(layer_types=("full_attention",)), "drafter.layer_types has 1 entries.*"
@@ -100,7 +108,7 @@ def test_attention_layout_options():
               "no sliding_attention layer")]
     for fields, match in cases:
         with pytest.raises(ValueError, match=match):
-            trainer.build_drafter(_config(**fields), TARGET, tok)
+            build_drafter(_config(**fields), TARGET, tok)
 
 
 def test_training_imports_neither_evaluation_nor_the_demo():

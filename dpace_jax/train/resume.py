@@ -26,27 +26,25 @@ def target_identity(target_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def run_fingerprint(config, dcfg, steps: int, data_fingerprint: str | None = None,
+def run_fingerprint(s, mode, dcfg, data_fingerprint: str | None = None,
                     target_dir: Path | None = None) -> dict:
-    """The settings a resumed run must keep (see the module doc)."""
-    t = config.train
-    fingerprint = {
-        "total_steps": int(steps), "lr": float(t.lr), "loss": t.loss, "alpha": float(t.alpha),
-        "gamma": float(t.gamma), "batch_size": int(t.batch_size), "seed": int(config.seed),
-        "block_size": dcfg.block_size, "num_layers": dcfg.num_layers,
-        "target_layer_ids": list(dcfg.target_layer_ids),
-    }
+    """The settings a resumed run must keep (see the module doc), derived from the typed
+    settings `s` (dpace_jax.train.settings: each section's fields but its SAME_RESULT ones), the
+    run's mode, the drafter's config, the data's and the target's identities."""
+    from dpace_jax.train.settings import fingerprint_of
+
+    fingerprint = {**fingerprint_of(s.step), "total_steps": s.step.total_steps,
+                   **fingerprint_of(s.loop), **fingerprint_of(s.data), "seed": s.seed,
+                   "target_dtype": s.target_dtype, "block_size": dcfg.block_size,
+                   "num_layers": dcfg.num_layers, "target_layer_ids": list(dcfg.target_layer_ids)}
     if dcfg.sliding_window or dcfg.is_causal:  # absent for the DFlash mask: older runs resume
         fingerprint.update(layer_types=list(dcfg.layer_types),
                            sliding_window=dcfg.sliding_window, is_causal=dcfg.is_causal)
-    drafter = {k: v for k, v in drafter_hf.config_to_hf(dcfg).items() if k != "torch_dtype"}
-    fingerprint.update(
-        warmup_ratio=float(t.warmup_ratio), num_anchors=int(t.num_anchors),
-        grad_clip=float(t.grad_clip), compute_dtype=str(t.compute_dtype),
-        target_dtype=str(config.target.dtype), max_length=int(config.data.max_length),
-        drafter=drafter)
-    if t.loss == "opd":  # on-policy post-training (dpace_jax.train.opd.rounds)
-        fingerprint["opd"] = {**config.opd.to_dict(), "dpace": bool(t.opd_dpace)}
+    if s.mode != "sft":  # absent for supervised runs: older runs resume
+        fingerprint["mode"] = s.mode
+    fingerprint["drafter"] = {k: v for k, v in drafter_hf.config_to_hf(dcfg).items()
+                              if k != "torch_dtype"}
+    fingerprint.update(mode.fingerprint(s))
     if data_fingerprint is not None:
         fingerprint["data"] = data_fingerprint
     if target_dir is not None:

@@ -17,7 +17,6 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from dpace_jax import loss as loss_lib
 from dpace_jax import sharding as shard_lib
 from dpace_jax.config import parse_dtype
 from dpace_jax.drafters import block_attention
@@ -27,8 +26,7 @@ from dpace_jax.targets import model as model_lib
 from dpace_jax.train import anchors as anchor_lib
 
 NAN_POLICIES = ("stop", "skip-step")
-OPD = "opd"  # train.loss for on-policy post-training (dpace_jax.train.opd)
-SPD = "spd"  # train.loss for the SPD draft module (dpace_jax.infer.spd.draft)
+DEFAULT_LOSS = "dpace"  # train.loss "" in supervised training (the modes: dpace_jax.train.modes)
 
 
 class TrainState(NamedTuple):
@@ -42,7 +40,9 @@ class TrainState(NamedTuple):
 class StepConfig:
     """What the compiled step depends on: the `train.*` fields of the run config (whose defaults
     are the only ones; build with `from_config`) and the schedule's length. Checked on creation,
-    each error naming its config field."""
+    each error naming its config field; the objective's name is checked by the run's mode
+    (dpace_jax.train.modes). `SAME_RESULT`: the fields that change speed or memory only (left
+    out of the resume fingerprint)."""
 
     loss: str
     alpha: float
@@ -60,33 +60,27 @@ class StepConfig:
     attention_tile: int  # flash: context columns per step
     target_attention: str  # target forward attention: einsum | cudnn (GPU)
     nan_policy: str  # a step with non-finite loss or gradients: not applied; "stop" | "skip-step"
-    opd_dpace: bool  # loss "opd": D-PACE weights (alpha) on the realized-token stream
-    opd_decay: float  # loss "opd": weight decay^(j-1) of a rejected draft at offset j
-    opd_rejected_weight: float  # loss "opd": weight of the rejected-draft stream
+
+    SAME_RESULT = ("total_steps", "loss_chunk_size", "remat", "attention", "attention_group",
+                   "attention_tile", "target_attention", "nan_policy")
 
     @classmethod
-    def from_config(cls, config, total_steps: int) -> StepConfig:
-        """The step settings of a run config (`config.train`) for a schedule of total_steps."""
+    def from_config(cls, config, total_steps: int, loss: str | None = None) -> StepConfig:
+        """The step settings of a run config (`config.train`) for a schedule of total_steps;
+        `loss` replaces train.loss ("": the supervised default, DEFAULT_LOSS)."""
         t = config.train
         return cls(
-            loss=str(t.loss), alpha=float(t.alpha), gamma=float(t.gamma) if t.gamma else None,
+            loss=str(loss or t.loss or DEFAULT_LOSS), alpha=float(t.alpha),
+            gamma=float(t.gamma) if t.gamma else None,
             num_anchors=int(t.num_anchors), lr=float(t.lr), warmup_ratio=float(t.warmup_ratio),
             total_steps=int(total_steps), grad_clip=float(t.grad_clip),
             compute_dtype=parse_dtype(t.compute_dtype, "train.compute_dtype"),
             loss_chunk_size=int(t.loss_chunk_size), remat=bool(t.remat),
             attention=str(t.attention), attention_group=int(t.attention_group),
             attention_tile=int(t.attention_tile), target_attention=str(t.target_attention),
-            nan_policy=str(t.nan_policy), opd_dpace=bool(t.opd_dpace),
-            opd_decay=float(config.opd.decay),
-            opd_rejected_weight=float(config.opd.rejected_weight))
+            nan_policy=str(t.nan_policy))
 
     def __post_init__(self):
-        if self.loss not in (*loss_lib.LOSS_NAMES, OPD, SPD):
-            raise ValueError(f"train.loss={self.loss!r}; expected one of "
-                             f"{(*loss_lib.LOSS_NAMES, OPD, SPD)}")
-        if not 0.0 < self.opd_decay <= 1.0 or self.opd_rejected_weight < 0:
-            raise ValueError(f"opd.decay={self.opd_decay} must lie in (0, 1] and "
-                             f"opd.rejected_weight={self.opd_rejected_weight} be >= 0")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"train.alpha={self.alpha} must lie in [0, 1]")
         if self.gamma is not None and not self.gamma > 0:

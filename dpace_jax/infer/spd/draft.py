@@ -1,4 +1,4 @@
-"""The SPD draft module (REFERENCE.md §8, dpace_jax.infer.spd.pipeline): a few decoder layers that
+"""The SPD draft module (docs/spd.md, dpace_jax.infer.spd.pipeline): a few decoder layers that
 predict the token after the pipeline's head from the states the in-flight tokens have reached.
 
 Architecture: a DFlash drafter (`dpace_jax.drafters.dflash`, same `DrafterParams` / `DrafterConfig`)
@@ -20,10 +20,7 @@ refills; a steps later (a = 0..n-1, a = h - exited - 1) offsets o <= a have dept
 ones are finished (depth n). Training samples a per head: n - 1 (steady state) half of the time,
 else uniform in 0..n-1.
 
-Training (`loss_fn`, train.loss=spd): heads h drawn like DFlash anchors among positions with a
-loss token at h + 1 (and h >= n - 1); the target's boundary states of the whole sequence come
-from one frozen forward (`model.features`); loss = mean over heads of KL(p || q), p the target's
-next-token distribution at h (its logits: LM head of b_n), q the draft module's.
+Training: dpace_jax.train.spd (train.mode=spd; its forward here: `train_logits`).
 
 Decoding hooks (spd.SpdDrafter): state = (context KVCache [Ld, B, S, G, E], acc [B, S, D]
 fp32: per position the partial sum sum_{k < d} b_{k+1} @ W_k of the depth reached so far). Each
@@ -43,10 +40,6 @@ from dpace_jax.nn import layers
 from dpace_jax.targets import model as model_lib
 from dpace_jax.targets.base import KVCache
 from dpace_jax.targets.runner import write_at
-from dpace_jax.train import anchors as anchor_lib
-
-SPD = "spd"  # train.loss of the draft module's training
-STEADY_FRACTION = 0.5  # of training heads at the steady-state depths (a = n - 1)
 
 
 def draft_config(target_cfg: model_lib.ModelConfig, num_stages: int,
@@ -118,49 +111,6 @@ def train_logits(params, cfg: DrafterConfig, target_params, features, tokens, he
         hidden = dflash.block_forward(params, cfg, x.astype(params.fc.dtype), anchors, ctx_k,
                                       ctx_v)
         return model_lib.lm_head(target_params, hidden[:, :, -1])
-
-
-def kl_loss(draft_logits, target_logits, keep):
-    """Mean over kept rows of KL(softmax(target) || softmax(draft)); logits [B, N, V]."""
-    logp = jax.nn.log_softmax(target_logits.astype(jnp.float32), axis=-1)
-    logq = jax.nn.log_softmax(draft_logits.astype(jnp.float32), axis=-1)
-    kl = jnp.sum(jnp.exp(logp) * (logp - logq), axis=-1)
-    count = jnp.maximum(jnp.sum(keep), 1)
-    return jnp.sum(jnp.where(keep, kl, 0.0)) / count, kl
-
-
-def sample_heads(key, loss_mask, num_heads: int, n: int):
-    """Heads [B, N] (sorted; positions h >= n - 1 with a loss token at h + 1), keep [B, N] and
-    flush ages [B, N]."""
-    k_heads, k_steady, k_age = jax.random.split(key, 3)
-    seq = loss_mask.shape[1]
-    nxt = jnp.concatenate([loss_mask[:, 1:], jnp.zeros_like(loss_mask[:, :1])], axis=1)
-    eligible = (nxt > 0) & (jnp.arange(seq) >= n - 1)[None, :]
-    heads, keep = anchor_lib.sample_anchors(k_heads, eligible, min(num_heads, seq), 1)
-    steady = jax.random.uniform(k_steady, heads.shape) < STEADY_FRACTION
-    age = jnp.where(steady, n - 1, jax.random.randint(k_age, heads.shape, 0, n))
-    return jnp.where(keep, heads, n - 1), keep, age.astype(jnp.int32)
-
-
-def loss_fn(drafter_params, target_params, batch, key, *, target_cfg, drafter_cfg, cfg):
-    """train.loss=spd: KL(target || draft) at sampled heads of {input_ids, loss_mask} [B, S]."""
-    tokens, loss_mask = batch["input_ids"], batch["loss_mask"]
-    n = drafter_cfg.block_size
-    heads, keep, age = sample_heads(key, loss_mask, cfg.num_anchors, n)
-    features = model_lib.features(target_params, target_cfg, tokens,
-                                  drafter_cfg.target_layer_ids, attention=cfg.target_attention)
-    features = jax.lax.stop_gradient(features).astype(cfg.compute_dtype)
-    final = jnp.take_along_axis(features[..., -target_cfg.hidden_size:], heads[..., None], axis=1)
-    target_logits = jax.lax.stop_gradient(model_lib.lm_head(target_params, final))
-    params = jax.tree.map(lambda x: x.astype(cfg.compute_dtype), drafter_params)
-    draft = train_logits(params, drafter_cfg, target_params, features, tokens, heads, age)
-    loss, _ = kl_loss(draft, target_logits, keep)
-    agree = (jnp.argmax(draft, -1) == jnp.argmax(target_logits, -1)) & keep
-    count = jnp.maximum(jnp.sum(keep), 1)
-    return loss, {"accuracy": jnp.sum(agree) / count, "num_blocks": jnp.sum(keep)}
-
-
-STEP_ARGS = {"objective": loss_fn}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Speculative pipeline decoding (SPD, arXiv 2605.30852; REFERENCE.md §8) on a `stage` mesh axis.
+"""Speculative pipeline decoding (SPD, arXiv 2605.30852; docs/spd.md) on a `stage` mesh axis.
 
 The target's L decoder layers are split into n contiguous stages (stage s: layers
 [s*L/n, (s+1)*L/n), one device each: the stacked layer axis and the KV cache are sharded over

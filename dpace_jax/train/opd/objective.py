@@ -1,4 +1,4 @@
-"""The on-policy (Draft-OPD) objective of a replay batch, for `train_step.make_train_step`.
+"""The on-policy (Draft-OPD) objective of a replay batch, for `train.step.make_train_step`.
 
 A replay batch (`dpace_jax.train.opd.replay.replay_batch`) holds whole sequences (prompt + rollout
 response) and, per row, the blocks at the rollout's boundaries with what supervises them: the
@@ -26,9 +26,10 @@ BATCH_KEYS = ("input_ids", "anchors", "keep", "real_mask", "logp_real", "rej_tok
 
 def opd_loss_fn(drafter_params, target_params, batch: dict[str, jax.Array], key: jax.Array, *,
                 target_cfg: model_lib.ModelConfig, drafter_cfg: drafter_lib.DrafterConfig,
-                cfg: StepConfig):
-    """Loss and aux metrics of one replay batch (keys BATCH_KEYS); `key` is unused (the anchors
-    are the rollout's)."""
+                cfg: StepConfig, opd):
+    """Loss and aux metrics of one replay batch (keys BATCH_KEYS) under the opd.* settings
+    `opd` (dpace_jax.train.settings.OpdConfig); `key` is unused (the anchors are the
+    rollout's)."""
     del key
     tokens, anchors, keep = batch["input_ids"], batch["anchors"], batch["keep"]
     k_block = drafter_cfg.block_size
@@ -48,8 +49,8 @@ def opd_loss_fn(drafter_params, target_params, batch: dict[str, jax.Array], key:
         logq_rej = -jnp.sum(jnp.where(at_offset, ce_rej, 0.0), axis=-1)
         loss, aux = opd_loss.opd_loss(
             -ce_real, batch["logp_real"], real_mask, logq_rej, batch["logp_rej"],
-            batch["rej_offset"], rej_mask, decay=cfg.opd_decay,
-            rej_weight=cfg.opd_rejected_weight, dpace_alpha=cfg.alpha if cfg.opd_dpace else None)
+            batch["rej_offset"], rej_mask, decay=opd.decay, rej_weight=opd.rejected_weight,
+            dpace_alpha=cfg.alpha if opd.dpace_weights else None)
     m = real_mask.astype(jnp.float32)
     aux = dict(aux)
     aux["accuracy"] = jnp.sum(correct * m) / jnp.maximum(jnp.sum(m), 1.0)

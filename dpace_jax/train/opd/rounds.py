@@ -1,5 +1,5 @@
-"""On-policy post-training (Draft-OPD, arXiv 2605.29343; docs/design.md §9) as a train.py mode:
-`train.loss=opd`.
+"""On-policy post-training's rounds (Draft-OPD, arXiv 2605.29343; docs/design.md §9;
+train.mode=opd: dpace_jax.train.opd.mode).
 
 The run starts from a trained drafter (`drafter.init_from`: a DFlash HF directory or a training
 run directory) and goes through `opd.rounds` rounds. Round r takes the next
@@ -28,60 +28,33 @@ import numpy as np
 from dpace_jax.data import conversations as data_lib
 from dpace_jax.infer import decode
 from dpace_jax.infer import generation as gen_lib
-from dpace_jax.infer.sampling import Sampling
 from dpace_jax.io.atomic import atomic_path
 from dpace_jax.train import resume
 from dpace_jax.train.opd import objective as opd_step
 from dpace_jax.train.opd import replay, rollout
 
 log = logging.getLogger(__name__)
-STEP_ARGS = {"objective": opd_step.opd_loss_fn, "batch_keys": opd_step.BATCH_KEYS}
-
-
-def check(config) -> None:
-    """The opd.* settings (ValueError naming the field), before any work."""
-    o = config.opd
-    for name in ("rounds", "prompts_per_round", "epochs_per_round", "max_prompt_length",
-                 "max_new_tokens", "rollout_batch_size"):
-        if int(o[name]) < 1:
-            raise ValueError(f"opd.{name}={o[name]} must be >= 1")
-    if int(config.train.max_steps) > 0:
-        raise ValueError(f"train.max_steps={config.train.max_steps} does not apply to "
-                         "train.loss=opd: a run is opd.rounds x opd.epochs_per_round x "
-                         "(opd.prompts_per_round // train.batch_size) steps; set it to -1")
-    if not config.drafter.init_from:
-        raise ValueError("train.loss=opd post-trains a drafter: set drafter.init_from (a DFlash "
-                         "HF directory or a training run directory)")
-    if int(o.prompts_per_round) < int(config.train.batch_size):
-        raise ValueError(f"opd.prompts_per_round={o.prompts_per_round} makes no batch of "
-                         f"train.batch_size={config.train.batch_size}")
-    Sampling(float(o.temperature), str(o.rule))
-    if jax.process_count() > 1:
-        raise ValueError("train.loss=opd runs in a single process")
-
-
-def load_prompts(config, tokenizer) -> tuple[list[list[int]], dict]:
-    """The prompt set (token ids) from data.paths, and its statistics."""
-    conversations, stats = data_lib.load_conversations(
-        list(config.data.paths), split=config.data.split, strict=bool(config.data.strict))
+def load_prompts(s, tokenizer) -> tuple[list[list[int]], dict]:
+    """The prompt set (token ids) from data.paths, and its statistics (`s`: the run settings)."""
+    conversations, stats = data_lib.load_conversations(list(s.data.paths), split=s.data.split,
+                                                       strict=s.data.strict)
     prompts, skipped = rollout.conversation_prompts(conversations, tokenizer,
-                                                    int(config.opd.max_prompt_length))
+                                                    s.opd.max_prompt_length)
     if not prompts:
-        raise ValueError(f"data.paths={list(config.data.paths)}: no prompt (a conversation's "
-                         f"turns before its first assistant turn, at most "
-                         f"opd.max_prompt_length={config.opd.max_prompt_length} tokens)")
+        raise ValueError(f"data.paths={list(s.data.paths)}: no prompt (a conversation's turns "
+                         f"before its first assistant turn, at most "
+                         f"opd.max_prompt_length={s.opd.max_prompt_length} tokens)")
     stats = {"load": stats, "prompts": {"prompts": len(prompts), "skipped": skipped,
                                         "fingerprint": rollout.prompts_fingerprint(prompts)}}
     return prompts, stats
 
 
-def steps_per_round(config) -> int:
-    return int(config.opd.epochs_per_round) * (
-        int(config.opd.prompts_per_round) // int(config.train.batch_size))
+def steps_per_round(opd, batch_size: int) -> int:
+    return opd.epochs_per_round * (opd.prompts_per_round // batch_size)
 
 
-def total_steps(config) -> int:
-    return int(config.opd.rounds) * steps_per_round(config)
+def total_steps(opd, batch_size: int) -> int:
+    return opd.rounds * steps_per_round(opd, batch_size)
 
 
 def round_prompts(prompts, r: int, per_round: int) -> list[list[int]]:
@@ -95,12 +68,14 @@ class RoundBatches:
 
     keys = opd_step.BATCH_KEYS
 
-    def __init__(self, config, workdir: Path, prompts, gen: gen_lib.Generator, drafter_cfg,
-                 rollout_dtype, meta: dict, start_step: int):
-        self.config, self.workdir, self.prompts, self.gen = config, workdir, prompts, gen
+    def __init__(self, opd, *, seed: int, batch_size: int, seq_len: int, num_blocks: int,
+                 workdir: Path, prompts, gen: gen_lib.Generator, drafter_cfg, rollout_dtype,
+                 meta: dict, start_step: int):
+        self.opd, self.seed, self.batch_size = opd, seed, batch_size
+        self.seq_len, self.num_blocks = seq_len, num_blocks
+        self.workdir, self.prompts, self.gen = workdir, prompts, gen
         self.drafter_cfg, self.rollout_dtype, self.meta = drafter_cfg, rollout_dtype, meta
-        self.step, self.per_round = int(start_step), steps_per_round(config)
-        self.batch_size = int(config.train.batch_size)
+        self.step, self.per_round = int(start_step), steps_per_round(opd, batch_size)
         self.round, self.rows = -1, []
 
     def state(self) -> dict:
@@ -114,14 +89,13 @@ class RoundBatches:
         r, within = divmod(self.step, self.per_round)
         if r != self.round:
             self._roll_out(r, train_state.params, first=within == 0)
-        per_epoch = self.per_round // int(self.config.opd.epochs_per_round)
+        per_epoch = self.per_round // self.opd.epochs_per_round
         epoch, b = divmod(within, per_epoch)
-        order = np.random.default_rng([int(self.config.seed), r, epoch]).permutation(
-            len(self.rows))
+        order = np.random.default_rng([self.seed, r, epoch]).permutation(len(self.rows))
         rows = [self.rows[i] for i in order[b * self.batch_size: (b + 1) * self.batch_size]]
         batch, _ = replay.replay_batch(
             rows, block_size=self.drafter_cfg.block_size,
-            seq_len=int(self.config.data.max_length), num_blocks=int(self.config.train.num_anchors),
+            seq_len=self.seq_len, num_blocks=self.num_blocks,
             pad_token_id=self.gen.pad_id)
         self.step += 1
         return batch
@@ -130,7 +104,7 @@ class RoundBatches:
         """Round r's rollout rows: rolled out (or completed) at its first step, read back
         inside it."""
         path = self.workdir / "rollouts" / f"round-{r}.jsonl"
-        chosen = round_prompts(self.prompts, r, int(self.config.opd.prompts_per_round))
+        chosen = round_prompts(self.prompts, r, self.opd.prompts_per_round)
         meta = {**self.meta, "round": r}
         self.round = r
         if not first:
@@ -138,18 +112,17 @@ class RoundBatches:
             return
         host = jax.tree.map(lambda x: jnp.asarray(np.asarray(x), self.rollout_dtype), params)
         drafter = decode.dflash_drafter(host, self.drafter_cfg, self.gen.target_cfg)
-        key = jax.random.fold_in(jax.random.PRNGKey(int(self.config.seed)), r)
+        key = jax.random.fold_in(jax.random.PRNGKey(self.seed), r)
         self.rows = rollout.rollout(path, self.gen, drafter, chosen, key=key,
                                     meta={**meta, "drafter": rollout.params_fingerprint(host)})
-        counts = [replay.kept_blocks(row, self.drafter_cfg.block_size,
-                                     int(self.config.data.max_length),
-                                     int(self.config.train.num_anchors)) for row in self.rows]
+        counts = [replay.kept_blocks(row, self.drafter_cfg.block_size, self.seq_len,
+                                     self.num_blocks) for row in self.rows]
         dropped = sum(lost for _, lost in counts)
         if dropped:
             log.warning("round %d: %d of %d replay blocks do not fit train.num_anchors=%d blocks "
                         "per row or data.max_length=%d and are not trained on", r, dropped,
                         dropped + sum(len(kept) for kept, _ in counts),
-                        self.config.train.num_anchors, self.config.data.max_length)
+                        self.num_blocks, self.seq_len)
         self._log_round(r, {"round": r, "step": r * self.per_round,
                             "on_policy_tau": decode.mean_acceptance(
                                 row["acceptance"] for row in self.rows), "rows": len(self.rows),
@@ -166,16 +139,19 @@ class RoundBatches:
             tmp.write_text("".join(k + "\n" for k in [*kept, json.dumps(row)]))
 
 
-def round_batches(config, workdir: Path, prompts, target_dir: Path, target_params, target_cfg,
+def round_batches(s, workdir: Path, prompts, target_dir: Path, target_params, target_cfg,
                   drafter_cfg, tokenizer, start_step: int) -> RoundBatches:
-    """The run's RoundBatches, rolling out with the target as loaded (its dtype) and opd.*."""
-    o = config.opd
+    """The run's RoundBatches (`s`: the run settings), rolling out with the target as loaded
+    (its dtype) and opd.*."""
+    o = s.opd
     gen = gen_lib.Generator(target_params, target_cfg, gen_lib.stop_token_ids(tokenizer),
-                            int(tokenizer.pad_token_id or 0), int(o.max_new_tokens),
-                            int(o.rollout_batch_size), Sampling(float(o.temperature), str(o.rule)))
-    meta = {"target": resume.target_identity(target_dir), "target_dtype": str(config.target.dtype),
-            "max_new_tokens": int(o.max_new_tokens),
-            "batch_size": int(o.rollout_batch_size), "temperature": float(o.temperature),
-            "rule": str(o.rule), "seed": int(config.seed)}
-    return RoundBatches(config, workdir, prompts, gen, drafter_cfg, target_params.embed.dtype,
-                        meta, start_step)
+                            int(tokenizer.pad_token_id or 0), o.max_new_tokens,
+                            o.rollout_batch_size, o.sampling)
+    meta = {"target": resume.target_identity(target_dir), "target_dtype": s.target_dtype,
+            "max_new_tokens": o.max_new_tokens, "batch_size": o.rollout_batch_size,
+            "temperature": o.temperature, "rule": o.rule, "seed": s.seed}
+    return RoundBatches(o, seed=s.seed, batch_size=s.loop.batch_size,
+                        seq_len=s.data.max_length, num_blocks=s.step.num_anchors,
+                        workdir=workdir, prompts=prompts, gen=gen, drafter_cfg=drafter_cfg,
+                        rollout_dtype=target_params.embed.dtype, meta=meta,
+                        start_step=start_step)
