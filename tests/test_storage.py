@@ -146,3 +146,17 @@ def test_process_umask_does_not_change_the_umask_under_threads():
 @pytest.mark.skipif(sys.platform != "linux", reason="/proc/self/status")
 def test_process_umask_reads_proc():
     assert storage._umask_from_proc() is not None
+
+
+def test_atomic_writes_read_the_umask_without_setting_it(tmp_path, monkeypatch):
+    """dpace_jax.io.atomic (exports, caches, run files) never sets the umask, not even for a
+    moment: Orbax's writer threads may create files meanwhile (issue 26, item 9)."""
+    from dpace_jax.io import atomic
+
+    calls = []
+    real = os.umask
+    monkeypatch.setattr(os, "umask", lambda m: calls.append(m) or real(m))
+    with atomic.atomic_path(tmp_path / "f") as tmp:
+        tmp.write_text("x")
+    assert calls == []
+    assert (tmp_path / "f").stat().st_mode & 0o777 == 0o666 & ~storage.process_umask()

@@ -10,13 +10,15 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from dpace_jax.io.storage import process_umask
+
 
 def umask_mode(directory: bool = False) -> int:
     """The permissions a plain open() / mkdir() would give under the process umask (temporary
-    files and directories are created owner-only; what replaces a real file must not be)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return (0o777 if directory else 0o666) & ~mask
+    files and directories are created owner-only; what replaces a real file must not be). The
+    umask is read without setting it: os.umask(0) would, for a moment, make what Orbax's writer
+    threads create meanwhile world-writable."""
+    return (0o777 if directory else 0o666) & ~process_umask()
 
 
 @contextlib.contextmanager
