@@ -17,6 +17,20 @@ from dpace_jax.targets.model import ModelConfig
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=4,
                   num_heads=4, num_kv_heads=2, head_dim=8, rope_theta=10000.0)
+_SHAPE = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4,
+              num_kv_heads=2, head_dim=8, rope_theta=10000.0)
+# the other families SPD runs (a stage holds whole units of their layer loop): experts in every
+# layer; Qwen3.5's linear / full attention periods of 2 (2 stages: one period each)
+TARGETS = {
+    "dense": CFG,
+    "qwen3_moe": ModelConfig.make(**_SHAPE, arch="qwen3_moe", num_experts=4,
+                                  num_experts_per_tok=2, moe_intermediate_size=16),
+    "qwen3_5": ModelConfig.make(**_SHAPE, arch="qwen3_5", partial_rotary_factor=0.5,
+                                layer_types=("linear_attention", "full_attention") * 2,
+                                linear_num_key_heads=2, linear_num_value_heads=4,
+                                linear_key_head_dim=8, linear_value_head_dim=8,
+                                linear_conv_kernel_dim=3),
+}
 
 
 def random_target(cfg: ModelConfig, seed: int, scale: float = 0.3):

@@ -31,6 +31,9 @@ TILT = [1.5, -1.0, 0.0, 0.5, -0.5, 1.0]
 SAMPLING_CASES = {"dflash_n2": (2, "dflash", 1.0, 0, 1.0),  # both rules, both depths
                   "spec_n4_filtered": (4, "speculative", 0.7, 4, 0.9)}
 SAMPLES = 6000
+# (target, stages) of the scripted greedy runs: the dense target at both depths; a Qwen3-MoE and
+# a Qwen3.5 target (recurrent layers, rolled back through their state rings) at 2
+GREEDY_CASES = [("dense", 2), ("dense", 4), ("qwen3_moe", 2), ("qwen3_5", 2)]
 
 # one worker runs the whole module, so that the subprocess fixture runs once
 pytestmark = pytest.mark.xdist_group("spd")
@@ -57,11 +60,14 @@ from dpace_jax.drafters import dflash
 from dpace_jax.infer.spd import draft as spd_draft, pipeline as spd
 from dpace_jax.infer.sampling import Sampling
 out = {{}}
-params = F.random_target(F.CFG, 1)
-for n in (2, 4):
-    res = spd.decode(params, F.CFG, F.oracle_drafter(params, F.CFG, T.wrong_mask()), T.prompts(),
+for name, n in T.GREEDY_CASES:
+    cfg = F.TARGETS[name]
+    tparams = F.random_target(cfg, 1)
+    res = spd.decode(tparams, cfg, F.oracle_drafter(tparams, cfg, T.wrong_mask()), T.prompts(),
                      T.LENGTHS, num_stages=n, max_new_tokens=T.NEW)
-    out[f"oracle_n{{n}}"] = {{k: np.asarray(v).tolist() for k, v in res._asdict().items()}}
+    out[f"oracle_{{name}}_n{{n}}"] = {{k: np.asarray(v).tolist()
+                                    for k, v in res._asdict().items()}}
+params = F.random_target(F.CFG, 1)
 dcfg = spd_draft.draft_config(F.CFG, 4)
 module = spd_draft.spd_drafter(dflash.init_drafter_params(dcfg, jax.random.PRNGKey(4)), dcfg)
 res = spd.decode(params, F.CFG, module, T.prompts(), T.LENGTHS, num_stages=4,
@@ -96,16 +102,17 @@ def runs(tmp_path_factory):
             json.loads(path.read_text()).items()}
 
 
-@pytest.mark.parametrize("n", [2, 4])
-def test_greedy_equals_the_targets_greedy_decoding(runs, n):
+@pytest.mark.parametrize("name,n", GREEDY_CASES)
+def test_greedy_equals_the_targets_greedy_decoding(runs, name, n):
     """A drafter that is right except at scripted positions: the output is the target's greedy
     continuation, exactly the scripted drafts are rejected, and the pipeline takes one step per
     verification plus n - 1 refill steps after the start and after every rejection but one of
-    the last token."""
-    params = F.random_target(F.CFG, 1)
-    ref = np.asarray(decode.decode(params, F.CFG, None, prompts(), LENGTHS,
+    the last token (dense, Qwen3-MoE and Qwen3.5 targets)."""
+    cfg = F.TARGETS[name]
+    params = F.random_target(cfg, 1)
+    ref = np.asarray(decode.decode(params, cfg, None, prompts(), LENGTHS,
                                    max_new_tokens=NEW).tokens)
-    res = runs[f"oracle_n{n}"]
+    res = runs[f"oracle_{name}_n{n}"]
     np.testing.assert_array_equal(res["tokens"], ref)
     # every generated position after the first is verified once; drafts at WRONG are rejected
     rejected = [sum(LENGTHS[b] < p < LENGTHS[b] + NEW for p in WRONG[b]) for b in range(B)]

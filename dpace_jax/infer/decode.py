@@ -37,6 +37,7 @@ import numpy as np
 
 from dpace_jax.drafters import dflash
 from dpace_jax.infer import sampling as sampling_lib
+from dpace_jax.infer.rows import is_stop, write_rows
 from dpace_jax.infer.sampling import Sampling
 from dpace_jax.targets import model
 from dpace_jax.targets.model import KVCache, ModelConfig
@@ -155,21 +156,6 @@ class _State(NamedTuple):
     records: Records | None
 
 
-def _is_stop(tokens: jax.Array, stop_token_ids: jax.Array) -> jax.Array:
-    return jnp.any(tokens[..., None] == stop_token_ids, axis=-1)
-
-
-def _write_rows(buf: jax.Array, rows: jax.Array, start: jax.Array, count: jax.Array):
-    """buf [B, M], rows [B, K]: buf[b, start[b] + j] = rows[b, j] for j < count[b]."""
-
-    def one(b, r, s, n):
-        old = jax.lax.dynamic_slice_in_dim(b, s, r.shape[0])
-        new = jnp.where(jnp.arange(r.shape[0]) < n, r, old)
-        return jax.lax.dynamic_update_slice_in_dim(b, new, s, axis=0)
-
-    return jax.vmap(one)(buf, rows, start, count)
-
-
 def _logp(logits: jax.Array, tokens: jax.Array) -> jax.Array:
     """log_softmax(logits)[..., tokens] in fp32: logits [..., V], tokens [...]."""
     logits = logits.astype(jnp.float32)
@@ -237,7 +223,7 @@ def _decode_impl(target_params, drafter: Drafter, prompts, lengths, stop_token_i
         last=first,
         acceptance=jnp.zeros((batch, max_steps), jnp.int32),
         num_steps=zeros,
-        done=_is_stop(first, stop_token_ids) | (n_new <= 1),
+        done=is_stop(first, stop_token_ids) | (n_new <= 1),
         cache=out.cache,
         draft_cache=draft_cache,
         key=key,
@@ -268,7 +254,7 @@ def _decode_impl(target_params, drafter: Drafter, prompts, lengths, stop_token_i
 
         # How many of the acc + 1 tokens count: up to the first stop token, within max_new.
         j = jnp.arange(k_block, dtype=jnp.int32)[None, :]
-        stop_hit = _is_stop(emitted, stop_token_ids) & (j <= acc[:, None])
+        stop_hit = is_stop(emitted, stop_token_ids) & (j <= acc[:, None])
         n_emit = jnp.where(jnp.any(stop_hit, axis=1), jnp.argmax(stop_hit, axis=1) + 1, acc + 1)
         n_emit = jnp.minimum(n_emit, n_new - s.num_tokens)
         active = ~s.done
@@ -286,7 +272,7 @@ def _decode_impl(target_params, drafter: Drafter, prompts, lengths, stop_token_i
         if k_block > 1:
             draft_cache = drafter.extend(dp, dc, draft_cache, block, verified.features, anchors)
         return _State(
-            tokens=_write_rows(s.tokens, emitted, s.num_tokens, n_emit),
+            tokens=write_rows(s.tokens, emitted, s.num_tokens, n_emit),
             num_tokens=num_tokens,
             last=jnp.where(active, last_emitted, s.last),
             acceptance=acceptance,

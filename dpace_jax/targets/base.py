@@ -197,6 +197,12 @@ class Family:
     def init_cache(self, cfg, batch: int, length: int, dtype, num_units: int | None = None):
         return KVCache.zeros(cfg, batch, length, dtype, num_units)
 
+    def init_pipeline_cache(self, cfg, batch: int, length: int, dtype, num_units: int,
+                            num_stages: int):
+        """A pipeline stage's cache (dpace_jax.infer.spd): one that rolls back to any of the
+        last num_stages positions (a KV cache rolls back by position as it is)."""
+        return self.init_cache(cfg, batch, length, dtype, num_units)
+
     def unit_cache(self, cache, cfg, u):
         return layers.slice_layer(cache, u)
 

@@ -47,6 +47,7 @@ class Context:
     keep: jax.Array | None = None  # [B]: tokens a recurrent layer commits (None: pending)
     implementation: str = "einsum"  # the cache-free attention (ATTENTION)
     slots: jax.Array | None = None  # [L] feature-buffer slot per layer (the trash slot: none)
+    trash: int = 2**31 - 1  # a pipeline stage's never-read cache slot (an empty slot's position)
 
     def attend(self, q, k, v, kv=None, *, window=None, sinks=None):
         """Attention of queries q [B, T, H, E] given this layer's new keys / values
@@ -78,14 +79,14 @@ class Context:
 
 
 def context(family, cfg, positions, *, start=None, keep=None, implementation="einsum",
-            feature_layers=()) -> Context:
+            feature_layers=(), trash: int = 2**31 - 1) -> Context:
     cos, sin = family.rope(cfg, positions)
     slots = None
     if feature_layers:
         distinct = sorted(set(feature_layers))
         slots = jnp.asarray([distinct.index(i) if i in distinct else len(distinct)
                              for i in range(cfg.num_layers)], jnp.int32)
-    return Context(positions, cos, sin, start, keep, implementation, slots)
+    return Context(positions, cos, sin, start, keep, implementation, slots, trash)
 
 
 def run_layers(family, cfg, tree, x, ctx: Context, cache=None, *, stop: int | None = None,

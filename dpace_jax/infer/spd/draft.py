@@ -35,6 +35,7 @@ import jax.numpy as jnp
 
 from dpace_jax.drafters import dflash
 from dpace_jax.drafters.config import DrafterConfig
+from dpace_jax.infer.rows import gather_rows, set_rows
 from dpace_jax.infer.spd import pipeline as spd
 from dpace_jax.nn import layers
 from dpace_jax.targets import model as model_lib
@@ -126,24 +127,15 @@ def _init(params, cfg: DrafterConfig, target_params, prompts, boundary, size):
     return KVCache(k.astype(params.fc.dtype), v.astype(params.fc.dtype)), acc
 
 
-def _rows(buf, idx):
-    return jax.vmap(lambda b, i: b[i])(buf, idx)
-
-
-def _put(buf, idx, value, where):
-    new = jnp.where(where[:, None], value, _rows(buf, idx))
-    return jax.vmap(lambda b, i, v: b.at[i].set(v))(buf, idx, new)
-
-
 def _draft(params, cfg: DrafterConfig, target_params, state, view: spd.View):
     ctx, acc = state
     n = cfg.block_size
     w = _fc_blocks(params, cfg).astype(jnp.float32)
-    acc = _put(acc, view.head, jnp.zeros_like(acc[:, 0]), jnp.ones_like(view.valid[0]))
+    acc = set_rows(acc, view.head, jnp.zeros_like(acc[:, 0]), jnp.ones_like(view.valid[0]))
     for s in range(1, n):
         add = view.states[s].astype(jnp.float32) @ w[s - 1]
         pos = view.head - s
-        acc = _put(acc, pos, _rows(acc, pos) + add, view.valid[s])
+        acc = set_rows(acc, pos, gather_rows(acc, pos) + add, view.valid[s])
     positions = view.head[:, None] - (n - 1 - jnp.arange(n))  # [B, n]
     part = jax.vmap(lambda a, p: a[p])(acc, positions)
     tokens = jax.vmap(lambda r, p: r[p])(view.seq, positions)
@@ -156,8 +148,9 @@ def _draft(params, cfg: DrafterConfig, target_params, state, view: spd.View):
 def _complete(params, cfg: DrafterConfig, state, pos, final, valid):
     ctx, acc = state
     w_last = _fc_blocks(params, cfg)[-1].astype(jnp.float32)
-    acc = _put(acc, pos, _rows(acc, pos) + final.astype(jnp.float32) @ w_last, valid)
-    k, v = _context_kv(params, cfg, _rows(acc, pos)[:, None], pos[:, None])  # [Ld, B, 1, G, E]
+    acc = set_rows(acc, pos, gather_rows(acc, pos) + final.astype(jnp.float32) @ w_last, valid)
+    # k, v [Ld, B, 1, G, E]
+    k, v = _context_kv(params, cfg, gather_rows(acc, pos)[:, None], pos[:, None])
     write = jax.vmap(write_at, in_axes=(0, 0, None))
     start = jnp.where(valid, pos, ctx.k.shape[2] - 1)  # invalid: the never-seen trash slot
     return KVCache(write(ctx.k, k, start), write(ctx.v, v, start)), acc

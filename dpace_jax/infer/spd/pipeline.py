@@ -68,6 +68,7 @@ from jax.sharding import PartitionSpec as P
 from dpace_jax.drafters.config import DrafterConfig
 from dpace_jax.infer import decode as decode_lib
 from dpace_jax.infer import sampling as sampling_lib
+from dpace_jax.infer.rows import gather_rows, is_stop, set_rows
 from dpace_jax.infer.sampling import Sampling
 from dpace_jax.infer.spd.stage import (  # noqa: F401  (public names of the pipeline)
     AXIS,
@@ -142,18 +143,6 @@ def _final(params, cfg: ModelConfig, x):
     return cfg.family.norm(x, params.final_norm, cfg.rms_norm_eps)
 
 
-def _gather_rows(buf, idx):
-    """buf [B, S, ...], idx [B] -> buf[b, idx[b]]."""
-    return jax.vmap(lambda b, i: b[i])(buf, idx)
-
-
-def _set_rows(buf, idx, value, where):
-    """buf[b, idx[b]] = value[b] where where[b]."""
-    old = _gather_rows(buf, idx)
-    new = jnp.where(where.reshape(where.shape + (1,) * (old.ndim - 1)), value, old)
-    return jax.vmap(lambda b, i, v: b.at[i].set(v))(buf, idx, new.astype(buf.dtype))
-
-
 def _verify(key, logits, drafted, q_drafted, in_flight, s: Sampling):
     """Verify the drafted token at e + 1 with the target's logits [B, V] there -> (accept [B],
     the target's token [B] used on rejection)."""
@@ -174,10 +163,6 @@ def _verify(key, logits, drafted, q_drafted, in_flight, s: Sampling):
 def _logits_f32(out):
     state, logits = out
     return state, logits.astype(jnp.float32)
-
-
-def _is_stop(tokens, stop_ids):
-    return jnp.any(tokens[..., None] == stop_ids, axis=-1)
 
 
 def _pipeline(target_params, drafter: SpdDrafter, prompts, lengths, stop_ids, key, temperature,
@@ -223,7 +208,7 @@ def _pipeline(target_params, drafter: SpdDrafter, prompts, lengths, stop_ids, ke
     qring = (jnp.zeros((batch, ring_len, cfg.vocab_size), jnp.float32) if speculative
              else jnp.zeros((batch, 1, 1), jnp.float32))
     state = _State(cache, slot, seq, lengths, lengths - 1, epoch, lengths + 1,
-                   _is_stop(first, stop_ids), qring,
+                   is_stop(first, stop_ids), qring,
                    drafter.init(dp, dc, target_params, prompts, boundary, size), key,
                    zeros, zeros, zeros, jnp.zeros((), jnp.int32))
     max_steps = n * (max_new + 2)
@@ -266,19 +251,19 @@ def _pipeline(target_params, drafter: SpdDrafter, prompts, lengths, stop_ids, ke
             final = _final(target_params, cfg, out.x)
             v = jnp.minimum(out.pos + 1, trash)
             in_flight = v <= st.head
-            q_v = (_gather_rows(st.qring, v % ring_len) if speculative
+            q_v = (gather_rows(st.qring, v % ring_len) if speculative
                    else jnp.zeros((batch, cfg.vocab_size)))
             logits = on_stage0(lambda: lm_head(target_params, final), no_logits)
-            accept, corr = _verify(k_verify, logits, _gather_rows(st.seq, v), q_v, in_flight,
+            accept, corr = _verify(k_verify, logits, gather_rows(st.seq, v), q_v, in_flight,
                                    sampler)
             reject = out_valid & ~accept
-            verified_tok = jnp.where(accept, _gather_rows(st.seq, v), corr)
-            stopped = st.stopped | (out_valid & _is_stop(verified_tok, stop_ids))
+            verified_tok = jnp.where(accept, gather_rows(st.seq, v), corr)
+            stopped = st.stopped | (out_valid & is_stop(verified_tok, stop_ids))
             new_head = jnp.where(reject, v, st.head + 1)
             new_tok = jnp.where(reject, corr, drafted)
             enter = ~done
-            seq = _set_rows(st.seq, new_head, new_tok, enter)
-            qring = (_set_rows(st.qring, new_head % ring_len, q, enter & ~reject)
+            seq = set_rows(st.seq, new_head, new_tok, enter)
+            qring = (set_rows(st.qring, new_head % ring_len, q, enter & ~reject)
                      if speculative else st.qring)
             epoch = st.epoch + reject.astype(jnp.int32)
             draft_state = on_stage0(lambda: drafter.complete(dp, dc, draft_state, out.pos,

@@ -33,15 +33,13 @@ def check_stages(cfg: ModelConfig, num_stages: int) -> None:
         raise ValueError(f"num_stages must be an integer >= 2 (one stage is autoregressive "
                          f"decoding: dpace_jax.infer.decode), got {num_stages}")
     cfg.family.check_stages(cfg, num_stages)
-    if cfg.family.arch in ("qwen3_5", "qwen3_5_moe"):
-        raise ValueError(f"SPD supports targets whose layers roll back by position, not "
-                         f"arch={cfg.arch!r}")
 
 
 def stage_cache(cfg: ModelConfig, num_stages: int, batch: int, length: int, dtype):
-    """One stage's empty cache (its share of the target's units)."""
-    return cfg.family.init_cache(cfg, batch, length, dtype,
-                                 cfg.family.num_units(cfg) // num_stages)
+    """One stage's empty cache (its share of the target's units), rolling back like the
+    pipeline does (a recurrent layer's: rings of its last states, Family.init_pipeline_cache)."""
+    return cfg.family.init_pipeline_cache(cfg, batch, length, dtype,
+                                          cfg.family.num_units(cfg) // num_stages, num_stages)
 
 
 def stage_forward(stage_layers, cfg: ModelConfig, x: jax.Array, cache, start: jax.Array, *,
@@ -53,7 +51,8 @@ def stage_forward(stage_layers, cfg: ModelConfig, x: jax.Array, cache, start: ja
     fam = cfg.family
     units = fam.num_units(cfg) // num_stages
     positions = start[:, None] + jnp.arange(x.shape[1], dtype=jnp.int32)[None, :]
-    ctx = context(fam, cfg, positions, start=start, keep=keep)
+    ctx = context(fam, cfg, positions, start=start, keep=keep,
+                  trash=jax.tree.leaves(cache)[0].shape[2] - 1)
     x, _, cache = run_layers(fam, cfg, stage_layers, x, ctx, cache, stop=units,
                              offset=(jax.lax.axis_index(AXIS) if stage is None else stage) * units)
     return x, cache

@@ -341,6 +341,12 @@ class Qwen35(Family):
     def init_cache(self, cfg, batch, length, dtype, num_units=None):
         return decoder.zeros(cfg, batch, length, dtype, num_units)
 
+    def init_pipeline_cache(self, cfg, batch, length, dtype, num_units, num_stages):
+        """Rings of the recurrent states of the last num_stages + W + 1 positions (decoder's
+        RingCache: a flush rewinds by at most num_stages, the convolution reads W - 1 back)."""
+        ring = num_stages + cfg.family_cfg.linear_conv_kernel_dim + 1
+        return decoder.ring_zeros(cfg, batch, length, dtype, num_units, ring)
+
     def unit_cache(self, cache, cfg, u):
         return decoder.unit_cache(cache, cfg, u)
 

@@ -14,6 +14,15 @@ untouched) or, without `keep` (speculative verification, where the accepted leng
 from the logits), leaves history and state as they were and returns the block's rule inputs in
 `pending`; `commit(cache, keep)` then advances them by the accepted prefix (a K-token recurrence
 per layer, no projection recomputed).
+
+`RingCache` (a pipeline stage's, dpace_jax.infer.spd): the KV cache as above, and per linear layer
+the state after each of the last R positions and their pre-convolution rows, in ring slots
+p mod R. A stage runs one token at a time in entry order and a flush rewinds to an earlier
+position, so the token at p reads the state after p - 1 (and the rows of p - W + 1..p - 1) from
+the ring and writes its own: tokens written by a flushed (stale) token are overwritten by the
+valid one before anything reads them, and with R >= stages + W the slots a rewound position needs
+are never those a stale token writes. A write at the trash slot (S - 1, an empty pipeline slot)
+changes nothing.
 """
 
 from __future__ import annotations
@@ -45,6 +54,13 @@ class HybridCache(NamedTuple):
     history: jax.Array  # [Ll, B, W-1, C]
     state: jax.Array  # [Ll, B, U, K, Y] fp32
     pending: Pending | None = None
+
+
+class RingCache(NamedTuple):
+    k: jax.Array  # [La, B, S, G, E]
+    v: jax.Array  # [La, B, S, G, E]
+    rows: jax.Array  # [Ll, B, R, C] the pre-convolution rows of positions p, at p mod R
+    state: jax.Array  # [Ll, B, R, U, K, Y] fp32: the state after position p, at p mod R
 
 
 def period(cfg) -> int:
@@ -79,6 +95,45 @@ def zeros(cfg, batch: int, length: int, dtype, num_units: int | None = None) -> 
     return HybridCache(jnp.zeros(kv, dtype), jnp.zeros(kv, dtype), history, state)
 
 
+def ring_zeros(cfg, batch: int, length: int, dtype, num_units: int, ring: int) -> RingCache:
+    """An empty pipeline-stage cache of `length` slots for `num_units` periods, rings of R."""
+    f = cfg.family_cfg
+    lin, att = kinds(cfg)
+    kv = (num_units * len(att), batch, length, cfg.num_kv_heads, cfg.head_dim)
+    n = num_units * len(lin)
+    return RingCache(jnp.zeros(kv, dtype), jnp.zeros(kv, dtype),
+                     jnp.zeros((n, batch, ring, f.conv_channels), dtype),
+                     jnp.zeros((n, batch, ring, f.linear_num_value_heads, f.linear_key_head_dim,
+                                f.linear_value_head_dim), jnp.float32))
+
+
+def ring_read(rows_ring, state_ring, start, width: int):
+    """The convolution history [B, W-1, C] and state [B, U, K, Y] before position start[b]
+    (zeros before position 0), read from the ring slots."""
+    ring = rows_ring.shape[1]
+    pos = start[:, None] - (width - 1) + jnp.arange(width - 1)  # [B, W-1]
+    history = jnp.take_along_axis(rows_ring, (pos % ring)[:, :, None], axis=1)
+    history = jnp.where((pos >= 0)[:, :, None], history, 0)
+    state = jax.vmap(lambda s, i: s[i])(state_ring, (start - 1) % ring)
+    return history, jnp.where((start >= 1)[:, None, None, None], state, 0.0)
+
+
+def ring_write(rows_ring, state_ring, rows_, new_state, start, keep, valid):
+    """The rings with the block's kept rows (positions start..start+keep-1, the last R of them)
+    and the state after them, where `valid` [B] (not an empty pipeline slot)."""
+    ring = rows_ring.shape[1]
+    last = start + keep - 1  # [B]
+    slot = jnp.arange(ring)
+    pos = last[:, None] - (last[:, None] - slot[None, :]) % ring  # [B, R]: the slot's newest
+    fresh = valid[:, None] & (pos >= start[:, None])
+    idx = jnp.clip(pos - start[:, None], 0, rows_.shape[1] - 1)
+    taken = jnp.take_along_axis(rows_, idx[:, :, None], axis=1)
+    rows_ring = jnp.where(fresh[:, :, None], taken.astype(rows_ring.dtype), rows_ring)
+    at = jax.nn.one_hot(last % ring, ring, dtype=bool) & valid[:, None]  # [B, R]
+    state_ring = jnp.where(at[:, :, None, None, None], new_state[:, None], state_ring)
+    return rows_ring, state_ring
+
+
 def rows(tree, u, n: int):
     """Rows [u * n, (u + 1) * n) of every array of a stacked tree (u traced), read in place."""
     return jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, u * n, n), tree)
@@ -111,7 +166,7 @@ def unit(x, buf, p, u, ctx, cache, cfg):
     per = period(cfg)
     lin, att = kinds(cfg)
     moe = cfg.family_cfg.experts is not None
-    new = {"k": [], "v": [], "history": [], "state": [], "pending": []}
+    new = {"k": [], "v": [], "history": [], "state": [], "pending": [], "rows": []}
 
     def layer(x, buf, index, lp, mixer, e, s):
         mix, entries = mixer(q35.rms_norm(x, lp.attn_norm, cfg.rms_norm_eps))
@@ -123,17 +178,20 @@ def unit(x, buf, p, u, ctx, cache, cfg):
     def pick(tree, j):
         return None if tree is None else jax.tree.map(lambda a: a[j], tree)
 
+    ring = isinstance(cache, RingCache)
     for kind, j0, r in _run(cfg.family_cfg.layer_types[:per]):
         if kind == "linear_attention":  # a scan over the run: one compiled linear layer
             n0 = lin.index(j0)
-            state_rows = (None, None) if cache is None else (cache.history, cache.state)
+            state_rows = ((None, None) if cache is None else (cache.rows, cache.state) if ring
+                          else (cache.history, cache.state))
             run_xs = (_take((p["layers"], p["experts"], p["shared"]), j0, r),
                       _take((p["linear"], *state_rows), n0, r), jnp.arange(r, dtype=jnp.int32))
 
             def step(c, xs_, j0=j0):
                 (lp, e, s), (lin_p, hist, st), i = xs_
-                x, buf, entries = layer(*c, u * per + j0 + i, lp, lambda h: _linear(
-                    h, lin_p, cfg, hist, st, cache is not None, ctx.keep), e, s)
+                mixer = (lambda h: _ring_linear(h, lin_p, cfg, hist, st, ctx)) if ring else (
+                    lambda h: _linear(h, lin_p, cfg, hist, st, cache is not None, ctx.keep))
+                x, buf, entries = layer(*c, u * per + j0 + i, lp, mixer, e, s)
                 return (x, buf), entries
 
             (x, buf), entries = jax.lax.scan(step, (x, buf), run_xs)
@@ -157,6 +215,9 @@ def unit(x, buf, p, u, ctx, cache, cfg):
         return x, buf, None
     cat = {k: jax.tree.map(lambda *a: jnp.concatenate(a), *v) if v else None
            for k, v in new.items()}
+    if ring:
+        return x, buf, RingCache(cat["k"], cat["v"], *(
+            (cache.rows, cache.state) if cat["rows"] is None else (cat["rows"], cat["state"])))
     return x, buf, HybridCache(cat["k"], cat["v"],
                                cache.history if cat["history"] is None else cat["history"],
                                cache.state if cat["state"] is None else cat["state"],
@@ -180,8 +241,29 @@ def _linear(h, lp, cfg, history, state, cached: bool, keep):
     return out, {"history": gated_delta.conv_history(history, r.rows, keep), "state": new_state}
 
 
+def _ring_linear(h, lp, cfg, rows_ring, state_ring, ctx):
+    """One linear-attention mixer of a pipeline stage: the block [B, T] at ctx.start reads its
+    history and state from the rings, commits its first ctx.keep tokens (all without keep) and
+    writes them back (module doc) -> (output [B, T, D], {"rows", "state"})."""
+    t = h.shape[1]
+    start = ctx.start
+    keep = jnp.full(start.shape, t, jnp.int32) if ctx.keep is None else ctx.keep
+    history, state = ring_read(rows_ring, state_ring, start, cfg.family_cfg.linear_conv_kernel_dim)
+    r = q35.Recurrence(h, lp, cfg, history)
+    core, new_state = gated_delta.chunked(r.q, r.k, r.v, q35.kept(r.g, keep),
+                                          q35.kept(r.beta, keep), state,
+                                          gated_delta.chunk_size(t))
+    valid = start < ctx.trash
+    rows_ring, state_ring = ring_write(rows_ring, state_ring, r.rows, new_state, start, keep,
+                                       valid)
+    return q35.linear_mixer_output(core, h, lp, cfg), {"rows": rows_ring, "state": state_ring}
+
+
 def unit_cache(cache: HybridCache, cfg, u):
     lin, att = kinds(cfg)
+    if isinstance(cache, RingCache):
+        return RingCache(*rows((cache.k, cache.v), u, len(att)),
+                         *rows((cache.rows, cache.state), u, len(lin)))
     pending = None if cache.pending is None else rows(cache.pending, u, len(lin))
     return HybridCache(*rows((cache.k, cache.v), u, len(att)),
                        *rows((cache.history, cache.state), u, len(lin)), pending)
@@ -189,6 +271,10 @@ def unit_cache(cache: HybridCache, cfg, u):
 
 def set_unit_cache(cache: HybridCache, cfg, u, value: HybridCache):
     lin, att = kinds(cfg)
+    if isinstance(cache, RingCache):
+        return RingCache(*set_rows((cache.k, cache.v), u, len(att), (value.k, value.v)),
+                         *set_rows((cache.rows, cache.state), u, len(lin),
+                                   (value.rows, value.state)))
     k, v = set_rows((cache.k, cache.v), u, len(att), (value.k, value.v))
     history, state = set_rows((cache.history, cache.state), u, len(lin),
                               (value.history, value.state))
@@ -199,6 +285,8 @@ def set_unit_cache(cache: HybridCache, cfg, u, value: HybridCache):
 
 def begin(cache: HybridCache, cfg, tokens: int, keep) -> HybridCache:
     """Without keep, room for the pending block of `tokens` tokens of every linear layer."""
+    if isinstance(cache, RingCache):
+        return cache
     if keep is not None:
         return cache._replace(pending=None)
     f = cfg.family_cfg
