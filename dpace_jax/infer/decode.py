@@ -132,6 +132,15 @@ class Records(NamedTuple):
     realized_logp: jax.Array  # [B, M, K] of the added tokens, the i-th at block offset i + 1
     rejected: jax.Array  # [B, M] first rejected draft (at block offset acc + 1), -1 if none
     rejected_logp: jax.Array  # [B, M] of that draft token (0 if none)
+    # For the verification-matched teacher and the rejected suffix (dpace_jax.train.opd):
+    # "vlogp" is the log-prob under the decoding's own distribution (T = 0: 0 for the target's
+    # argmax, VLOGP_FLOOR for any other token; T > 0: the tempered, filtered one), p = 0 stored
+    # as VLOGP_FLOOR so that the JSONL rollout files stay plain JSON.
+    first_vlogp: jax.Array  # [B]
+    realized_vlogp: jax.Array  # [B, M, K] like realized_logp
+    drafts: jax.Array  # [B, M, K] the verified block: the anchor's token, then drafts at 1..K-1
+    draft_logp: jax.Array  # [B, M, K] of drafts[j] given the block before it (0 at j = 0)
+    draft_vlogp: jax.Array  # [B, M, K] likewise, under the decoding's distribution
 
 
 class DecodeResult(NamedTuple):
@@ -163,14 +172,36 @@ def _logp(logits: jax.Array, tokens: jax.Array) -> jax.Array:
     return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
-def _record_step(r: Records, slot, anchors, block, emitted, verify_logits, acc, n_emit):
+VLOGP_FLOOR = -1e9  # p = 0 in Records' vlogp fields: every OPD loss clips log-probs far above it
+
+
+def _vlogp(logits: jax.Array, tokens: jax.Array, sampler: Sampling) -> jax.Array:
+    """The log-prob of tokens [...] under the decoding's distribution of logits [..., V]."""
+    if sampler.greedy:
+        best = jnp.argmax(logits, axis=-1)
+        return jnp.where(tokens == best, 0.0, VLOGP_FLOOR).astype(jnp.float32)
+    logp = sampling_lib.filtered_log_probs(logits, sampler)
+    picked = jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+    return jnp.maximum(picked, VLOGP_FLOOR)
+
+
+def _record_step(r: Records, slot, anchors, block, emitted, verify_logits, acc, n_emit,
+                 sampler: Sampling):
     """Records with step `slot` (per sequence; out of range: dropped) written."""
     k_block = block.shape[1]
     rows = jnp.arange(block.shape[0])
     logits = verify_logits.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)  # [B, K]: log-probs are logit - lse
     picked = jnp.take_along_axis(logits, emitted[..., None], axis=-1)[..., 0] - lse
-    realized = jnp.where(jnp.arange(k_block) < n_emit[:, None], picked, 0)
+    live = jnp.arange(k_block) < n_emit[:, None]
+    realized = jnp.where(live, picked, 0)
+    realized_v = jnp.where(live, _vlogp(logits, emitted, sampler), 0)
+    # drafts[j] is judged by verify row j - 1 (the block up to j - 1, rejected drafts included)
+    nxt = jnp.concatenate([block[:, 1:], block[:, :1]], axis=1)  # [B, K]: row i -> block[i + 1]
+    first_col = jnp.arange(k_block) == 0
+    block_logp = jnp.roll(jnp.take_along_axis(logits, nxt[..., None], axis=-1)[..., 0] - lse, 1,
+                          axis=1)
+    block_v = jnp.roll(_vlogp(logits, nxt, sampler), 1, axis=1)
     offset = jnp.minimum(acc + 1, k_block - 1)
     has = (acc < k_block - 1) & (n_emit == acc + 1)  # a draft was rejected, the step not cut
     draft = jnp.take_along_axis(block, offset[:, None], axis=1)[:, 0]
@@ -182,7 +213,11 @@ def _record_step(r: Records, slot, anchors, block, emitted, verify_logits, acc, 
     return r._replace(anchors=put(r.anchors, anchors), emitted=put(r.emitted, n_emit),
                       realized_logp=put(r.realized_logp, realized),
                       rejected=put(r.rejected, jnp.where(has, draft, -1)),
-                      rejected_logp=put(r.rejected_logp, jnp.where(has, draft_logp, 0.0)))
+                      rejected_logp=put(r.rejected_logp, jnp.where(has, draft_logp, 0.0)),
+                      realized_vlogp=put(r.realized_vlogp, realized_v),
+                      drafts=put(r.drafts, block),
+                      draft_logp=put(r.draft_logp, jnp.where(first_col, 0.0, block_logp)),
+                      draft_vlogp=put(r.draft_vlogp, jnp.where(first_col, 0.0, block_v)))
 
 
 def _decode_impl(target_params, drafter: Drafter, prompts, lengths, stop_token_ids, key,
@@ -209,11 +244,13 @@ def _decode_impl(target_params, drafter: Drafter, prompts, lengths, stop_token_i
     max_steps = max(n_new - 1, 1)
     records = None
     if record:
+        per_block = jnp.zeros((batch, max_steps, k_block), jnp.float32)
         records = Records(_logp(first_logits, first), jnp.zeros((batch, max_steps), jnp.int32),
-                          jnp.zeros((batch, max_steps), jnp.int32),
-                          jnp.zeros((batch, max_steps, k_block), jnp.float32),
+                          jnp.zeros((batch, max_steps), jnp.int32), per_block,
                           jnp.full((batch, max_steps), -1, jnp.int32),
-                          jnp.zeros((batch, max_steps), jnp.float32))
+                          jnp.zeros((batch, max_steps), jnp.float32),
+                          _vlogp(first_logits.astype(jnp.float32), first, sampler), per_block,
+                          per_block.astype(jnp.int32), per_block, per_block)
     draft_cache = drafter.extend(dp, dc, drafter.init_cache(dp, dc, batch, size), prompts,
                                  out.features, zeros)
     tokens = jnp.full((batch, n_new + k_block), pad_token_id, jnp.int32).at[:, 0].set(first)
@@ -267,7 +304,7 @@ def _decode_impl(target_params, drafter: Drafter, prompts, lengths, stop_token_i
         records = s.records
         if record:
             records = _record_step(records, step_slot, anchors, block, emitted,
-                                   verified.logits, acc, n_emit)
+                                   verified.logits, acc, n_emit, sampler)
         draft_cache = s.draft_cache
         if k_block > 1:
             draft_cache = drafter.extend(dp, dc, draft_cache, block, verified.features, anchors)
