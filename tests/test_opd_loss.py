@@ -29,12 +29,15 @@ def ref_dpace_weights(lq, m, alpha):
 
 def ref_opd(lq_real, lp_real, real_mask, lq_rej, lp_rej, rej_offset, rej_mask, *, decay=0.8,
             rej_weight=1.0, clamp=10.0, min_logprob=-10.0, alpha=None, eps=EPS32):
-    """-> (loss, dloss/dlq_real, dloss/dlq_rej, aux) in float64."""
+    """-> (loss, dloss/dlq_real, dloss/dlq_rej, aux) in float64. The rejected arrays are
+    [..., N] (one per block) or [..., N, J] (J per block)."""
     k_len = np.shape(lq_real)[-1]
     lq_real, lp_real = np.reshape(lq_real, (-1, k_len)), np.reshape(lp_real, (-1, k_len))
     m = np.reshape(real_mask, (-1, k_len)).astype(bool)
-    lq_rej, lp_rej = np.ravel(lq_rej), np.ravel(lp_rej)
-    off, r = np.ravel(rej_offset), np.ravel(rej_mask).astype(bool)
+    blocks = m.shape[0]
+    lq_rej, lp_rej = np.reshape(lq_rej, (blocks, -1)), np.reshape(lp_rej, (blocks, -1))
+    off = np.reshape(rej_offset, (blocks, -1))
+    r = np.reshape(rej_mask, (blocks, -1)).astype(bool)
     hi = math.log1p(-eps)
     g_real, g_rej = np.zeros(m.shape), np.zeros(r.shape)
     real_sum = rej_sum = real_w = rej_w = 0.0
@@ -54,17 +57,17 @@ def ref_opd(lq_real, lp_real, real_mask, lq_rej, lp_rej, rej_offset, rej_mask, *
             real_sum += w[k] * loss
             real_w += w[k]
             g_real[b, k] = w[k] * grad
-        if r[b]:
-            d_raw = float(lp_rej[b]) - float(lq_rej[b])
+        for j in np.nonzero(r[b])[0]:
+            d_raw = float(lp_rej[b, j]) - float(lq_rej[b, j])
             d = min(max(d_raw, -20.0), 20.0)
             loss = math.exp(d) - d - 1
             grad = -(math.exp(d) - 1) if abs(d_raw) < 20 else 0.0
             if abs(loss) > clamp:
                 loss, grad = math.copysign(clamp, loss), 0.0
-            v = decay ** max(int(off[b]) - 1, 0)
+            v = decay ** max(int(off[b, j]) - 1, 0)
             rej_sum += v * loss
             rej_w += v
-            g_rej[b] = rej_weight * v * grad
+            g_rej[b, j] = rej_weight * v * grad
     den = real_w + rej_weight * rej_w
     loss = (real_sum + rej_weight * rej_sum) / den if den > 0 else 0.0
     scale = 1.0 / den if den > 0 else 0.0
@@ -400,6 +403,35 @@ def test_leading_axes_jit_and_vmap():
     for i in range(2):
         sub = [a[i] for a in args]
         np.testing.assert_allclose(float(per[i]), ref_opd(*sub, **ref_kw(kw))[0], rtol=2e-5)
+
+
+def test_several_rejected_drafts_per_block_x64():
+    """Rejected arrays [..., N, J] (every draft after the first rejection, each at its own
+    offset) against the reference, with gradients; J = 1 equals the [..., N] form."""
+    args = make_inputs(seed=12, n=5, k=6)
+    rng = np.random.default_rng(12)
+    lq_rej = np.minimum(rng.normal(-2.5, 2.0, (5, 4)), -1e-3)
+    lp_rej = rng.normal(-3.0, 3.0, (5, 4))
+    off = np.tile(np.arange(2, 6), (5, 1))
+    rej = rng.random((5, 4)) < 0.6
+    many = (*args[:3], lq_rej, lp_rej, off, rej)
+    loss_r, g_real_r, g_rej_r, aux_r = ref_opd(*many, eps=EPS64, decay=0.7, rej_weight=2.0)
+    with jax.enable_x64(True):
+        loss, aux, g_real, g_rej = loss_and_grads(to_jax(many, jnp.float64), decay=0.7,
+                                                  rej_weight=2.0)
+        one = [a[..., None] if i >= 3 else a for i, a in enumerate(to_jax(args, jnp.float64))]
+        np.testing.assert_allclose(float(loss_and_grads(one)[0]),
+                                   float(loss_and_grads(to_jax(args, jnp.float64))[0]),
+                                   rtol=1e-12)
+    np.testing.assert_allclose(float(loss), loss_r, rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(g_real), g_real_r, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(np.asarray(g_rej), g_rej_r, rtol=1e-12, atol=1e-14)
+    assert float(aux["n_rejected"]) == rej.sum() == aux_r["n_rejected"] and rej.sum() > 8
+    assert np.count_nonzero(g_rej_r) > 5
+    with pytest.raises(ValueError, match=r"logq_rej has shape \(5, 4, 2\), expected \(5,\) or"):
+        O.opd_loss(*args[:3], lq_rej[..., None].repeat(2, -1), *many[4:])
+    with pytest.raises(ValueError, match=r"rej_offset has shape \(5,\), expected \(5, 4\)"):
+        O.opd_loss(*args[:3], lq_rej, lp_rej, args[5], rej)
 
 
 def test_dpace_equal_weights_reduce_to_plain_mean():

@@ -7,8 +7,9 @@ rollout and is supervised on
 
 - the realized tokens: what the target actually emitted after the anchor, up to the next block
   boundary (block positions k = 1..K-1; ``real_mask`` marks them), and
-- at most one rejected draft token: the first draft token the target rejected during the rollout,
-  at its block offset j (1-based; ``rej_mask`` says whether the block has one).
+- the rejected draft tokens: the first draft token the target rejected during the rollout, at its
+  block offset j (1-based; ``rej_mask`` says whether the block has one), and optionally (a
+  trailing ``J`` axis) the drafts after it, as the public Draft-OPD code supervises them.
 
 Inputs are log-probabilities of those tokens: ``logq_*`` from the drafter (the gradient flows
 through them; ``gather_logprobs`` takes them from drafter logits), ``logp_*`` from the target,
@@ -111,11 +112,13 @@ def _check_shapes(logq_real, logp_real, real_mask, logq_rej, logp_rej, rej_offse
         if _shape(x) != lead:
             raise ValueError(f"{name} has shape {_shape(x)}, expected {lead} (that of logq_real)")
     blocks = lead[:-1]
-    for name, x in (("logq_rej", logq_rej), ("logp_rej", logp_rej), ("rej_offset", rej_offset),
-                    ("rej_mask", rej_mask)):
-        if _shape(x) != blocks:
-            raise ValueError(f"{name} has shape {_shape(x)}, expected {blocks} ([..., N] from "
-                             f"logq_real {lead})")
+    rej = _shape(logq_rej)
+    if rej[: len(blocks)] != blocks or len(rej) > len(blocks) + 1:
+        raise ValueError(f"logq_rej has shape {rej}, expected {blocks} or {blocks + ('J',)} "
+                         f"([..., N] or [..., N, J] from logq_real {lead})")
+    for name, x in (("logp_rej", logp_rej), ("rej_offset", rej_offset), ("rej_mask", rej_mask)):
+        if _shape(x) != rej:
+            raise ValueError(f"{name} has shape {_shape(x)}, expected {rej} (that of logq_rej)")
     if not jnp.issubdtype(jnp.result_type(rej_offset), jnp.integer):
         raise ValueError(f"rej_offset must hold integer block offsets, got dtype "
                          f"{jnp.result_type(rej_offset)}")
@@ -167,8 +170,10 @@ def opd_loss(logq_real, logp_real, real_mask, logq_rej, logp_rej, rej_offset, re
 
     logq_real, logp_real, real_mask: ``[..., N, K]`` (drafter / target log-prob of the realized
     token at each block position; nonzero mask = supervised). logq_rej, logp_rej, rej_offset
-    (int, 1-based), rej_mask: ``[..., N]``. Masked entries may hold anything (NaN and inf
-    included): they never reach the loss or its gradient. The sums run over all axes.
+    (int, 1-based), rej_mask: ``[..., N]`` (one rejected draft per block), or ``[..., N, J]``
+    (up to J per block, e.g. every draft after the first rejection: each is one more term of the
+    rejected stream, weighted by its own offset's decay). Masked entries may hold anything (NaN
+    and inf included): they never reach the loss or its gradient. The sums run over all axes.
 
     aux (no gradient): ``realized_sum`` (sum m w l_real), ``rejected_sum`` (sum r v l_rej, before
     rej_weight), ``denominator``, ``n_realized`` / ``n_rejected`` (token counts),
