@@ -102,7 +102,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     # The mode: sft (supervised), opd (on-policy post-training), spd (the SPD draft module);
     # dpace_jax.train.modes. The objective: "" = the mode's default; sft: dpace | dflash |
-    # dpace-cumulative-confidence-only | dpace-continuation-value-only; opd: opd; spd: kl.
+    # dpace-cumulative-confidence-only | dpace-continuation-value-only; opd: opd | tv; spd: kl.
     c.train.mode = "sft"
     c.train.loss = ""
     c.train.opd_dpace = False  # deprecated: opd.dpace_weights
@@ -145,6 +145,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.opd.decay = 0.8  # a rejected draft at block offset j weighs decay^(j-1)
     c.opd.rejected_weight = 1.0
     c.opd.dpace_weights = False  # D-PACE weights (train.alpha) on the realized-token stream
+    # The teacher of every stream (docs/opd.md): softmax (the target's T = 1 distribution, as the
+    # public Draft-OPD code) | verify (what the rollout's verification accepted against: one-hot
+    # on the greedy token at temperature 0, the tempered distribution above it)
+    c.opd.teacher = "softmax"
+    c.opd.rejected_stream = "first"  # first rejected draft per block | suffix: every draft after
+    c.opd.tv_reduce = "position"  # train.loss=tv: mean over positions | block (expected length)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (1, -1, 1)  # (data, fsdp, tensor); -1: all remaining devices

@@ -253,3 +253,40 @@ def test_opd_bad_input_names_it(sft, tmp_path):
                               dcfg, tmp_path / "wrong")
     with pytest.raises(ValueError, match="hidden_size=16 .*does not match the target"):
         trainer.run(_opd_config(sft, "wrong", drafter__init_from=str(tmp_path / "wrong")))
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("opd_runs")
+def test_opd_teacher_stream_and_tv_options_run(sft):
+    """Each new option trains to the end from the same rollouts' kind of data: the verify teacher
+    with the rejected suffix (every draft after the first rejection supervised), and TV with the
+    greedy verify teacher (no target forward) and with the softmax teacher (from the target's
+    hidden states), per block."""
+    runs = {"suffix": dict(opd__teacher="verify", opd__rejected_stream="suffix"),
+            "tv": dict(train__loss="tv", opd__teacher="verify"),
+            "tv-softmax": dict(train__loss="tv", opd__teacher="softmax", opd__tv_reduce="block")}
+    for name, fields in runs.items():
+        assert trainer.run(_opd_config(sft, name, **fields))["finished"], name
+        metrics = [json.loads(line) for line in (sft / name / "metrics.jsonl").read_text()
+                   .splitlines()]
+        assert all(np.isfinite(m["loss"]) for m in metrics)
+        if name == "suffix":
+            assert sum(m["n_suffix"] for m in metrics) > 0 and metrics[0]["p_real"] == 1.0
+        else:
+            assert all(0.0 <= m["tv"] <= 1.0 for m in metrics)
+
+
+@pytest.mark.parametrize("fields,match", [
+    (dict(opd__teacher="greedy"), r"opd.teacher='greedy'; expected one of \('softmax', 'verify'"),
+    (dict(opd__rejected_stream="all"), r"opd.rejected_stream='all'; expected one of"),
+    (dict(opd__tv_reduce="sum"), r"opd.tv_reduce='sum'; expected one of"),
+    (dict(train__loss="tv", opd__dpace_weights=True), r"opd.dpace_weights=True .*train.loss=tv"),
+    (dict(train__loss="tv", opd__rejected_stream="suffix"),
+     r"opd.rejected_stream=suffix is not available with train.loss=tv"),
+    (dict(train__loss="kl"), r"train.loss='kl' is not an objective of train.mode=opd; expected "
+                             r"one of \('opd', 'tv'\)"),
+])
+def test_opd_option_errors_name_the_field(fields, match, tmp_path):
+    c = _opd_config(tmp_path, "x", **fields)
+    with pytest.raises(ValueError, match=match):
+        trainer.check_config(c)

@@ -112,13 +112,20 @@ class OpdConfig:
     decay: float  # a rejected draft at block offset j weighs decay^(j-1)
     rejected_weight: float
     dpace_weights: bool  # D-PACE weights (train.alpha) on the realized-token stream
+    teacher: str = "softmax"  # softmax (T = 1, Draft-OPD's) | verify (what verification accepts)
+    rejected_stream: str = "first"  # first (rejected draft per block) | suffix (all after it)
+    tv_reduce: str = "position"  # train.loss=tv: mean per position | per block (Draft-OPD's)
+
+    CHOICES = {"teacher": ("softmax", "verify"), "rejected_stream": ("first", "suffix"),
+               "tv_reduce": ("position", "block")}
 
     @classmethod
     def from_config(cls, o, dpace_weights: bool) -> OpdConfig:
         return cls(int(o.rounds), int(o.prompts_per_round), int(o.epochs_per_round),
                    int(o.max_prompt_length), int(o.max_new_tokens), int(o.rollout_batch_size),
                    float(o.temperature), str(o.rule), float(o.decay), float(o.rejected_weight),
-                   bool(dpace_weights))
+                   bool(dpace_weights), str(o.teacher), str(o.rejected_stream),
+                   str(o.tv_reduce))
 
     def __post_init__(self):
         for name in ("rounds", "prompts_per_round", "epochs_per_round", "max_prompt_length",
@@ -132,6 +139,9 @@ class OpdConfig:
             Sampling(self.temperature, self.rule)
         except ValueError as e:
             raise ValueError(f"opd.{e}") from None
+        for name, choices in self.CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"opd.{name}={getattr(self, name)!r}; expected one of {choices}")
 
     @property
     def sampling(self) -> Sampling:

@@ -1,8 +1,9 @@
 """On-policy post-training as a training mode (train.mode=opd): a trained drafter
 (drafter.init_from) goes through opd.rounds rounds of rolling out the next prompts of the data
 and training on the blocks its own drafts induced (dpace_jax.train.opd.rounds) with the
-Draft-OPD objective (dpace_jax.train.opd.objective; D-PACE weights on the realized stream with
-opd.dpace_weights)."""
+Draft-OPD objective (train.loss=opd; D-PACE weights on the realized stream with
+opd.dpace_weights) or the total variation to the teacher (train.loss=tv), both in
+dpace_jax.train.opd.objective."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from dpace_jax.train.opd import objective, rounds
 
 class OnPolicy(Mode):
     name = "opd"
-    objectives = {"opd": objective.opd_loss_fn}
+    objectives = {"opd": objective.opd_loss_fn, "tv": objective.tv_loss_fn}
     default_objective = "opd"
     batch_keys = objective.BATCH_KEYS
 
@@ -32,6 +33,13 @@ class OnPolicy(Mode):
         if s.opd.prompts_per_round < s.loop.batch_size:
             raise ValueError(f"opd.prompts_per_round={s.opd.prompts_per_round} makes no batch "
                              f"of train.batch_size={s.loop.batch_size}")
+        if s.step.loss == "tv" and s.opd.dpace_weights:
+            raise ValueError("opd.dpace_weights=True weights Draft-OPD's realized-token stream; "
+                             "train.loss=tv has none (use train.loss=opd)")
+        if s.step.loss == "tv" and s.opd.rejected_stream == "suffix":
+            raise ValueError("opd.rejected_stream=suffix is not available with train.loss=tv "
+                             "(its teacher needs a target forward per rejected branch); TV covers "
+                             "the first rejection's position: set opd.rejected_stream=first")
         if jax.process_count() > 1:
             raise ValueError("train.mode=opd runs in a single process")
 

@@ -96,7 +96,7 @@ class RoundBatches:
         batch, _ = replay.replay_batch(
             rows, block_size=self.drafter_cfg.block_size,
             seq_len=self.seq_len, num_blocks=self.num_blocks,
-            pad_token_id=self.gen.pad_id)
+            pad_token_id=self.gen.pad_id, need_extra=opd_step.needs_extra(self.opd))
         self.step += 1
         return batch
 
