@@ -46,7 +46,7 @@ class Attention(nn.Module):
 
 
 class DrafterLayer(nn.Module):
-    def __init__(self, cfg: Qwen3Config, layer_type: str, is_causal: bool):
+    def __init__(self, cfg: Qwen3Config, layer_type: str, is_causal: bool | None):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = (cfg.num_attention_heads,
                                                     cfg.num_key_value_heads, cfg.head_dim)
@@ -55,7 +55,8 @@ class DrafterLayer(nn.Module):
         self.input_layernorm = Qwen3RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.post_attention_layernorm = Qwen3RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.window = cfg.sliding_window if layer_type == "sliding_attention" else None
-        self.causal = layer_type == "sliding_attention" or is_causal
+        # z-lab's rule: is_causal absent -> sliding layers causal; given -> every layer or none
+        self.causal = layer_type == "sliding_attention" if is_causal is None else is_causal
 
     def mask(self, ctx_len: int, anchor: int, k: int) -> torch.Tensor:
         """[K, ctx_len + K] bool: what block position i (absolute anchor + i) sees."""
@@ -66,6 +67,8 @@ class DrafterLayer(nn.Module):
             seen_ctx = seen_ctx & (ctx > query - self.window)
         block = anchor + torch.arange(k)[None, :]
         seen_block = (block <= query) if self.causal else torch.ones(k, k, dtype=torch.bool)
+        if self.window is not None:  # the window holds inside the block too, both ways
+            seen_block = seen_block & ((query - block).abs() < self.window)
         return torch.cat([seen_ctx, seen_block], dim=1)
 
     def forward(self, x, context, cos_sin_block, cos_sin_all, anchor):
@@ -97,7 +100,7 @@ class Drafter(nn.Module):
         self.layer_ids = hf["dflash_config"]["target_layer_ids"]
         cfg = Qwen3Config(**{k: v for k, v in hf.items() if k not in ("architectures",)})
         types = cfg.layer_types
-        self.layers = nn.ModuleList(DrafterLayer(cfg, t, bool(hf.get("is_causal")))
+        self.layers = nn.ModuleList(DrafterLayer(cfg, t, hf.get("is_causal"))
                                     for t in types)
         d = cfg.hidden_size
         self.fc = nn.Linear(len(self.layer_ids) * d, d, bias=False)

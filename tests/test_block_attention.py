@@ -35,7 +35,8 @@ def _inputs(dtype=jnp.float32, seed=0):
 def _reference(q, kb, vb, ck, cv, anchors, window=0, causal=False):
     """Brute force in float64 NumPy, one query row at a time: block position k of the block at
     anchor a (absolute position a + k) takes a softmax over the context slots p < a (and, with a
-    window W > 0, p > a + k - W) followed by its block's positions (0..k when causal)."""
+    window W > 0, p > a + k - W) followed by its block's positions (0..k when causal; with a
+    window only those j with |k - j| < W)."""
     q, kb, vb, ck, cv = (np.asarray(t, np.float64) for t in (q, kb, vb, ck, cv))
     out = np.zeros(q.shape)
     r = H // G
@@ -45,7 +46,8 @@ def _reference(q, kb, vb, ck, cv, anchors, window=0, causal=False):
             for k in range(K):
                 lo = max(a + k - window + 1, 0) if window > 0 else 0
                 ctx = list(range(lo, min(a, S)))
-                own = list(range(k + 1 if causal else K))
+                own = [j for j in range(k + 1 if causal else K)
+                       if window <= 0 or abs(k - j) < window]
                 keys = np.concatenate([ck[b, ctx], kb[b, n, own]])
                 vals = np.concatenate([cv[b, ctx], vb[b, n, own]])
                 for h in range(H):

@@ -46,7 +46,8 @@ def expected_keys(n_layers, d=64, h=4, g=2, e=16, f=128, n_feat=2):
 
 def test_export_keys_shapes_and_config(params, tmp_path):
     export_drafter(params, CFG, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checksums.sha256", "config.json",
+                                                         "model.safetensors"]
     tensors = load_file(str(tmp_path / "model.safetensors"))
     assert {k: v.shape for k, v in tensors.items()} == expected_keys(2)
     # [out, in] layout: q_proj.weight[h*E + e, d] == q[d, h, e]
@@ -210,7 +211,7 @@ def test_published_style_layouts(params, tmp_path):
         _, cfg = import_drafter(rewrite(src, tmp_path / name,
                                         config=lambda c, e=extra: published(c, **e)))
         assert (cfg.layer_types, cfg.sliding_window, cfg.block_size) == (types, window, 4), name
-        assert cfg.is_causal is False
+        assert cfg.is_causal is None  # absent: the readers' default
 
 
 # ---- independent PyTorch reference --------------------------------------------------------------
@@ -241,7 +242,8 @@ def torch_drafter(sd, hf, features, block_embeds, anchors):
     pos_block = (anchors[:, None] + torch.arange(k)).reshape(-1)
     pos_all = torch.cat([torch.arange(s), pos_block])
     # Per layer: context slots p < anchor (sliding: also p > query position - W), and the own
-    # block (sliding or is_causal: only block positions up to the query's).
+    # block (causal by z-lab's rule: sliding layers unless is_causal says otherwise; sliding:
+    # also within W of the query, both ways).
     ctx_seen = torch.arange(s)[None, :] < anchors[block_of][:, None]
     in_window = torch.arange(s)[None, :] > pos_block[:, None] - (hf["sliding_window"] or 0)
     same_block = block_of[:, None] == block_of[None, :]
@@ -252,9 +254,11 @@ def torch_drafter(sd, hf, features, block_embeds, anchors):
             return sd[f"layers.{i}.{name}.weight"]
 
         sliding = types[i] == "sliding_attention"
-        causal = sliding or hf.get("is_causal", False)
-        mask = torch.cat([ctx_seen & in_window if sliding else ctx_seen,
-                          same_block & up_to_self if causal else same_block], 1)  # [NK, S+NK]
+        causal = sliding if hf.get("is_causal") is None else hf["is_causal"]
+        own = same_block & up_to_self if causal else same_block
+        if sliding:
+            own = own & ((pos_block[:, None] - pos_block[None, :]).abs() < hf["sliding_window"])
+        mask = torch.cat([ctx_seen & in_window if sliding else ctx_seen, own], 1)  # [NK, S+NK]
 
         h = rms(x, w("input_layernorm"))
         q = rope(rms(F.linear(h, w("self_attn.q_proj")).view(n * k, h_, e_),
@@ -282,6 +286,10 @@ LAYOUTS = {
     "sliding+full": dict(layer_types=("sliding_attention", "full_attention"), sliding_window=5),
     "causal-full+sliding": dict(layer_types=("full_attention", "sliding_attention"),
                                 sliding_window=3, is_causal=True),
+    # DFlash 2's published layout: sliding layers with is_causal false (bidirectional inside
+    # the block, within the window: 3 < the block of 4)
+    "bidirectional-sliding": dict(layer_types=("sliding_attention",) * 2, sliding_window=3,
+                                  is_causal=False),
 }
 
 

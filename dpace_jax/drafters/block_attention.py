@@ -11,8 +11,10 @@ per-layer options narrow this (they may be traced scalars, so one compiled layer
 layers of both kinds):
 
   window > 0   sliding window: block position k (absolute position a + k) sees only the context
-               slots s with a + k - window < s < a;
-  causal       block position k sees block positions 0..k only (a sliding layer is causal).
+               slots s with a + k - window < s < a, and the block positions j with
+               |k - j| < window (z-lab's mask; with window >= K the whole block);
+  causal       block position k sees block positions 0..k only (DrafterConfig.layer_causal:
+               sliding layers by default, every or no layer when config.json's is_causal says).
 
   dense    context scores [B, H, N*K, S] and in-block scores [B, H, N, K, K] share one
            softmax; everything is materialized (simple, fastest at small shapes).
@@ -55,10 +57,14 @@ def context_visible(anchors, kk: int, s: int, window=0):
     return before & in_window
 
 
-def block_visible(kk: int, causal=False):
-    """[K, K] bool: block position k (rows) sees block position j (columns)."""
+def block_visible(kk: int, causal=False, window=0):
+    """[K, K] bool: block position k (rows) sees block position j (columns): j <= k when causal,
+    |k - j| < window when window > 0 (the diagonal always)."""
     k = jnp.arange(kk)
-    return jnp.logical_not(jnp.asarray(causal, bool)) | (k[None, :] <= k[:, None])
+    window = jnp.asarray(window, jnp.int32)
+    distance = jnp.abs(k[:, None] - k[None, :])
+    return ((jnp.logical_not(jnp.asarray(causal, bool)) | (k[None, :] <= k[:, None]))
+            & ((window <= 0) | (distance < window)))
 
 
 def dense(q, kb, vb, ck, cv, anchors, window=0, causal=False):
@@ -71,7 +77,7 @@ def dense(q, kb, vb, ck, cv, anchors, window=0, causal=False):
     blk = layers.attention_logits(q, kb)  # [B, N, G, R, K, K]
     blk = jnp.moveaxis(blk, 1, 3)  # [B, G, R, N, K, K]
     visible = context_visible(anchors, kk, s, window)[:, None, None]  # [B, 1, 1, N, K, S]
-    in_block = block_visible(kk, causal)  # the diagonal is visible: every row has a finite peak
+    in_block = block_visible(kk, causal, window)  # the diagonal is visible: a finite peak
     ctx = jnp.where(visible, ctx, -jnp.inf)
     blk = jnp.where(in_block, blk, -jnp.inf)
     peak = jnp.maximum(jnp.max(ctx, axis=-1, keepdims=True), jnp.max(blk, axis=-1, keepdims=True))
@@ -241,7 +247,7 @@ def _flash_layout(q, kb, vb, ck, cv, anchors, window, causal, group, tile):
     window = jnp.asarray(window, jnp.int32)
     row_lo = jnp.where(window > 0, jnp.repeat(anchors, kk, axis=2) + row_k - window + 1, 0)
     row_lo = jnp.maximum(row_lo, 0)
-    in_block = jnp.tile(block_visible(kk, causal), (group, 1))  # [C, K]
+    in_block = jnp.tile(block_visible(kk, causal, window), (group, 1))  # [C, K]
     # A group's tiles run from the lowest first visible slot of its rows that see any context
     # (a sliding window skips the tiles before it) to its largest anchor.
     sees = row_lo < row_anchor

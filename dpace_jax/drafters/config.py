@@ -60,7 +60,9 @@ class DrafterConfig:
     num_target_layers: int
     layer_types: tuple[str, ...] = ()  # per layer, from LAYER_TYPES; () = all full_attention
     sliding_window: int = 0  # W of the sliding_attention layers (0: none)
-    is_causal: bool = False  # full_attention layers causal inside the block as well
+    # Inside the block (z-lab's rule): None (the field absent) = sliding_attention layers causal,
+    # full_attention layers bidirectional; True = every layer causal; False = none.
+    is_causal: bool | None = None
     arch: str = "dflash"  # the drafter family (dpace_jax.drafters.DRAFTERS)
     family_cfg: Any = None  # the family's own settings (None for DFlash)
 
@@ -87,7 +89,8 @@ class DrafterConfig:
                              "attention layers need a window >= 1")
         # without sliding layers the window has no effect: one spelling of it, 0
         object.__setattr__(self, "sliding_window", int(self.sliding_window) if sliding else 0)
-        object.__setattr__(self, "is_causal", bool(self.is_causal))
+        object.__setattr__(self, "is_causal",
+                           None if self.is_causal is None else bool(self.is_causal))
         from dpace_jax.drafters import drafter_family
 
         drafter_family(self.arch).check(self)
@@ -114,7 +117,7 @@ class DrafterConfig:
     @classmethod
     def for_target(cls, target_cfg: ModelConfig, *, num_layers: int = 5, block_size: int = 16,
                    mask_token_id: int, target_layer_ids=None, layer_types=(),
-                   sliding_window: int = 0, is_causal: bool = False,
+                   sliding_window: int = 0, is_causal: bool | None = None,
                    intermediate_size: int = 0, arch: str = "dflash",
                    family_cfg=None) -> DrafterConfig:
         """A drafter with the target's widths (as DFlash builds it) and `num_layers` layers; the
@@ -133,7 +136,7 @@ class DrafterConfig:
                    num_target_layers=target_cfg.num_layers, block_size=block_size,
                    mask_token_id=mask_token_id, target_layer_ids=tuple(target_layer_ids),
                    layer_types=tuple(layer_types), sliding_window=int(sliding_window),
-                   is_causal=bool(is_causal), arch=arch, family_cfg=family_cfg)
+                   is_causal=is_causal, arch=arch, family_cfg=family_cfg)
 
     @property
     def layer_windows(self) -> tuple[int, ...]:
@@ -144,7 +147,8 @@ class DrafterConfig:
     @property
     def layer_causal(self) -> tuple[bool, ...]:
         """Per layer, whether block positions see only the block positions up to their own."""
-        return tuple(t == "sliding_attention" or self.is_causal for t in self.layer_types)
+        return tuple(t == "sliding_attention" if self.is_causal is None else self.is_causal
+                     for t in self.layer_types)
 
     @property
     def num_features(self) -> int:

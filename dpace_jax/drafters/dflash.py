@@ -14,7 +14,8 @@ A block at anchor a holds [token a, MASK, ..., MASK] at absolute positions a..a+
 context slots s < a and all K positions of its own block (bidirectional), never another block.
 Per layer (`layer_types`): a "sliding_attention" layer sees only the context slots s with
 a + k - sliding_window < s < a from block position k, and block positions 0..k (causal);
-`is_causal` makes the "full_attention" layers causal inside the block too.
+`is_causal` (z-lab's rule, DrafterConfig) overrides that: True makes every layer causal inside the
+block, False none; a sliding layer also masks the block positions j with |k - j| >= window.
 
 Two modes share the weights:
   training  `train_forward`: all N blocks of a sequence at once, context = the whole sequence.

@@ -65,7 +65,6 @@ def config_to_hf(cfg: DrafterConfig, dtype_name: str = "bfloat16") -> dict:
         # transformers' Qwen3Config keeps sliding_window only when use_sliding_window is set
         "use_sliding_window": "sliding_attention" in cfg.layer_types,
         "sliding_window": cfg.sliding_window if "sliding_attention" in cfg.layer_types else None,
-        "is_causal": cfg.is_causal,
         "tie_word_embeddings": False,
         "block_size": cfg.block_size,
         "num_target_layers": cfg.num_target_layers,
@@ -73,6 +72,8 @@ def config_to_hf(cfg: DrafterConfig, dtype_name: str = "bfloat16") -> dict:
                           "target_layer_ids": list(cfg.target_layer_ids)},
         "torch_dtype": dtype_name,
     }
+    if cfg.is_causal is not None:  # absent: the readers' default (sliding layers causal)
+        out["is_causal"] = cfg.is_causal
     family.config_to_hf(cfg, out)
     return out
 
@@ -103,7 +104,7 @@ def config_from_hf(hf: dict, source: str = CONFIG_NAME) -> DrafterConfig:
             num_target_layers=int(hf["num_target_layers"]),
             layer_types=layer_types,
             sliding_window=window,
-            is_causal=bool(hf.get("is_causal") or False),
+            is_causal=None if hf.get("is_causal") is None else bool(hf["is_causal"]),
             arch=family.arch, family_cfg=family.config_from_hf(hf, dflash, source),
         )
     except (TypeError, ValueError) as e:

@@ -51,7 +51,8 @@ def attention_layout(drafter) -> dict:
                              "sliding_attention layer")
     elif window:
         types = ("sliding_attention",) * int(drafter.num_layers)
-    return {"layer_types": types, "sliding_window": window, "is_causal": bool(drafter.is_causal)}
+    causal = None if drafter.is_causal is None else bool(drafter.is_causal)
+    return {"layer_types": types, "sliding_window": window, "is_causal": causal}
 
 
 def build_drafter(d, target_cfg, tokenizer) -> tuple[drafter_lib.DrafterConfig, Any]:
