@@ -85,7 +85,19 @@ def default_config() -> ml_collections.ConfigDict:
     # else full_attention; or one "full_attention" / "sliding_attention" per layer.
     c.drafter.layer_types = ()
     c.drafter.sliding_window = 0  # W of the sliding layers (0: none)
-    c.drafter.is_causal = False  # full_attention layers causal inside the block as well
+    # Inside the block: None = sliding_attention layers causal, full_attention bidirectional;
+    # True = every layer causal; False = none (z-lab's rule; written to config.json when set).
+    c.drafter.is_causal = ml_collections.FieldReference(None, field_type=bool)
+    # The drafter family: "dflash", or "dflash2" (docs/dflash2.md) with its convolutions and
+    # candidate selector (the published defaults below; the last three: identity by default).
+    c.drafter.arch = "dflash"
+    c.drafter.conv_kernel_size = 2
+    c.drafter.conv_group_size = 16
+    c.drafter.selector_rank = 256
+    c.drafter.selector_top_k = 16
+    c.drafter.output_multiplier = 1.0
+    c.drafter.final_logit_softcapping = 0.0  # 0: none
+    c.drafter.input_embedding_scale = 1.0
 
     c.data = ml_collections.ConfigDict()
     c.data.paths = ()  # JSONL / JSON / Parquet files or dirs, or hub ids
@@ -122,6 +134,15 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.attention = "dense"  # drafter block attention: dense | flash (block_attention.py)
     c.train.attention_group = 0  # blocks per group (dense: 0 = all at once; flash: 0 = 64)
     c.train.attention_tile = DEFAULT_FLASH_TILE  # context columns per flash step
+    # DFlash 2 drafters (drafter.arch=dflash2): the selector's cross-entropy over the unary top-Z,
+    # weight alpha after a warm-up and a linear ramp (fractions of the run's steps), position
+    # weights "base" (the objective's: D-PACE's or DFlash's) or "uniform", stop_gradient
+    # detaching the unary scores and hidden states inside it (docs/dflash2.md)
+    c.train.selector_loss_alpha = 1.0
+    c.train.selector_warmup_ratio = 0.0
+    c.train.selector_ramp_ratio = 0.0
+    c.train.selector_weights = "base"
+    c.train.selector_stop_gradient = False
     c.train.target_attention = "einsum"  # target forward: einsum | cudnn (GPU, bf16 target)
     c.train.nan_policy = "stop"  # non-finite loss/gradients: stop (naming the step) | skip-step
     c.train.strict_resume = False  # True: an unreadable checkpoint is an error, not moved aside

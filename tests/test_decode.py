@@ -93,7 +93,8 @@ def script_drafter(prompts, lengths, continuation, k_block, flip_rate, seed, voc
         seq[b, : len(full)] = full
     flip = np.random.RandomState(seed).rand(batch, width) < flip_rate
     return decode.Drafter({"seq": jnp.asarray(seq), "flip": jnp.asarray(flip)},
-                          (k_block, vocab), _no_cache, _no_extend, _script_draft, k_block)
+                          (k_block, vocab), _no_cache, _no_extend,
+                          decode.logits_proposer(_script_draft), k_block)
 
 
 def _table_draft(params, config, target_params, cache, anchor_tokens, anchors):
@@ -300,7 +301,7 @@ def near_target_drafter(p1, p2, seed, noise=1.0):
     table[:, 2] = np.log(np.einsum("ab,abc->ac", p1, p2) + 1e-3)
     table[:, 1:] += noise * rs.standard_normal((v, 2, v))
     return decode.Drafter({"table": jnp.asarray(table, jnp.float32)}, 3, _no_cache, _no_extend,
-                          _table_draft, 3)
+                          decode.logits_proposer(_table_draft), 3)
 
 
 def chi_square_z(counts, probs, min_expected=5.0):

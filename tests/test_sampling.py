@@ -68,7 +68,7 @@ def test_speculative_first_token_follows_target_and_exact_drafter_accepts_all():
             k1, k2 = jax.random.split(key)
             s = sampling.Sampling(1.0, "speculative")
             drafts = sampling.propose(k1, d_logits, s)
-            return sampling.verify(k2, t_logits, d_logits, drafts, s)
+            return sampling.verify(k2, t_logits, sampling.draft_probs(d_logits, s), drafts, s)
 
         return jax.vmap(one)(keys)
 

@@ -35,4 +35,4 @@ def family_of_architectures(archs, source: str) -> DrafterFamily:
 def _load() -> None:
     """Import the family modules (each registers itself) on first use: they import the
     drafter config, which checks through this registry."""
-    from dpace_jax.drafters import dflash  # noqa: F401
+    from dpace_jax.drafters import dflash, dflash2  # noqa: F401

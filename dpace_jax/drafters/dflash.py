@@ -90,10 +90,33 @@ class DFlash(DrafterFamily):
 FAMILY = register(DFlash())
 
 
+def _family(cfg: DrafterConfig) -> DrafterFamily:
+    from dpace_jax.drafters import drafter_family
+
+    return drafter_family(cfg.arch)
+
+
 def init_drafter_params(cfg: DrafterConfig, key: jax.Array, dtype=jnp.float32,
-                        scale: float = 0.02) -> DrafterParams:
-    """Random parameters: normal(0, scale) matrices, unit norms (dpace_jax.nn.params)."""
-    return SCHEMA.init(cfg, key, dtype, scale)
+                        scale: float = 0.02):
+    """Random parameters of cfg's family: normal(0, scale) matrices, unit norms (its schema)."""
+    return _family(cfg).schema.init(cfg, key, dtype, scale)
+
+
+def head_logits(target_params: TargetParams, hidden: jax.Array, cfg: DrafterConfig) -> jax.Array:
+    """The draft logits of hidden [..., D]: the target's LM head, then the family's transform
+    (DFlash 2: times output_multiplier, softcapped) -> fp32 [..., V]."""
+    logits = lm_head(target_params, hidden)
+    multiplier, softcap = _family(cfg).logit_transform(cfg)
+    return transform_logits(logits, multiplier, softcap)
+
+
+def transform_logits(logits: jax.Array, multiplier: float, softcap: float | None) -> jax.Array:
+    """multiplier * logits, then softcap * tanh(. / softcap) when softcap (static values)."""
+    if multiplier != 1.0:
+        logits = logits * multiplier
+    if softcap:
+        logits = softcap * jnp.tanh(logits / softcap)
+    return logits
 
 
 def _inv_freq(cfg: DrafterConfig) -> jax.Array:
@@ -132,7 +155,7 @@ def _drafter_layer(x, p, cfg: DrafterConfig, cos, sin, ck, cv, anchors, mask, at
         return block_attention.attend(q, kb, vb, ck.astype(x.dtype), cv.astype(x.dtype),
                                       anchors, window=window, causal=causal, **attention), None
 
-    return decoder_layer(x, p, cos, sin, cfg, attend)[0]
+    return decoder_layer(x, p, cos, sin, cfg, attend, around=_family(cfg).around(p, cfg))[0]
 
 
 def _run_blocks(params, cfg: DrafterConfig, x, anchors, context, remat: bool,
@@ -191,7 +214,9 @@ def block_inputs(embed: jax.Array, anchor_tokens: jax.Array, cfg: DrafterConfig)
     first = jnp.take(embed, anchor_tokens, axis=0)[..., None, :]
     mask = jnp.broadcast_to(embed[cfg.mask_token_id],
                             (*anchor_tokens.shape, cfg.block_size - 1, embed.shape[-1]))
-    return jnp.concatenate([first, mask], axis=-2)
+    x = jnp.concatenate([first, mask], axis=-2)
+    scale = _family(cfg).embedding_scale(cfg)
+    return x if scale == 1.0 else x * jnp.asarray(scale, x.dtype)
 
 
 def extend_cache(params: DrafterParams, cfg: DrafterConfig, cache: KVCache, features: jax.Array,
@@ -207,15 +232,21 @@ def extend_cache(params: DrafterParams, cfg: DrafterConfig, cache: KVCache, feat
     return KVCache(write(cache.k, k, start), write(cache.v, v, start))
 
 
-def draft_logits(params: DrafterParams, cfg: DrafterConfig, target_params: TargetParams,
+def draft_hidden(params: DrafterParams, cfg: DrafterConfig, target_params: TargetParams,
                  cache: KVCache, anchor_tokens: jax.Array, anchors: jax.Array) -> jax.Array:
     """Decoding: one block [anchor_tokens[b], MASK...] per sequence at positions anchors[b]..
-    anchors[b]+K-1 against the cached context (slots < anchors[b]) -> fp32 logits [B, K, V].
-    Position 0 is the given token; positions 1..K-1 are the draft."""
+    anchors[b]+K-1 against the cached context (slots < anchors[b]) -> its final hidden states
+    [B, K, D]. Position 0 is the given token; positions 1..K-1 are the draft."""
     with jax.named_scope("draft"):
         x = block_inputs(target_params.embed, anchor_tokens[:, None], cfg)
-        hidden = block_forward(params, cfg, x, anchors[:, None], cache.k, cache.v)
-        return lm_head(target_params, hidden[:, 0])
+        return block_forward(params, cfg, x, anchors[:, None], cache.k, cache.v)[:, 0]
+
+
+def draft_logits(params: DrafterParams, cfg: DrafterConfig, target_params: TargetParams,
+                 cache: KVCache, anchor_tokens: jax.Array, anchors: jax.Array) -> jax.Array:
+    """`draft_hidden`'s draft logits [B, K, V] (fp32; DFlash 2: its unary scores)."""
+    hidden = draft_hidden(params, cfg, target_params, cache, anchor_tokens, anchors)
+    return head_logits(target_params, hidden, cfg)
 
 
 def train_forward(params: DrafterParams, cfg: DrafterConfig, target_params: TargetParams,

@@ -29,3 +29,30 @@ class DrafterFamily:
 
     def config_to_hf(self, cfg, out: dict) -> None:
         """Add this family's fields to the config.json dict `out`."""
+
+    # Hooks of the DFlash forwards (dpace_jax.drafters.dflash): DFlash's are the identity.
+
+    def around(self, p, cfg):
+        """decoder_layer's `around` wrappers of one layer (p: its parameter slice), or None."""
+        return None
+
+    def embedding_scale(self, cfg) -> float:
+        """What the block's token embeddings are multiplied by."""
+        return 1.0
+
+    def logit_transform(self, cfg) -> tuple[float, float | None]:
+        """(output multiplier, softcap or None) of the draft logits from the target LM head."""
+        return 1.0, None
+
+    # Training (dpace_jax.train.step.loss_fn): terms beyond the objective on the logits.
+
+    def train_top_k(self, cfg) -> int:
+        """How many of each position's largest logits `train_terms` needs (0: no terms)."""
+        return 0
+
+    def train_terms(self, params, cfg, hidden, labels, mask, top_scores, top_ids, weights,
+                    denominator, step, step_cfg):
+        """(extra loss, extra metrics) of a batch: hidden [B, N, K, D], labels / mask
+        [B, N, K], each position's top logits and their ids [B, N, K, Z], the objective's
+        position weights [B, N, K] and denominator (its loss = sum(m w ce) / denominator)."""
+        raise NotImplementedError

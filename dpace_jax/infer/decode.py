@@ -49,7 +49,7 @@ TRACE_COUNTS: collections.Counter = collections.Counter()
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["params"],
-    meta_fields=["config", "init_cache", "extend", "draft", "block_size", "target_layer_ids"],
+    meta_fields=["config", "init_cache", "extend", "propose", "block_size", "target_layer_ids"],
 )
 @dataclasses.dataclass(frozen=True)
 class Drafter:
@@ -62,15 +62,18 @@ class Drafter:
           context: the tokens at positions start..start+T-1 and their target features (the
           outputs of target layers `target_layer_ids`, concatenated; None when there are none).
           Only rows before the next anchor are valid; the drafter must ignore slots >= anchor.
-      draft(params, config, target_params, cache, anchor_tokens [B], anchors [B]) -> logits
-          [B, K, V]: logits at block position k predict the token at anchors + k (k >= 1).
+      propose(params, config, target_params, cache, anchor_tokens [B], anchors [B], key,
+              sampling) -> (block [B, K] int32: the anchor token, then the drafts d_1..d_{K-1}
+              of the tokens at anchors + k; q [B, K, V] fp32 or None): q[:, k] is the
+          distribution d_k was drawn from, what the "speculative" rule needs when sampling
+          (None otherwise; any proposal is lossless under the other rules).
     """
 
     params: Any
     config: Any
     init_cache: Callable
     extend: Callable
-    draft: Callable
+    propose: Callable
     block_size: int
     target_layer_ids: tuple[int, ...] = ()
 
@@ -94,13 +97,13 @@ def _no_extend(params, config, cache, tokens, features, start):
     return cache
 
 
-def _no_draft(params, config, target_params, cache, anchor_tokens, anchors):
+def _no_propose(params, config, target_params, cache, anchor_tokens, anchors, key, sampling):
     raise ValueError("the autoregressive drafter never drafts")
 
 
 def autoregressive() -> Drafter:
     """Block size 1: plain autoregressive decoding of the target (the speedup baseline)."""
-    return Drafter(None, None, _no_cache, _no_extend, _no_draft, 1, ())
+    return Drafter(None, None, _no_cache, _no_extend, _no_propose, 1, ())
 
 
 def _dflash_init(params, cfg, batch, length):
@@ -111,13 +114,43 @@ def _dflash_extend(params, cfg, cache, tokens, features, start):
     return dflash.extend_cache(params, cfg, cache, features, start)
 
 
+@functools.cache
+def logits_proposer(draft: Callable) -> Callable:
+    """A `propose` from a function `draft(params, config, target_params, cache, anchor_tokens,
+    anchors) -> logits [B, K, V]`: their argmax, or samples from them under the speculative rule
+    (q: the filtered distribution they were drawn from). Cached, so that a given `draft` always
+    gives the same function (one compilation)."""
+
+    def propose(params, cfg, target_params, cache, anchor_tokens, anchors, key, sampler):
+        logits = draft(params, cfg, target_params, cache, anchor_tokens, anchors)
+        block = sampling_lib.propose(key, logits, sampler).at[:, 0].set(anchor_tokens)
+        return block, sampling_lib.draft_probs(logits, sampler)
+
+    return propose
+
+
+_logits_propose = logits_proposer(dflash.draft_logits)
+
+
+def _walk_propose(params, cfg, target_params, cache, anchor_tokens, anchors, key, sampler):
+    """DFlash 2: the candidate selector's walk (greedy, or sampled under the speculative rule,
+    q its distribution), dpace_jax.drafters.dflash2.propose."""
+    from dpace_jax.drafters import dflash2
+
+    return dflash2.propose(params, cfg, target_params, cache, anchor_tokens, anchors, key,
+                           sampler)
+
+
 def dflash_drafter(params, cfg, target_cfg: ModelConfig | None = None,
-                   source: str = "drafter") -> Drafter:
-    """The DFlash drafter of dpace_jax.drafters.dflash (params, DrafterConfig); checked against the
-    target config when given (ValueError naming the field that does not fit)."""
+                   source: str = "drafter", *, selector: bool = True) -> Drafter:
+    """A drafter of dpace_jax.drafters (params, DrafterConfig: DFlash, or DFlash 2 whose drafts
+    walk its candidate selector; `selector=False` drafts DFlash 2's unary argmax instead);
+    checked against the target config when given (ValueError naming the field that does not
+    fit)."""
     if target_cfg is not None:
         dflash.check_compatible(cfg, target_cfg, source=source)
-    return Drafter(params, cfg, _dflash_init, _dflash_extend, dflash.draft_logits, cfg.block_size,
+    propose = _walk_propose if cfg.arch == "dflash2" and selector else _logits_propose
+    return Drafter(params, cfg, _dflash_init, _dflash_extend, propose, cfg.block_size,
                    tuple(cfg.target_layer_ids))
 
 
@@ -275,16 +308,15 @@ def _decode_impl(target_params, drafter: Drafter, prompts, lengths, stop_token_i
         anchors = lengths + s.num_tokens - 1
         key, k_draft, k_verify = jax.random.split(s.key, 3)
         if k_block > 1:
-            draft_logits = drafter.draft(dp, dc, target_params, s.draft_cache, s.last, anchors)
-            drafts = sampling_lib.propose(k_draft, draft_logits, sampler)
-            block = drafts.at[:, 0].set(s.last)
+            block, draft_q = drafter.propose(dp, dc, target_params, s.draft_cache, s.last,
+                                             anchors, k_draft, sampler)
         else:
             block = s.last[:, None]
         with jax.named_scope("verify"):
             verified = model.forward_cached(target_params, target_cfg, block, s.cache, anchors,
                                             feature_layers=ids)
         if k_block > 1:
-            acc, emitted = sampling_lib.verify(k_verify, verified.logits, draft_logits, block,
+            acc, emitted = sampling_lib.verify(k_verify, verified.logits, draft_q, block,
                                                sampler)
         else:
             acc, emitted = sampling_lib.verify_match(k_verify, verified.logits, block, sampler)

@@ -127,15 +127,22 @@ def verify_match(key: jax.Array, target_logits: jax.Array, drafts: jax.Array, s:
     return acc, emitted_tokens(drafts, acc, final)
 
 
-def verify_speculative(key: jax.Array, target_logits: jax.Array, draft_logits: jax.Array,
+def draft_probs(draft_logits: jax.Array, s: Sampling) -> jax.Array | None:
+    """What `propose` draws from under the speculative rule when sampling (the filtered
+    distribution of the draft logits [B, K, V]), the q of `verify_speculative`; else None."""
+    if s.rule == "speculative" and not s.greedy:
+        return jnp.exp(filtered_log_probs(draft_logits, s))
+    return None
+
+
+def verify_speculative(key: jax.Array, target_logits: jax.Array, q: jax.Array,
                        drafts: jax.Array, s: Sampling):
-    """Standard speculative sampling (temperature > 0): d_k ~ q_k is accepted with probability
-    min(1, p_{k-1}(d_k) / q_k(d_k)); at the first rejection the token is drawn from
-    normalize(max(p_{k-1} - q_k, 0)); when all K-1 are accepted, from p_{K-1}.
+    """Standard speculative sampling (temperature > 0): d_k ~ q_k ([B, K, V] probabilities) is
+    accepted with probability min(1, p_{k-1}(d_k) / q_k(d_k)); at the first rejection the token
+    is drawn from normalize(max(p_{k-1} - q_k, 0)); when all K-1 are accepted, from p_{K-1}.
     Returns (acc [B], tokens [B, K])."""
     k_accept, k_final = jax.random.split(key)
     p = jnp.exp(filtered_log_probs(target_logits, s))  # [B, K, V]
-    q = jnp.exp(filtered_log_probs(draft_logits, s))
     d = drafts[:, 1:, None]
     p_d = jnp.take_along_axis(p[:, :-1], d, axis=-1)[..., 0]  # [B, K-1]
     q_d = jnp.take_along_axis(q[:, 1:], d, axis=-1)[..., 0]
@@ -152,9 +159,10 @@ def verify_speculative(key: jax.Array, target_logits: jax.Array, draft_logits: j
     return acc, emitted_tokens(drafts, acc, final)
 
 
-def verify(key: jax.Array, target_logits: jax.Array, draft_logits: jax.Array,
+def verify(key: jax.Array, target_logits: jax.Array, q: jax.Array | None,
            drafts: jax.Array, s: Sampling):
-    """Dispatch on the rule; greedy, both rules are the same."""
+    """Dispatch on the rule; greedy, both rules are the same. q: the drafts' distribution
+    (`draft_probs`, or a drafter's own), needed by the speculative rule only."""
     if s.rule == "speculative" and not s.greedy:
-        return verify_speculative(key, target_logits, draft_logits, drafts, s)
+        return verify_speculative(key, target_logits, q, drafts, s)
     return verify_match(key, target_logits, drafts, s)

@@ -206,6 +206,14 @@ def loss_from_stats(name: str, ce, correct, mask, *, alpha=DEFAULT_ALPHA, gamma=
 
     Shared by the logits path here and the chunked hidden-state path (``dpace_jax.loss.chunked``).
     """
+    loss, aux, _ = loss_and_weights(name, ce, correct, mask, alpha=alpha, gamma=gamma)
+    return loss, aux
+
+
+def loss_and_weights(name: str, ce, correct, mask, *, alpha=DEFAULT_ALPHA, gamma=None):
+    """`loss_from_stats`, and the objective's position weights w ``[B, N, K]`` (no gradient)
+    and denominator: loss = sum(m * w * ce) / denominator (``sum(m * w)`` for "dflash", B for
+    the D-PACE objectives), for terms that share them (DFlash 2's selector term)."""
     check_name(name)
     m = mask != 0
     mf = m.astype(jnp.float32)
@@ -218,7 +226,8 @@ def loss_from_stats(name: str, ce, correct, mask, *, alpha=DEFAULT_ALPHA, gamma=
         q = jnp.exp(-jax.lax.stop_gradient(ce))
         w = dpace_weights(q, m, alpha=alpha, variant=name)
         loss = jnp.sum(mf * w * ce) / ce.shape[0]
-    return loss, _aux(ce, correct, m, w)
+        den = jnp.asarray(ce.shape[0], jnp.float32)
+    return loss, _aux(ce, correct, m, w), (w, den)
 
 
 def dpace_loss(logits, targets, mask, *, alpha=DEFAULT_ALPHA, variant: str = "dpace"):

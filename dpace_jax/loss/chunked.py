@@ -49,9 +49,13 @@ def _check_hidden(hidden, head, targets, mask, chunk_size) -> None:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
 
 
-def token_stats_from_hidden(hidden, head, targets, mask, *, chunk_size=DEFAULT_CHUNK_SIZE):
+def token_stats_from_hidden(hidden, head, targets, mask, *, chunk_size=DEFAULT_CHUNK_SIZE,
+                            transform=None, top_k: int = 0):
     """Per-row fp32 ce and correctness ``[...]`` from hidden ``[..., D]`` and head ``[D, V]``,
-    ``chunk_size`` rows of logits at a time (forward and backward)."""
+    ``chunk_size`` rows of logits at a time (forward and backward). ``transform(logits)`` (fp32)
+    maps the head's logits first (DFlash 2's multiplier and softcap). ``top_k`` > 0 also returns
+    each row's top_k logits ``[..., top_k]`` (descending, carrying gradients) and their token ids,
+    taken from the same chunk of logits: (ce, correct, top_scores, top_ids)."""
     lead = tuple(hidden.shape[:-1])
     d = hidden.shape[-1]
     rows = math.prod(lead)
@@ -66,10 +70,20 @@ def token_stats_from_hidden(hidden, head, targets, mask, *, chunk_size=DEFAULT_C
     def one_chunk(hc, tc, mc):
         logits = jnp.einsum("rd,dv->rv", hc.astype(head.dtype), head,
                             preferred_element_type=jnp.float32)
-        return token_stats(logits, tc, mc)
+        if transform is not None:
+            logits = transform(logits)
+        stats = token_stats(logits, tc, mc)
+        if not top_k:
+            return stats
+        scores, ids = jax.lax.top_k(logits, top_k)
+        return (*stats, scores, ids.astype(jnp.int32))
 
-    ce, correct = jax.lax.map(lambda args: one_chunk(*args), (h, t, m))
-    return ce.reshape(-1)[:rows].reshape(lead), correct.reshape(-1)[:rows].reshape(lead)
+    out = jax.lax.map(lambda args: one_chunk(*args), (h, t, m))
+
+    def unpad(x):
+        return x.reshape(n * chunk, *x.shape[2:])[:rows].reshape(*lead, *x.shape[2:])
+
+    return tuple(unpad(x) for x in out)
 
 
 def dpace_loss_from_hidden(hidden, head, targets, mask, *, alpha=DEFAULT_ALPHA,

@@ -68,19 +68,26 @@ def slice_layer(tree, i):
     return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), tree)
 
 
-def decoder_layer(x, p: LayerParams, cos, sin, cfg, attend, feed_forward=None):
+def decoder_layer(x, p: LayerParams, cos, sin, cfg, attend, feed_forward=None, around=None):
     """One pre-norm decoder layer on x [..., T, D] (the targets' and the drafters'). `attend(q,
     k, v)` returns (attention output [..., T, H, E], extra) given this layer's queries
     [..., T, H, E] and new keys / values [..., T, G, E]; extra is passed back (e.g. an updated
-    cache). `feed_forward`: h -> out when it is not p's SwiGLU MLP (experts)."""
+    cache). `feed_forward`: h -> out when it is not p's SwiGLU MLP (experts). `around`: a pair
+    (for the attention, for the MLP) of wrappers with prepare(h) -> (h', state) on the normed
+    sublayer input and finish(out, state) on the sublayer's output (DFlash 2's convolutions)."""
+    wrap_attn, wrap_mlp = around or (None, None)
     h = rms_norm(x, p.attn_norm, cfg.rms_norm_eps)
+    h, state = wrap_attn.prepare(h) if wrap_attn else (h, None)
     q = apply_rope(project_q(h, p, cfg.rms_norm_eps), cos, sin)
     k, v = project_kv(h, p, cfg.rms_norm_eps)
     k = apply_rope(k, cos, sin)
     attn, extra = attend(q, k, v)
-    x = x + output_projection(attn, p)
+    out = output_projection(attn, p)
+    x = x + (wrap_attn.finish(out, state) if wrap_attn else out)
     h = rms_norm(x, p.mlp_norm, cfg.rms_norm_eps)
-    return x + (mlp(h, p) if feed_forward is None else feed_forward(h)), extra
+    h, state = wrap_mlp.prepare(h) if wrap_mlp else (h, None)
+    out = mlp(h, p) if feed_forward is None else feed_forward(h)
+    return x + (wrap_mlp.finish(out, state) if wrap_mlp else out), extra
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:

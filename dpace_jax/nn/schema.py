@@ -30,7 +30,7 @@ import numpy as np
 class ArrayInfo(NamedTuple):
     shape: tuple[str, ...]  # dimension letters (docs/design.md §1)
     axes: tuple[str | None, ...]  # logical axes, one per dimension (dpace_jax.sharding)
-    init: str  # "normal" (scaled), "ones" or "zeros"
+    init: str  # "normal" (scaled), "ones", "zeros" or "first_tap" (a convolution's identity)
     hf: str  # the HF tensor's name (a layer's: under the schema's layer prefix)
     layout: str  # see the module doc
 
@@ -205,6 +205,8 @@ class Schema:
             shape = p.leaf_shape(d)
             if p.info.init in ("ones", "zeros"):
                 leaves[p.path] = (jnp.ones if p.info.init == "ones" else jnp.zeros)(shape, dtype)
+            elif p.info.init == "first_tap":  # [..., taps, channels]: tap 0 = 1, the others 0
+                leaves[p.path] = jnp.zeros(shape, dtype).at[..., 0, :].set(1)
             else:
                 k = _draw(key, p.key)
                 leaves[p.path] = (scale * jax.random.normal(k, shape, jnp.float32)).astype(dtype)

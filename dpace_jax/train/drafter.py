@@ -55,6 +55,20 @@ def attention_layout(drafter) -> dict:
     return {"layer_types": types, "sliding_window": window, "is_causal": causal}
 
 
+def family_config(d):
+    """The drafter family's own config (DFlash 2's: its drafter.* fields), or None."""
+    from dpace_jax.drafters import drafter_family
+
+    family = drafter_family(d.arch)
+    if family.config_type is None:
+        return None
+    try:
+        return family.config_type(**{k: type(getattr(family.config_type, k))(v)
+                                     for k, v in d.family.items()})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"drafter.*: {e}") from None
+
+
 def build_drafter(d, target_cfg, tokenizer) -> tuple[drafter_lib.DrafterConfig, Any]:
     """(drafter config, its initial params) from the drafter.* settings `d`
     (dpace_jax.train.settings.DrafterSettings): drafter.init_from's (a DFlash HF directory or a
@@ -70,7 +84,8 @@ def build_drafter(d, target_cfg, tokenizer) -> tuple[drafter_lib.DrafterConfig, 
             target_cfg, num_layers=d.num_layers, block_size=d.block_size,
             mask_token_id=mask_token_id(d, tokenizer, target_cfg),
             target_layer_ids=tuple(d.target_layer_ids) or None,
-            intermediate_size=d.intermediate_size, **attention_layout(d))
+            intermediate_size=d.intermediate_size, **attention_layout(d), arch=d.arch,
+            family_cfg=family_config(d))
     drafter_lib.check_compatible(dcfg, target_cfg, source="drafter config")
     drafter_lib.warn_if_last_layer(dcfg.target_layer_ids, target_cfg.num_layers, field)
     return dcfg, params

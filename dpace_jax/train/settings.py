@@ -164,6 +164,21 @@ class DistributedConfig:
                    str(c.coordinator_address), int(c.num_processes), int(c.process_id))
 
 
+def _family_fields(d) -> dict:
+    """The drafter.* fields of drafter.arch's family config (DFlash 2's), by name."""
+    from dpace_jax.drafters import drafter_family
+
+    family = drafter_family(str(d.get("arch", "dflash")))
+    if family.config_type is None:
+        return {}
+    names = [f.name for f in dataclasses.fields(family.config_type)]
+    missing = [n for n in names if n not in d]
+    if missing:
+        raise ValueError(f"drafter.arch={d.arch}: missing field(s) "
+                         f"{['drafter.' + n for n in missing]}")
+    return {n: d[n] for n in names}
+
+
 @dataclasses.dataclass(frozen=True)
 class DrafterSettings:
     """drafter.*: the drafter to build (or drafter.init_from, the one to start from)."""
@@ -176,14 +191,17 @@ class DrafterSettings:
     intermediate_size: int
     layer_types: tuple[str, ...]
     sliding_window: int
-    is_causal: bool
+    is_causal: bool | None
+    arch: str = "dflash"
+    family: dict = dataclasses.field(default_factory=dict)  # the family's own drafter.* fields
 
     @classmethod
     def from_config(cls, d) -> DrafterSettings:
         return cls(int(d.num_layers), int(d.block_size), int(d.mask_token_id),
                    tuple(int(i) for i in d.target_layer_ids), str(d.init_from),
                    int(d.get("intermediate_size", 0)), tuple(str(t) for t in d.layer_types),
-                   int(d.sliding_window), bool(d.is_causal))
+                   int(d.sliding_window), None if d.is_causal is None else bool(d.is_causal),
+                   str(d.get("arch", "dflash")), _family_fields(d))
 
     def __post_init__(self):
         if self.num_layers < 1 or self.block_size < 2:

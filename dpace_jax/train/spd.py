@@ -40,7 +40,8 @@ def sample_heads(key, loss_mask, num_heads: int, n: int):
     return jnp.where(keep, heads, n - 1), keep, age.astype(jnp.int32)
 
 
-def loss_fn(drafter_params, target_params, batch, key, *, target_cfg, drafter_cfg, cfg):
+def loss_fn(drafter_params, target_params, batch, key, *, target_cfg, drafter_cfg, cfg,
+            step=None):
     """KL(target || draft) at sampled heads of {input_ids, loss_mask} [B, S]."""
     tokens, loss_mask = batch["input_ids"], batch["loss_mask"]
     n = drafter_cfg.block_size

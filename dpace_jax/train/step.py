@@ -17,15 +17,17 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from dpace_jax import loss as loss_lib
 from dpace_jax import sharding as shard_lib
 from dpace_jax.config import parse_dtype
-from dpace_jax.drafters import block_attention
+from dpace_jax.drafters import block_attention, drafter_family
 from dpace_jax.drafters import dflash as drafter_lib
 from dpace_jax.loss import chunked as chunked_loss
 from dpace_jax.targets import model as model_lib
 from dpace_jax.train import anchors as anchor_lib
 
 NAN_POLICIES = ("stop", "skip-step")
+SELECTOR_WEIGHTS = ("base", "uniform")
 DEFAULT_LOSS = "dpace"  # train.loss "" in supervised training (the modes: dpace_jax.train.modes)
 
 
@@ -60,6 +62,15 @@ class StepConfig:
     attention_tile: int  # flash: context columns per step
     target_attention: str  # target forward attention: einsum | cudnn (GPU)
     nan_policy: str  # a step with non-finite loss or gradients: not applied; "stop" | "skip-step"
+    # DFlash 2's selector term (docs/dflash2.md): its weight alpha, zero for the first
+    # warmup_ratio of the steps, then ramped linearly over ramp_ratio; its position weights
+    # ("base": the objective's own, "uniform": 1); stop_gradient detaches the unary scores and
+    # hidden states inside it.
+    selector_loss_alpha: float = 1.0
+    selector_warmup_ratio: float = 0.0
+    selector_ramp_ratio: float = 0.0
+    selector_weights: str = "base"
+    selector_stop_gradient: bool = False
 
     SAME_RESULT = ("total_steps", "loss_chunk_size", "remat", "attention", "attention_group",
                    "attention_tile", "target_attention", "nan_policy")
@@ -78,7 +89,11 @@ class StepConfig:
             loss_chunk_size=int(t.loss_chunk_size), remat=bool(t.remat),
             attention=str(t.attention), attention_group=int(t.attention_group),
             attention_tile=int(t.attention_tile), target_attention=str(t.target_attention),
-            nan_policy=str(t.nan_policy))
+            nan_policy=str(t.nan_policy), selector_loss_alpha=float(t.selector_loss_alpha),
+            selector_warmup_ratio=float(t.selector_warmup_ratio),
+            selector_ramp_ratio=float(t.selector_ramp_ratio),
+            selector_weights=str(t.selector_weights),
+            selector_stop_gradient=bool(t.selector_stop_gradient))
 
     def __post_init__(self):
         if not 0.0 <= self.alpha <= 1.0:
@@ -102,6 +117,14 @@ class StepConfig:
         if self.attention_group < 0 or self.attention_tile < 1:
             raise ValueError(f"train.attention_group={self.attention_group} must be >= 0 and "
                              f"train.attention_tile={self.attention_tile} >= 1")
+        if self.selector_loss_alpha < 0 or not (
+                0 <= self.selector_warmup_ratio <= 1 and 0 <= self.selector_ramp_ratio <= 1):
+            raise ValueError(f"train.selector_loss_alpha={self.selector_loss_alpha} must be >= 0, "
+                             f"train.selector_warmup_ratio={self.selector_warmup_ratio} and "
+                             f"train.selector_ramp_ratio={self.selector_ramp_ratio} in [0, 1]")
+        if self.selector_weights not in SELECTOR_WEIGHTS:
+            raise ValueError(f"train.selector_weights={self.selector_weights!r}; expected one of "
+                             f"{SELECTOR_WEIGHTS}")
         if self.target_attention not in model_lib.TRAIN_ATTENTION:
             raise ValueError(f"train.target_attention={self.target_attention!r}; expected one "
                              f"of {model_lib.TRAIN_ATTENTION}")
@@ -159,8 +182,11 @@ def loss_fn(
     target_cfg: model_lib.ModelConfig,
     drafter_cfg: drafter_lib.DrafterConfig,
     cfg: StepConfig,
+    step=None,
 ):
-    """Loss and aux metrics of one batch {input_ids [B, S], loss_mask [B, S]}."""
+    """Loss and aux metrics of one batch {input_ids [B, S], loss_mask [B, S]}: the objective on
+    the drafter's logits (DFlash 2: its unary scores) plus its family's own terms (DFlash 2's
+    selector cross-entropy) at optimizer step `step`."""
     tokens, loss_mask = batch["input_ids"], batch["loss_mask"]
     anchors, keep = anchor_lib.sample_anchors(
         key, loss_mask, cfg.num_anchors, drafter_cfg.block_size
@@ -170,14 +196,33 @@ def loss_fn(
     labels, mask = anchor_lib.block_labels(
         tokens, loss_mask, anchors, keep, drafter_cfg.block_size
     )
+    family = drafter_family(drafter_cfg.arch)
+    top_k = family.train_top_k(drafter_cfg)
     with jax.named_scope("lm_head_loss"):
-        loss, aux = chunked_loss.objective_from_hidden(
-            cfg.loss, hidden, head, labels, mask,
-            alpha=cfg.alpha, gamma=cfg.gamma, chunk_size=cfg.loss_chunk_size,
-        )
+        stats = chunked_loss.token_stats_from_hidden(
+            hidden, head, labels, mask, chunk_size=cfg.loss_chunk_size,
+            transform=logit_transform(drafter_cfg), top_k=top_k)
+        loss, aux, (weights, den) = loss_lib.loss_and_weights(
+            cfg.loss, stats[0], stats[1], mask, alpha=cfg.alpha, gamma=cfg.gamma)
     aux = dict(aux)
+    if top_k:
+        with jax.named_scope("family_terms"):
+            params = jax.tree.map(lambda x: x.astype(cfg.compute_dtype), drafter_params)
+            extra, extra_aux = family.train_terms(
+                params, drafter_cfg, hidden, labels, mask, stats[2], stats[3], weights, den,
+                step, cfg)
+        loss = loss + extra
+        aux.update(extra_aux)
     aux["num_blocks"] = jnp.sum(keep)
     return loss, aux
+
+
+def logit_transform(drafter_cfg):
+    """The drafter family's map of the head's logits (None: the identity)."""
+    multiplier, softcap = drafter_family(drafter_cfg.arch).logit_transform(drafter_cfg)
+    if multiplier == 1.0 and not softcap:
+        return None
+    return lambda logits: drafter_lib.transform_logits(logits, multiplier, softcap)
 
 
 def _global_norm(tree) -> jax.Array:
@@ -200,14 +245,14 @@ def make_train_step(
     {batch_keys: arrays whose leading axis is the batch}."""
     schedule = learning_rate_schedule(cfg)
     grad_fn = jax.value_and_grad(
-        lambda p, t, b, k: objective(p, t, b, k, target_cfg=target_cfg,
-                                     drafter_cfg=drafter_cfg, cfg=cfg),
+        lambda p, t, b, k, s: objective(p, t, b, k, target_cfg=target_cfg,
+                                        drafter_cfg=drafter_cfg, cfg=cfg, step=s),
         has_aux=True,
     )
 
     def step(state: TrainState, target_params, batch):
         key = jax.random.fold_in(state.rng, state.step)
-        (loss, aux), grads = grad_fn(state.params, target_params, batch, key)
+        (loss, aux), grads = grad_fn(state.params, target_params, batch, key, state.step)
         grad_norm = _global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         with jax.named_scope("optimizer"):

@@ -33,6 +33,7 @@ summed over the base denominator, the selector weight from `selector_alpha`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from typing import NamedTuple
@@ -43,7 +44,9 @@ import jax.numpy as jnp
 DEFAULT_CHUNK_SIZE = 2048  # rows of [rows, V] unary logits alive at a time in training
 
 
-class SelectorParams(NamedTuple):
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SelectorParams:
     hidden_projection: jax.Array  # [D, R]
     predecessor_codebook: jax.Array  # [V, R]
     successor_codebook: jax.Array  # [V, R]

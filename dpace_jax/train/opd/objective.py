@@ -163,7 +163,7 @@ def tv_objective(hidden, head, target_hidden, batch: dict, *, opd, chunk_size: i
 
 def opd_loss_fn(drafter_params, target_params, batch: dict[str, jax.Array], key: jax.Array, *,
                 target_cfg: model_lib.ModelConfig, drafter_cfg: drafter_lib.DrafterConfig,
-                cfg: StepConfig, opd):
+                cfg: StepConfig, opd, step=None):
     """Loss and aux metrics of one replay batch (keys BATCH_KEYS) under the opd.* settings
     `opd` (dpace_jax.train.settings.OpdConfig); `key` is unused (the anchors are the
     rollout's)."""
@@ -176,7 +176,7 @@ def opd_loss_fn(drafter_params, target_params, batch: dict[str, jax.Array], key:
 
 def tv_loss_fn(drafter_params, target_params, batch: dict[str, jax.Array], key: jax.Array, *,
                target_cfg: model_lib.ModelConfig, drafter_cfg: drafter_lib.DrafterConfig,
-               cfg: StepConfig, opd):
+               cfg: StepConfig, opd, step=None):
     """train.loss=tv: as opd_loss_fn, with tv_objective."""
     del key
     hidden, head, target = _forward(drafter_params, target_params, batch, target_cfg=target_cfg,
