@@ -33,6 +33,7 @@ from dpace_jax.data.chat import (  # noqa: F401  (load_conversations, write_json
     token_loss_mask,
     write_jsonl,
 )
+from dpace_jax.io import digest
 from dpace_jax.io.atomic import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -118,24 +119,50 @@ _ARRAYS = ("tokens", "loss_mask", "offsets")
 
 
 def _save_cache(path: Path, ds: TokenizedDataset, stats: dict, key: str) -> None:
-    with atomic_dir(path, lambda p: _load_cache(p, key) is not None) as tmp:
-        for name in _ARRAYS:
-            np.save(tmp / f"{name}.npy", getattr(ds, name))
-        # meta.json last: a directory without it never loads as valid.
-        (tmp / "meta.json").write_text(json.dumps({"key": key, "stats": stats}))
+    """Write the cache directory whole (atomic_dir), with a SHA-256 of each array in meta.json.
+    A failed write (a full disk) is a warning: the finished tokenization is used all the same,
+    and whatever was in the cache before stays as it was."""
+    try:
+        with atomic_dir(path, lambda p: _load_cache(p, key) is not None) as tmp:
+            for name in _ARRAYS:
+                np.save(tmp / f"{name}.npy", getattr(ds, name))
+            sums = {name: digest.sha256_file(tmp / f"{name}.npy") for name in _ARRAYS}
+            # meta.json last: a directory without it never loads as valid.
+            (tmp / "meta.json").write_text(json.dumps({"key": key, "stats": stats,
+                                                       "sha256": sums}))
+    except OSError as e:
+        log.warning("tokenization cache %s not written (%s); training goes on with the "
+                    "tokenized data in memory", path, e.strerror or e)
 
 
 def _load_cache(path: Path, key: str) -> tuple[TokenizedDataset, dict] | None:
+    """The cached dataset, or None (a miss; a damaged cache is a miss with a warning naming
+    the file: its arrays must match the checksums written with them)."""
     try:
         meta = json.loads((path / "meta.json").read_text())
         if meta.get("key") != key:
             return None
+        for name, want in (meta.get("sha256") or {}).items():  # older caches have none
+            if digest.sha256_file(path / f"{name}.npy") != want:
+                raise ValueError(f"{name}.npy differs from its checksum in meta.json")
         arrays = {n: np.load(path / f"{n}.npy", mmap_mode="r") for n in _ARRAYS}
         return TokenizedDataset(**arrays), meta["stats"]
     except (OSError, ValueError, KeyError) as e:
         if path.exists():
             log.warning("ignoring unreadable tokenization cache %s (%s)", path, e)
         return None
+
+
+def check_token_ids(ids: np.ndarray, vocab_size: int, source: str, hint: str = "") -> None:
+    """ValueError naming the first id outside [0, vocab_size), where it is (`source`: what holds
+    `ids`) and the likely cause (`hint`). Out-of-range ids would be looked up as the embedding's
+    fill value: NaN steps, or silently wrong rows."""
+    ids = np.asarray(ids)
+    bad = np.flatnonzero((ids < 0) | (ids >= vocab_size))
+    if bad.size:
+        raise ValueError(f"{source}: token id {int(ids[bad[0]])} at position {int(bad[0])} is "
+                         f"outside the target's vocabulary [0, {vocab_size}) ({bad.size} such "
+                         f"ids){'; ' + hint if hint else ''}")
 
 
 def _cap(conv, limit: int):

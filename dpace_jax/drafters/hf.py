@@ -17,6 +17,7 @@ Conversion is transposes and reshapes only, so export -> import is bit-exact in 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import jax  # noqa: F401  (registers bfloat16 with numpy before safetensors.numpy is used)
@@ -25,11 +26,13 @@ from safetensors.numpy import load_file, save_file
 
 from dpace_jax.drafters import drafter_family, family_of_architectures
 from dpace_jax.drafters.config import SHARED_FIELDS, DrafterConfig
-from dpace_jax.io.atomic import atomic_path
+from dpace_jax.io import digest
+from dpace_jax.io.atomic import atomic_dir, atomic_path, umask_mode
 from dpace_jax.targets.config import ModelConfig
 from dpace_jax.targets.hf import INDEX_NAME, WEIGHTS_NAME, index_tensors, read_config_json
 
 CONFIG_NAME = "config.json"
+CHECKSUMS_NAME = digest.SUMS_NAME
 
 _DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
@@ -139,10 +142,13 @@ def _attention_layout(hf: dict, num_layers: int, source: str) -> tuple[tuple[str
 
 
 def export_drafter(params, cfg: DrafterConfig, out_dir, *, dtype=None) -> Path:
-    """Write config.json + model.safetensors to out_dir (created if needed); `dtype` casts the
-    weights (e.g. jnp.bfloat16), default: keep the params' dtype. Each file is written to a
-    temporary name and renamed, so a crash never leaves a partial file. Parameters that are not
-    all finite are refused (ValueError naming the tensors): no serving engine should get them."""
+    """Write config.json + model.safetensors + checksums.sha256 (written last) to out_dir;
+    `dtype` casts the weights (e.g. jnp.bfloat16), default: keep the params' dtype. The files
+    are written into a staging directory that then replaces out_dir whole, so a failure (a full
+    disk, a crash) leaves the previous export or none, never a mix of two; a directory holding
+    other files too keeps them (its export files are then replaced one by one). Parameters that
+    are not all finite are refused (ValueError naming the tensors): no serving engine should
+    get them."""
     out = Path(out_dir)
     np_dtype = np.dtype(dtype) if dtype is not None else None
     tensors = drafter_family(cfg.arch).schema.to_hf(cfg, params, np_dtype)  # the key map
@@ -150,12 +156,22 @@ def export_drafter(params, cfg: DrafterConfig, out_dir, *, dtype=None) -> Path:
     if bad:
         raise ValueError(f"refusing to export to {out}: {len(bad)} tensor(s) hold NaN or inf "
                          f"({', '.join(sorted(bad)[:3])}{' ...' if len(bad) > 3 else ''})")
-    out.mkdir(parents=True, exist_ok=True)
     name = _dtype_name(np_dtype if np_dtype is not None else tensors["fc.weight"].dtype)
-    with atomic_path(out / WEIGHTS_NAME) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-    with atomic_path(out / CONFIG_NAME) as tmp:
-        tmp.write_text(json.dumps(config_to_hf(cfg, name), indent=2) + "\n")
+    writers = {WEIGHTS_NAME: lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
+               CONFIG_NAME: lambda p: p.write_text(
+                   json.dumps(config_to_hf(cfg, name), indent=2) + "\n")}
+    if not out.is_dir() or {p.name for p in out.iterdir()} <= {*writers, digest.SUMS_NAME}:
+        with atomic_dir(out, lambda _: False) as tmp:
+            for file, write in writers.items():
+                write(tmp / file)
+                os.chmod(tmp / file, umask_mode())  # safetensors creates it owner-only
+            digest.write_sums(tmp, writers)
+        return out
+    (out / digest.SUMS_NAME).unlink(missing_ok=True)  # until the new files are all in place
+    for file, write in writers.items():
+        with atomic_path(out / file) as tmp:
+            write(tmp)
+    digest.write_sums(out, writers)
     return out
 
 

@@ -194,6 +194,26 @@ def _place(host: np.ndarray, sharding) -> jax.Array:
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
+@jax.jit
+def _all_finite(x):
+    return jnp.isfinite(x).all()
+
+
+def _check_finite(array, entry, read, ckpt: Path) -> None:
+    """ValueError naming the tensor when a loaded parameter holds NaN or inf: a target with
+    them makes every training step non-finite (skipped under train.nan_policy=skip-step, and the
+    run would export the drafter it started from). Checked on the devices (fast); the host
+    only looks for the culprit."""
+    if not jnp.issubdtype(array.dtype, jnp.floating) or bool(_all_finite(array)):
+        return
+    for _, key in entry.hf_items():
+        if not np.isfinite(read(key)).all():
+            raise ValueError(f"{ckpt}: tensor {key} holds NaN or inf; a target's weights must "
+                             "be finite (a damaged download or a diverged fine-tune?)")
+    raise ValueError(f"{ckpt}: parameter {'/'.join(entry.path)} overflows to inf in "
+                     f"{array.dtype} (load it in another target.dtype)")
+
+
 def load_target(path_or_id: str | os.PathLike, *, dtype=jnp.bfloat16, shardings=None):
     """Load an HF Qwen3 / Llama / Qwen3-MoE / gpt-oss / Qwen3.5 checkpoint -> (params, cfg);
     gpt-oss's MXFP4 experts are dequantized (dpace_jax.targets.gpt_oss.mxfp4); of a Qwen3.5
@@ -201,7 +221,8 @@ def load_target(path_or_id: str | os.PathLike, *, dtype=jnp.bfloat16, shardings=
 
     dtype: the parameters' dtype (None keeps each tensor's stored dtype). shardings: None (the
     default device), one Sharding for every array, a pytree of shardings matching the param tree,
-    or a callable param path (e.g. ("layers", "q")) -> sharding.
+    or a callable param path (e.g. ("layers", "q")) -> sharding. A tensor holding NaN or inf is
+    a ValueError naming it.
     """
     ckpt = resolve_checkpoint(path_or_id)
     cfg = load_config(ckpt)
@@ -244,6 +265,7 @@ def load_target(path_or_id: str | os.PathLike, *, dtype=jnp.bfloat16, shardings=
                 del w
             leaves[entry.path] = _place(host, _sharding_for(shardings, entry.path))
             del host
+            _check_finite(leaves[entry.path], entry, read, ckpt)
     return target_schema.build(leaves), cfg
 
 
