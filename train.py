@@ -5,6 +5,8 @@
 """
 
 import json
+import logging as std_logging
+import sys
 from pathlib import Path
 
 from absl import app, flags, logging
@@ -16,19 +18,32 @@ _CONFIG = config_flags.DEFINE_config_file(
 flags.mark_flags_as_required(["config"])
 
 
+class _QuietOrbaxErrors(std_logging.Filter):
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno < std_logging.ERROR or "/orbax/" not in record.pathname
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from dpace_jax.demo.prepare import prepare
+    from dpace_jax.io.lock import WorkdirLockError
     from dpace_jax.train import loop as trainer
+    from dpace_jax.train import preemption
 
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+        # a failed background save is logged by Orbax with its traceback, once per thread;
+        # the trainer raises it again as one line naming the step
+        logging.get_absl_logger().addFilter(_QuietOrbaxErrors())
 
     try:
         trainer.check_config(_CONFIG.value)  # before the demo step builds anything
         summary = trainer.run(prepare(_CONFIG.value))
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    except preemption.Preempted as e:  # a SystemExit with status 143 (130 for Ctrl-C)
+        print(e, file=sys.stderr)
+        raise
+    except (ValueError, FileNotFoundError, FloatingPointError, WorkdirLockError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
     load = summary["data"]["load"]
     used = summary["data"].get("tokenize") or summary["data"]["prompts"]  # train.mode=opd: prompts

@@ -67,6 +67,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.coordinator_address = ""
     c.num_processes = -1
     c.process_id = -1
+    # True: never reach the HF hub (as HF_HUB_OFFLINE=1): hub ids in target.path / data.paths
+    # are read from the HF cache only, and a miss is an error instead of a download
+    c.offline = False
 
     c.target = ml_collections.ConfigDict()
     # local HF checkpoint dir or hub id; through train.py / evaluate.py also "" (a tiny random
@@ -145,10 +148,16 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.selector_stop_gradient = False
     c.train.target_attention = "einsum"  # target forward: einsum | cudnn (GPU, bf16 target)
     c.train.nan_policy = "stop"  # non-finite loss/gradients: stop (naming the step) | skip-step
+    # skip-step: stop when more than this many steps in a row were skipped (a broken target or
+    # data, not a rare overflow; -1: no limit)
+    c.train.max_skipped_steps = 10
     c.train.strict_resume = False  # True: an unreadable checkpoint is an error, not moved aside
     c.train.allow_changed = ()  # fingerprint keys a resume may change (continuations)
     c.train.log_every = 10
     c.train.save_every = 1000
+    # > 0: also save when this many minutes passed since the last save (preemptible capacity:
+    # bounds what a SIGKILL without a grace period loses; SIGTERM always saves first)
+    c.train.save_every_minutes = 0.0
     c.train.keep_checkpoints = 3
     c.train.progress = True
 
@@ -172,6 +181,19 @@ def default_config() -> ml_collections.ConfigDict:
     c.opd.teacher = "softmax"
     c.opd.rejected_stream = "first"  # first rejected draft per block | suffix: every draft after
     c.opd.tv_reduce = "position"  # train.loss=tv: mean over positions | block (expected length)
+
+    # Where metrics go besides WORKDIR/metrics.jsonl (written by process 0; dpace_jax.train.metrics)
+    c.logging = ml_collections.ConfigDict()
+    c.logging.tensorboard = True  # event files in WORKDIR/tensorboard
+    # Weights & Biases (needs the wandb package): on when project is set; the other fields are
+    # wandb.init's ("": its default); the W&B run id is kept in WORKDIR/wandb_run_id
+    c.logging.wandb = ml_collections.ConfigDict()
+    c.logging.wandb.project = ""
+    c.logging.wandb.entity = ""
+    c.logging.wandb.name = ""
+    c.logging.wandb.group = ""
+    c.logging.wandb.tags = ()
+    c.logging.wandb.mode = ""  # online | offline | disabled
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (1, -1, 1)  # (data, fsdp, tensor); -1: all remaining devices

@@ -24,6 +24,7 @@ from dpace_jax.drafters.dflash import init_drafter_params
 from dpace_jax.infer import generation
 from dpace_jax.train import checkpoint as ckpt_lib
 from dpace_jax.train import loop as trainer
+from dpace_jax.train import metrics
 from dpace_jax.train import step as step_lib
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,7 +123,7 @@ def test_damaged_metrics_rows_are_reported_and_dropped(tmp_path, caplog):
     rows = [json.dumps({"step": s, "loss": 1.0}) for s in (10, 20, 30)]
     path.write_text(rows[0] + "\n" + '{"step": 2' + "\n" + rows[1] + "\n\x00\x01garbage\n"
                     + rows[2] + "\n")
-    trainer.MetricsWriter(path, resume_step=20)
+    metrics.repair_jsonl(path, resume_step=20)
     assert [json.loads(r)["step"] for r in path.read_text().splitlines()] == [10, 20]
     assert f"{path}:2: damaged metrics row dropped" in caplog.text
     assert f"{path}:4: damaged metrics row dropped" in caplog.text

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -39,7 +40,7 @@ def test_acquire_writes_the_holder_record_and_release_removes_it(tmp_path):
     with lock_lib.WorkdirLock(tmp_path / "w", heartbeat_s=0) as lock:
         rec = json.loads((tmp_path / "w" / "run.lock").read_text())
         assert rec["host"] == socket.gethostname() and rec["pid"] == os.getpid()
-        assert rec["command"].endswith(" ".join(sys.argv[1:])) and len(rec["token"]) == 32
+        assert rec["command"] == shlex.join([sys.executable, *sys.argv]) and len(rec["token"]) == 32
         assert rec["pid_start"] == lock_lib.process_start_time(os.getpid())
         assert lock.record == rec
     assert sorted(os.listdir(tmp_path / "w")) == []

@@ -8,20 +8,32 @@ renames it when complete, so an interrupted save never shows up as a restorable 
 `restore` verifies the checksums: damaged bytes are an error naming the step and the array, not a
 silently wrong drafter. `restore_latest` walks from the newest step down, moving each step that
 cannot be restored aside (renamed into `<dir>-unusable/`, never deleted) and saying so in one
-line, until one restores.
+line, until one restores. In multi-process runs every process reads the step, all agree on the
+verdict (a read can fail on one host only), and process 0 alone moves the step while the others
+wait for it.
+
+The directory may be on an object store (`gs://`, `s3://`: an etils path from
+dpace_jax.io.storage). A save that fails (a full disk, an OS or storage error) is one
+CheckpointError naming the step and the cause; Orbax deletes old steps only after a new one is
+committed, so the steps saved before it stay restorable.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+
+from dpace_jax.io import storage
 
 
 class CheckpointError(ValueError):
@@ -54,33 +66,91 @@ def checksums(tree) -> dict[str, int]:
             for path, v in jax.tree_util.tree_flatten_with_path(sums)[0]}
 
 
+def _cause(e: BaseException) -> str:
+    """An OS error as its description (TensorStore's messages bury it at the end), else the
+    error's first line."""
+    code = getattr(e, "errno", None)
+    found = re.search(r"os_error_code='?(\d+)", str(e))
+    code = code or (int(found.group(1)) if found else None)
+    return f"{os.strerror(code)} [errno {code}]" if code else _first_line(e)
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
 
 
+def _agree(ok: bool) -> bool:
+    """True when `ok` on every process (one small all-gather; `ok` itself in one process)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.asarray(multihost_utils.process_allgather(np.int32(ok))).min())
+
+
 class Checkpointer:
-    def __init__(self, directory: str | Path, *, keep: int = 3, async_save: bool = True):
-        self.directory = Path(directory).absolute()
+    def __init__(self, directory: storage.AnyPath | str, *, keep: int = 3,
+                 async_save: bool = True):
+        # a bucket URL stays one (pathlib would make gs://b/x the local folder ./gs:/b/x)
+        self.directory = storage.resolve(os.fspath(directory), "checkpoint directory")
         self._options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             create=True,
             cleanup_tmp_directories=True,
             enable_async_checkpointing=async_save,
+            # S3 has no rename (Orbax's default commit there): a commit-file marker instead
+            temporary_path_class=(ocp.path.atomicity.CommitFileTemporaryPath
+                                  if os.fspath(self.directory).startswith("s3://") else None),
         )
         self._manager = ocp.CheckpointManager(self.directory, options=self._options)
+        self._pending: int | None = None  # the step of a save that may still be in flight
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def _failed(self, step: int | None, e: Exception) -> CheckpointError:
+        # read=True: from the directory (Orbax already dropped the steps it meant to delete)
+        kept = sorted(s for s in self._manager.all_steps(read=True) if s != step)
+        return CheckpointError(
+            f"saving checkpoint step {step} to {self.directory} failed ({_cause(e)}); "
+            f"the steps saved before it are intact: {kept or 'none'}")
+
     def save(self, step: int, state: Any, meta: dict) -> None:
+        """Start saving `step` (asynchronously); CheckpointError when this save or the one
+        still in flight failed."""
         meta = {**meta, "checksums": checksums(state)}
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-            ),
-        )
+        try:
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                ),
+            )
+        except Exception as e:  # Orbax raises the previous save's error here too
+            raise self._failed(step if self._pending is None else self._pending, e) from e
+        self._pending = step
+
+    def wait(self) -> None:
+        """Wait for the save in flight; CheckpointError when it failed."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            raise self._failed(self._pending, e) from e
+        self._pending = None
+
+    def poll(self) -> None:
+        """CheckpointError when the save in flight has failed already (cheap: no waiting; one
+        small all-gather in multi-process runs, so that all processes stop together)."""
+        done = self._pending is not None and not self._manager.is_saving_in_progress()
+        if done or jax.process_count() > 1:
+            error = None
+            if done:
+                try:
+                    self.wait()
+                except CheckpointError as e:
+                    error = e
+            _raise_unless_agreed(error, f"{self.directory}: another process's save failed")
 
     def restore(self, step: int, abstract_state: Any,
                 check: Callable[[dict], None] | None = None) -> tuple[Any, dict]:
@@ -89,20 +159,23 @@ class Checkpointer:
         (ShapeDtypeStructs) and verify its checksums (checkpoints written before they existed
         have none). A step that cannot be read raises CheckpointError naming it."""
         where = self.directory / str(step)
+        error = meta = state = None
         try:
             meta = self._manager.restore(
                 step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
             if not isinstance(meta, dict):
                 raise ValueError(f"meta is {type(meta).__name__}, not an object")
         except Exception as e:  # Orbax / tensorstore / JSON errors share no base class
-            raise CheckpointError(f"{where}: cannot read its meta ({_first_line(e)})") from e
+            error = CheckpointError(f"{where}: cannot read its meta ({_first_line(e)})")
+        _raise_unless_agreed(error, f"{where}: another process cannot read it")
         if check is not None:
             check(meta)
         try:
             state = self._manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state)))["state"]
         except Exception as e:
-            raise CheckpointError(f"{where}: cannot restore ({_first_line(e)})") from e
+            error = CheckpointError(f"{where}: cannot restore ({_first_line(e)})")
+        _raise_unless_agreed(error, f"{where}: another process cannot restore it")
         want = meta.get("checksums")
         if want is not None:
             got = checksums(state)
@@ -124,23 +197,44 @@ class Checkpointer:
                 if strict:
                     raise CheckpointError(f"{e} (train.strict_resume=True)") from e
                 moved = self.move_aside(step)
-                print(f"warning: {e}; moved to {moved}, resuming from an older checkpoint",
-                      file=sys.stderr)
+                if jax.process_index() == 0:
+                    print(f"warning: {e}; moved to {moved}, resuming from an older checkpoint",
+                          file=sys.stderr)
         return None
 
-    def move_aside(self, step: int) -> Path:
-        """Rename step directory `step` into `<directory>-unusable/` (never deleted)."""
+    def move_aside(self, step: int) -> storage.AnyPath:
+        """Move step directory `step` into `<directory>-unusable/` (never deleted): process 0
+        moves it (every process renaming it would fail on all but one), every process waits
+        for that, then reopens the directory."""
         self.close()
         aside = self.directory.parent / f"{self.directory.name}-unusable"
-        aside.mkdir(exist_ok=True)
         target = aside / f"{step}-{time.strftime('%Y%m%dT%H%M%S')}"
-        (self.directory / str(step)).rename(target)
+        if jax.process_index() == 0:
+            storage.mkdir(aside)
+            storage.move(self.directory / str(step), target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"dpace:move_aside:{step}")
         self._manager = ocp.CheckpointManager(self.directory, options=self._options)
         return target
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
+        """Wait for the save in flight (CheckpointError when it failed), then close."""
+        try:
+            self.wait()
+        except CheckpointError:
+            with contextlib.suppress(Exception):  # Orbax's close waits and raises it again
+                self._manager.close()
+            raise
         self._manager.close()
+
+
+def _raise_unless_agreed(error: CheckpointError | None, elsewhere: str) -> None:
+    """Raise `error`, or, when another process failed, a CheckpointError(`elsewhere`): every
+    process gives up together, before any collective that the others would wait in."""
+    if not _agree(error is None):
+        raise error or CheckpointError(elsewhere)
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,16 +24,19 @@ from tqdm import tqdm
 
 from dpace_jax import sharding as shard_lib
 from dpace_jax.config import parse_dtype, target_path
+from dpace_jax.data import conversations as data_lib
 from dpace_jax.drafters import dflash as drafter_lib
 from dpace_jax.drafters import hf as drafter_hf
 from dpace_jax.drafters.config import DrafterConfig
-from dpace_jax.io.atomic import atomic_path
+from dpace_jax.io import lock as lock_lib
+from dpace_jax.io import storage
 from dpace_jax.targets import hf as convert
 from dpace_jax.targets import model as model_lib
 from dpace_jax.train import checkpoint as ckpt_lib
 from dpace_jax.train import drafter as drafter_setup
-from dpace_jax.train import resume
+from dpace_jax.train import nonfinite, preemption, resume
 from dpace_jax.train import step as step_lib
+from dpace_jax.train.metrics import MetricsLog, check_wandb
 from dpace_jax.train.modes import BatchInputs, Mode, mode_of
 from dpace_jax.train.settings import Settings
 
@@ -43,42 +47,13 @@ def _to_host(metrics: dict) -> dict:
     return {name: a.tolist() if a.ndim else float(a) for name, a in host.items()}
 
 
-class MetricsWriter:
-    """Appends JSON lines. On resume the file is repaired first: rows past the restored step are
-    dropped, and so is a damaged row (not a JSON object with a step), reported with its line."""
-
-    def __init__(self, path: Path, resume_step: int):
-        self.path = path
-        kept = []
-        if path.exists():
-            text = path.read_bytes().decode("utf-8", errors="replace")
-            for i, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    step = row["step"] if isinstance(row, dict) else None
-                except (json.JSONDecodeError, KeyError):
-                    step = None
-                if not isinstance(step, int):
-                    log.warning("%s:%d: damaged metrics row dropped (%r)", path, i, line[:60])
-                elif step <= resume_step:
-                    kept.append(line)
-        with atomic_path(path) as tmp:
-            tmp.write_text("".join(k + "\n" for k in kept))
-
-    def write(self, row: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-
-
 @dataclasses.dataclass
 class Run:
     """A training run set up from its settings (`setup`), ready for `train`."""
 
     settings: Settings
     mode: Mode
-    workdir: Path
+    workdir: storage.AnyPath
     target_dir: Path
     drafter_cfg: DrafterConfig
     mesh: Any
@@ -90,6 +65,8 @@ class Run:
     fingerprint: dict
     steps: int
     data_stats: dict
+    lock: lock_lib.WorkdirLock | None = None  # process 0's, held until train() ends
+    watch: preemption.PreemptionWatch | None = None
 
 
 def check_config(config) -> Settings:
@@ -99,7 +76,31 @@ def check_config(config) -> Settings:
     if s.step.target_attention == "cudnn" and jax.default_backend() != "gpu":
         raise ValueError(f"train.target_attention=cudnn needs an NVIDIA GPU; this run's backend "
                          f"is {jax.default_backend()!r} (use train.target_attention=einsum)")
+    workdir = storage.resolve(s.workdir, "workdir")  # a bucket URL, or one line why not
+    if not storage.is_object_store(workdir) and workdir.exists() and not workdir.is_dir():
+        raise ValueError(f"workdir={s.workdir!r} is a file; name a run directory")
+    check_wandb(s.logging.wandb_settings, "logging.wandb")
     return s
+
+
+def _check_token_ids(source, vocab_size: int, s: Settings, workdir, target_dir) -> None:
+    """The data's token ids against the target's vocabulary, before the target is loaded."""
+    fit = f"the tokenizer of {target_dir} does not fit its config.json (vocab_size)"
+    if isinstance(source, data_lib.TokenizedDataset):
+        cache = s.data.cache_dir or workdir / "cache"
+        data_lib.check_token_ids(source.tokens, vocab_size, "the tokenized training data",
+                                 f"{fit}, or the tokenization cache in {cache} is damaged: "
+                                 "delete it to tokenize again")
+    elif isinstance(source, list) and source:  # OPD's prompts
+        data_lib.check_token_ids(np.concatenate([np.asarray(p) for p in source]), vocab_size,
+                                 "the rollout prompts", fit)
+
+
+def _broadcast(code: int) -> int:
+    """Process 0's `code` on every process."""
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.int32(code)))
 
 
 def setup(config) -> Run:
@@ -108,16 +109,39 @@ def setup(config) -> Run:
     `config` is the run config after the demo step (dpace_jax.demo.prepare); below this point
     only the typed settings are used."""
     s = check_config(config)
+    shard_lib.maybe_initialize_distributed(s.dist)  # before the watch: JAX's handler first
+    workdir = storage.resolve(s.workdir)
+    storage.mkdir(workdir)
+    # Before anything writes there: Orbax's start-up clean-up alone would delete the temporary
+    # step directory of another live run's save in flight.
+    lock = lock_lib.acquire_on_main(workdir, is_main=jax.process_index() == 0,
+                                    share=_broadcast if jax.process_count() > 1 else None)
+    watch = None
+    try:
+        watch = preemption.PreemptionWatch(save_every_minutes=s.loop.save_every_minutes,
+                                           sync_every=s.loop.log_every)
+        r = _setup(s, config, workdir)
+        if watch.signalled and not watch.multi:  # (multi-process: agreed on at the first step)
+            raise preemption.Preempted(watch.signal_decision(watch.signalled),
+                                       int(jax.device_get(r.state.step)), saved=False)
+    except BaseException:
+        if watch is not None:
+            watch.restore()
+        if lock is not None:
+            lock.release()
+        raise
+    return dataclasses.replace(r, lock=lock, watch=watch)
+
+
+def _setup(s: Settings, config, workdir) -> Run:
     mode = mode_of(s.mode)
-    shard_lib.maybe_initialize_distributed(s.dist)
-    workdir = Path(s.workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
     target_dir = convert.resolve_checkpoint(target_path(config))
     tokenizer = convert.load_tokenizer(target_dir)
     target_cfg = convert.load_config(target_dir)
     dcfg, init_params = drafter_setup.build_drafter(s.drafter, target_cfg, tokenizer)
     mode.check_drafter(dcfg, target_cfg)
     data = mode.load_data(s, workdir, target_dir, tokenizer, dcfg)
+    _check_token_ids(data.source, target_cfg.vocab_size, s, workdir, target_dir)
     s = s.with_total_steps(data.steps)
     mesh = shard_lib.make_mesh(s.dist.mesh_shape)
     if s.loop.batch_size % shard_lib.num_batch_shards(mesh):
@@ -165,11 +189,10 @@ def setup(config) -> Run:
                                           batch_keys=mode.batch_keys)
     if jax.process_index() == 0:
         if found is None or not (workdir / "run_config.json").exists():  # the first start's
-            with atomic_path(workdir / "run_config.json") as tmp:
-                tmp.write_text(json.dumps(
-                    {"config": config.to_dict(), "drafter": drafter_hf.config_to_hf(dcfg),
-                     "mode": s.mode, "total_steps": s.step.total_steps, "data": data.stats},
-                    indent=2, default=str))
+            storage.write_text(workdir / "run_config.json", json.dumps(
+                {"config": config.to_dict(), "drafter": drafter_hf.config_to_hf(dcfg),
+                 "mode": s.mode, "total_steps": s.step.total_steps, "data": data.stats},
+                indent=2, default=str))
         resume.record_start(workdir, int(jax.device_get(state.step)), changed)
     return Run(s, mode, workdir, target_dir, dcfg, mesh, target_params, state, train_step,
                batches, checkpointer, fingerprint, s.step.total_steps, data.stats)
@@ -181,15 +204,51 @@ def train(r: Run) -> dict:
     s, state = r.settings, r.state
     is_main = jax.process_index() == 0
     start_step = int(jax.device_get(state.step))
-    metrics_writer = MetricsWriter(r.workdir / "metrics.jsonl", start_step) if is_main else None
+    exit_code, preempted = 1, False
+    metrics_log = None
+    try:
+        metrics_log = MetricsLog(r.workdir, start_step, tensorboard=s.logging.tensorboard,
+                                 wandb=s.logging.wandb_settings, wandb_field="logging.wandb",
+                                 is_main=is_main)
+        if hasattr(r.batches, "on_round"):  # OPD: each round's on-policy tau
+            r.batches.on_round = metrics_log.log_round
+        state, last = _loop(r, state, start_step, metrics_log)
+        hf_dir, finished = None, int(jax.device_get(state.step)) == r.steps
+        if finished:
+            # a collective: every process takes part
+            params = shard_lib.gather_to_host(state.params, r.mesh)
+            if is_main:
+                hf_dir = _export(params, r)
+        exit_code = 0
+    except preemption.Preempted as e:
+        exit_code, preempted = int(e.code), True
+        raise
+    finally:
+        try:
+            r.checkpointer.close()  # waits for the save in flight (the preemption save too)
+        finally:
+            if metrics_log is not None:
+                metrics_log.close(exit_code, preempted)
+            if r.watch is not None:
+                r.watch.restore()
+            if r.lock is not None:  # last: no other run may start while a save is in flight
+                r.lock.release()
+    return {"final_metrics": last, "hf_dir": hf_dir, "finished": finished,
+            "target_dir": str(r.target_dir), "steps": r.steps, "data": r.data_stats,
+            "mode": s.mode}
+
+
+def _loop(r: Run, state, start_step: int, metrics_log: MetricsLog):
+    """Steps from `start_step` to the end (or train.stop_at) -> (state, the last metrics row).
+    After each step the preemption watch may ask for a save (SIGTERM, JAX's notice, the clock);
+    after a stop request's save is committed, preemption.Preempted is raised."""
+    s = r.settings
     batch_sharding = shard_lib.batch_sharding(r.mesh)
     last, tokens_seen, t_last = {}, 0, time.perf_counter()
     bar = tqdm(total=r.steps, initial=start_step, desc="train",
-               disable=not (is_main and s.loop.progress))
+               disable=not (jax.process_index() == 0 and s.loop.progress))
     end = r.steps if s.loop.stop_at <= 0 else min(r.steps, s.loop.stop_at)
-    # Non-finite steps (not applied by the step) are tracked on the device and checked at each
-    # log and save, so that the loop never waits for a step just to look at its loss.
-    first_bad, skipped = jnp.int32(-1), jnp.int32(0)
+    tracker, limit = nonfinite.start(), jnp.int32(s.loop.max_skipped_steps)
     saved = start_step
     try:
         for step in range(start_step, end):
@@ -197,57 +256,62 @@ def train(r: Run) -> dict:
             batch = {name: jax.make_array_from_process_local_data(batch_sharding, local[name])
                      for name in r.batches.keys}
             state, metrics = r.train_step(state, r.target_params, batch)
-            first_bad, skipped = _track_nonfinite(first_bad, skipped, metrics["finite"], step + 1)
+            tracker = nonfinite.track(tracker, metrics["finite"], step + 1, limit)
             tokens_seen += int(local["input_ids"].size) * jax.process_count()
             done = step + 1
+            decision = r.watch.check(done) if r.watch is not None else preemption.CONTINUE
             log_now = done % s.loop.log_every == 0 or done == end
             save_now = (done % s.loop.save_every == 0 or done == end
-                        or r.batches.save_due(done))
-            if log_now or save_now:
-                _stop_if_nonfinite(int(first_bad), s.step.nan_policy, saved)
+                        or r.batches.save_due(done) or decision.save)
+            if log_now or save_now:  # (a save must not keep a step the policy refuses)
+                skipped = nonfinite.check(tracker, s.step.nan_policy, s.loop.max_skipped_steps,
+                                          saved)
             if log_now:
                 last = _to_host(metrics)
                 now = time.perf_counter()
                 last.update(step=done, tokens_per_s=tokens_seen / max(now - t_last, 1e-9),
-                            skipped_steps=int(skipped))
+                            skipped_steps=skipped)
                 tokens_seen, t_last = 0, now
-                if metrics_writer:
-                    metrics_writer.write(last)
+                metrics_log.write(last)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.3f}",
                                 lr=f"{last['lr']:.2e}", tok_s=f"{last['tokens_per_s']:.0f}")
+                r.checkpointer.poll()  # a failed save is said now, not a save_every later
+                if r.lock is not None:
+                    r.lock.check()  # another run took the workdir over (we froze too long)
             bar.update(1)
-            if save_now:
+            if save_now and saved != done:
                 r.checkpointer.save(done, state, {"data": r.batches.state(),
                                                   "fingerprint": r.fingerprint})
                 saved = done
+                if r.watch is not None:
+                    r.watch.note_saved(done)
+            if decision.stop:
+                r.checkpointer.wait()  # committed before the message says so
+                raise preemption.Preempted(decision, saved)
     finally:
         bar.close()
-        r.checkpointer.close()
-
-    hf_dir = None
-    finished = int(jax.device_get(state.step)) == r.steps
-    if finished:
-        # a collective: every process takes part
-        params = shard_lib.gather_to_host(state.params, r.mesh)
-        if is_main:
-            hf_dir = drafter_hf.export_drafter(params, r.drafter_cfg, r.workdir / "hf")
-    return {"final_metrics": last, "hf_dir": hf_dir and str(hf_dir), "finished": finished,
-            "target_dir": str(r.target_dir), "steps": r.steps, "data": r.data_stats,
-            "mode": s.mode}
+    return state, last
 
 
-@jax.jit
-def _track_nonfinite(first_bad, skipped, finite, step):
-    first_bad = jnp.where((first_bad < 0) & ~finite, jnp.int32(step), first_bad)
-    return first_bad, skipped + (~finite).astype(jnp.int32)
-
-
-def _stop_if_nonfinite(first_bad: int, policy: str, saved: int) -> None:
-    if first_bad >= 0 and policy == "stop":
-        raise FloatingPointError(
-            f"the loss or the gradients of step {first_bad} are not finite "
-            f"(train.nan_policy=stop): the run stops; its update was not applied and nothing "
-            f"after step {saved} was saved. --config.train.nan_policy=skip-step skips such steps")
+def _export(params, r: Run) -> str:
+    """The finished drafter to WORKDIR/hf (on an object store: written locally, then copied,
+    its checksum file last). A failure (a full disk) is one line; the checkpoint of the last
+    step holds the drafter, and running the same command again exports it."""
+    out = r.workdir / "hf"
+    try:
+        if not storage.is_object_store(out):
+            drafter_hf.export_drafter(params, r.drafter_cfg, out)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                local = drafter_hf.export_drafter(params, r.drafter_cfg, Path(tmp) / "hf")
+                names = sorted(p.name for p in local.iterdir())
+                for name in sorted(names, key=lambda n: n == drafter_hf.CHECKSUMS_NAME):
+                    storage.copy_tree(local / name, out / name)
+    except OSError as e:
+        raise OSError(f"exporting the drafter to {out} failed ({e.strerror or e}); the "
+                      f"checkpoint of step {r.steps} is intact: run the same command again to "
+                      "export it") from e
+    return str(out)
 
 
 def run(config) -> dict:

@@ -73,10 +73,13 @@ class Preempted(SystemExit):
     """Raised by the loop after the preemption save is complete: exits with the decision's
     status (uncaught: silently, so print `str(e)` first). `str(e)` is the message."""
 
-    def __init__(self, decision: Decision, step: int):
+    def __init__(self, decision: Decision, step: int, *, saved: bool = True):
         super().__init__(decision.exit_code)
         self.decision, self.step = decision, step
-        self.message = preempted_message(decision, step)
+        # not `saved`: the signal came during the set-up, before any step of this start
+        self.message = preempted_message(decision, step) if saved else (
+            f"preempted ({decision.reason}) before training: nothing new to save (step {step}); "
+            "run the same command to resume")
 
     def __str__(self) -> str:
         return self.message
@@ -162,7 +165,7 @@ class PreemptionWatch:
             raise KeyboardInterrupt
         # later signals: the save is on its way; SIGKILL ends it anyway
 
-    def _signal_decision(self, name: str) -> Decision:
+    def signal_decision(self, name: str) -> Decision:
         code = INTERRUPTED_EXIT_CODE if name == "SIGINT" else PREEMPTED_EXIT_CODE
         return Decision(save=True, stop=True, reason=name, exit_code=code)
 
@@ -175,7 +178,7 @@ class PreemptionWatch:
         point at every step, and one all-gather every `sync_every` steps."""
         if not self.multi:
             if self.signalled:
-                return self._signal_decision(self.signalled)
+                return self.signal_decision(self.signalled)
             return Decision(save=True, reason="clock") if self._clock_due() else CONTINUE
         if self._sync_point is not None and self._sync_point(step):
             return Decision(save=True, stop=True, reason="preemption notice",
@@ -186,7 +189,7 @@ class PreemptionWatch:
         agreed = np.asarray(self._agree(local)).reshape(-1, 2)
         signalled = [int(s) for s in agreed[:, 0] if s]
         if signalled:  # the first process's signal names the reason on every process
-            return self._signal_decision(signal.Signals(signalled[0]).name)
+            return self.signal_decision(signal.Signals(signalled[0]).name)
         return Decision(save=True, reason="clock") if agreed[0, 1] else CONTINUE
 
     def note_saved(self, step: int) -> None:

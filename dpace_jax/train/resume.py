@@ -12,10 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from pathlib import Path
 
 from dpace_jax.drafters import hf as drafter_hf
+from dpace_jax.io import storage
+
+log = logging.getLogger(__name__)
+HISTORY = "run_history.jsonl"
 
 
 def target_identity(target_dir: Path) -> str:
@@ -23,6 +28,29 @@ def target_identity(target_dir: Path) -> str:
     h = hashlib.sha256((target_dir / "config.json").read_bytes())
     for f in sorted(target_dir.glob("*.safetensors")):
         h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()[:16]
+
+
+SAMPLES_PER_FILE, SAMPLE_BYTES = 16, 1 << 16
+
+
+def target_content(target_dir: Path) -> str:
+    """A hash of the target's weights themselves, so that a fine-tune of the same shape or a hub
+    update of the target is not taken for the one a checkpoint was trained against: the hub
+    snapshot's revision (a commit hash naming the content) when the target comes from the HF
+    cache, and in any case SAMPLES_PER_FILE evenly spaced 64 KiB pieces of every weight file
+    (reading the whole of a 60 GB target at every start would take minutes; a fine-tune
+    changes essentially every piece)."""
+    h = hashlib.sha256()
+    parts = Path(target_dir).resolve().parts
+    if len(parts) > 2 and parts[-2] == "snapshots":  # .../models--org--name/snapshots/<rev>
+        h.update(f"revision:{parts[-1]}".encode())
+    for f in sorted(target_dir.glob("*.safetensors")):
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            for k in range(SAMPLES_PER_FILE):
+                fh.seek(max(size - SAMPLE_BYTES, 0) * k // max(SAMPLES_PER_FILE - 1, 1))
+                h.update(fh.read(SAMPLE_BYTES))
     return h.hexdigest()[:16]
 
 
@@ -49,6 +77,7 @@ def run_fingerprint(s, mode, dcfg, data_fingerprint: str | None = None,
         fingerprint["data"] = data_fingerprint
     if target_dir is not None:
         fingerprint["target"] = target_identity(target_dir)
+        fingerprint["target_content"] = target_content(target_dir)  # newer runs only
     return fingerprint
 
 
@@ -91,9 +120,30 @@ def changed_settings(stored: dict, current: dict, allowed, where: str) -> dict:
     return changed
 
 
-def record_start(workdir: Path, step: int, changed: dict) -> None:
-    """Append this start (its step, the settings it changed) to WORKDIR/run_history.jsonl."""
+def record_start(workdir, step: int, changed: dict) -> None:
+    """Append this start (its step, the settings it changed) to WORKDIR/run_history.jsonl (on
+    an object store: rewritten whole). A torn last line (a crash mid-append) is ended first, so
+    that it does not merge with this record; readers skip it (`read_history`)."""
+    path = workdir / HISTORY
     row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "start_step": int(step),
            "changed": changed}
-    with (workdir / "run_history.jsonl").open("a") as f:
-        f.write(json.dumps(row, default=str) + "\n")
+    old = storage.read_bytes(path) if path.exists() else b""
+    torn = bool(old) and not old.endswith(b"\n")
+    storage.append_text(path, ("\n" if torn else "") + json.dumps(row, default=str) + "\n")
+
+
+def read_history(workdir) -> list[dict]:
+    """The records of WORKDIR/run_history.jsonl; a damaged line is skipped with a warning naming
+    the file and line."""
+    path, rows = workdir / HISTORY, []
+    text = storage.read_text(path) if path.exists() else ""
+    for i, line in enumerate(text.splitlines(), 1):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not an object")
+            rows.append(row)
+        except ValueError:
+            if line.strip():
+                log.warning("%s:%d: damaged record skipped (%r)", path, i, line[:60])
+    return rows

@@ -53,21 +53,30 @@ class LoopConfig:
     strict_resume: bool
     allow_changed: tuple[str, ...]
     progress: bool
+    save_every_minutes: float  # > 0: a save by the clock too (dpace_jax.train.preemption)
+    max_skipped_steps: int  # skip-step: the longest run of skipped steps allowed (-1: any)
 
     SAME_RESULT = ("stop_at", "log_every", "save_every", "keep_checkpoints", "strict_resume",
-                   "allow_changed", "progress", "epochs", "max_steps")  # total_steps covers these
+                   "allow_changed", "progress", "epochs", "max_steps",  # total_steps covers these
+                   "save_every_minutes", "max_skipped_steps")
 
     @classmethod
     def from_config(cls, t) -> LoopConfig:
         return cls(int(t.batch_size), int(t.epochs), int(t.max_steps), int(t.stop_at),
                    int(t.log_every), int(t.save_every), int(t.keep_checkpoints),
                    bool(t.strict_resume), tuple(str(a) for a in t.allow_changed),
-                   bool(t.progress))
+                   bool(t.progress), float(t.save_every_minutes), int(t.max_skipped_steps))
 
     def __post_init__(self):
         for name in ("batch_size", "log_every", "save_every", "keep_checkpoints", "epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}={getattr(self, name)} must be >= 1")
+        if not self.save_every_minutes >= 0:  # also NaN
+            raise ValueError(f"train.save_every_minutes={self.save_every_minutes} must be >= 0 "
+                             "(0: off)")
+        if self.max_skipped_steps < -1:
+            raise ValueError(f"train.max_skipped_steps={self.max_skipped_steps} must be >= 0, "
+                             "or -1 for no limit")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +172,34 @@ class DistributedConfig:
         return cls(tuple(int(s) for s in c.mesh.shape), bool(c.distributed),
                    str(c.coordinator_address), int(c.num_processes), int(c.process_id))
 
+    def __post_init__(self):
+        shape = self.mesh_shape
+        if (len(shape) != 3 or any(n < 1 and n != -1 for n in shape)
+                or list(shape).count(-1) > 1):
+            raise ValueError(f"mesh.shape={shape}: expected (data, fsdp, tensor), each >= 1 "
+                             "and at most one -1 (all remaining devices)")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingSettings:
+    """logging.*: TensorBoard and Weights & Biases (dpace_jax.train.metrics.MetricsLog)."""
+
+    tensorboard: bool
+    wandb: tuple[tuple[str, Any], ...]  # wandb.init's keyword arguments; () when W&B is off
+
+    @classmethod
+    def from_config(cls, lg) -> LoggingSettings:
+        w = lg.wandb
+        given = {k: (list(v) if isinstance(v, tuple) else v) for k, v in w.items() if v}
+        if given and not w.project:
+            raise ValueError(f"logging.wandb: {sorted(given)} set but logging.wandb.project is "
+                             "empty (it turns W&B on)")
+        return cls(bool(lg.tensorboard), tuple(sorted(given.items())))
+
+    @property
+    def wandb_settings(self) -> dict | None:
+        return dict(self.wandb) or None
+
 
 def _family_fields(d) -> dict:
     """The drafter.* fields of drafter.arch's family config (DFlash 2's), by name."""
@@ -224,6 +261,8 @@ class Settings:
     drafter: DrafterSettings
     opd: OpdConfig
     dist: DistributedConfig
+    logging: LoggingSettings
+    offline: bool  # never reach the HF hub (also when HF_HUB_OFFLINE is set)
     config: Any = dataclasses.field(default=None, compare=False, repr=False)  # for run_config
 
     @classmethod
@@ -254,7 +293,8 @@ class Settings:
                 LoopConfig.from_config(config.train), DataConfig.from_config(config.data),
                 DrafterSettings.from_config(config.drafter),
                 OpdConfig.from_config(config.opd, dpace_weights),
-                DistributedConfig.from_config(config), config)
+                DistributedConfig.from_config(config), LoggingSettings.from_config(config.logging),
+                bool(config.get("offline", False)), config)
         if s.seed < 0:
             raise ValueError(f"seed={s.seed} must be >= 0")
         run_mode.check(s)
