@@ -46,6 +46,8 @@ ARMS = {
                          "opd.dpace_weights": True},
     "tv-verify": {"train.loss": "tv", "opd.teacher": "verify"},
     "tv-softmax": {"train.loss": "tv", "opd.teacher": "softmax"},
+    # the public code's TV (its Qwen3-8B script): T = 1 softmax teacher, per block
+    "tv-softmax-block": {"train.loss": "tv", "opd.teacher": "softmax", "opd.tv_reduce": "block"},
 }
 DEFAULT_ARMS = "sft-dpace,opd-softmax,opd-verify,tv-verify"
 BASELINE = "sft-dpace"
