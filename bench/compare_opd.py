@@ -40,6 +40,8 @@ ARMS = {
     "opd-softmax": {"opd.teacher": "softmax", "opd.rejected_stream": "suffix"},
     "opd-softmax-first": {"opd.teacher": "softmax", "opd.rejected_stream": "first"},
     "opd-verify": {"opd.teacher": "verify", "opd.rejected_stream": "suffix"},
+    # the verify teacher without the rejected stream (inert at T = 0 but in the denominator)
+    "opd-verify-norej": {"opd.teacher": "verify", "opd.rejected_weight": 0.0},
     "opd-softmax-dpace": {"opd.teacher": "softmax", "opd.rejected_stream": "suffix",
                           "opd.dpace_weights": True},
     "opd-verify-dpace": {"opd.teacher": "verify", "opd.rejected_stream": "suffix",
