@@ -261,10 +261,13 @@ def test_opd_teacher_stream_and_tv_options_run(sft):
     """Each new option trains to the end from the same rollouts' kind of data: the verify teacher
     with the rejected suffix (every draft after the first rejection supervised), and TV with the
     greedy verify teacher (no target forward) and with the softmax teacher (from the target's
-    hidden states), per block."""
+    hidden states), per block; and the tempered verify teacher of sampled rollouts."""
     runs = {"suffix": dict(opd__teacher="verify", opd__rejected_stream="suffix"),
             "tv": dict(train__loss="tv", opd__teacher="verify"),
-            "tv-softmax": dict(train__loss="tv", opd__teacher="softmax", opd__tv_reduce="block")}
+            "tv-softmax": dict(train__loss="tv", opd__teacher="softmax", opd__tv_reduce="block"),
+            # sampled rollouts: the tempered teacher, recorded (opd) or from the target (tv)
+            "verify-T": dict(opd__teacher="verify", opd__temperature=0.8),
+            "tv-verify-T": dict(train__loss="tv", opd__teacher="verify", opd__temperature=0.8)}
     for name, fields in runs.items():
         assert trainer.run(_opd_config(sft, name, **fields))["finished"], name
         metrics = [json.loads(line) for line in (sft / name / "metrics.jsonl").read_text()
@@ -272,6 +275,8 @@ def test_opd_teacher_stream_and_tv_options_run(sft):
         assert all(np.isfinite(m["loss"]) for m in metrics)
         if name == "suffix":
             assert sum(m["n_suffix"] for m in metrics) > 0 and metrics[0]["p_real"] == 1.0
+        elif name == "verify-T":
+            assert all(0.0 < m["p_real"] < 1.0 for m in metrics)
         else:
             assert all(0.0 <= m["tv"] <= 1.0 for m in metrics)
 
