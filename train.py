@@ -4,10 +4,8 @@
     python train.py --config configs/tiny.py --config.workdir=/tmp/tiny --config.train.loss=dflash
 """
 
-import json
 import logging as std_logging
 import sys
-from pathlib import Path
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -58,10 +56,15 @@ def main(argv):
               "and were skipped (train.nan_policy=skip-step)")
     if final:
         print(f"step {final['step']}: loss {final['loss']:.4f}  accuracy {final['accuracy']:.3f}")
-    rounds = Path(_CONFIG.value.workdir) / "rounds.jsonl"
-    if summary["mode"] == "opd" and rounds.exists():
-        taus = [json.loads(line)["on_policy_tau"] for line in rounds.read_text().splitlines()]
-        print("on-policy tau per round: " + ", ".join(f"{t:.2f}" for t in taus))
+    if summary["mode"] == "opd":
+        from dpace_jax.io import storage
+        from dpace_jax.train.opd.rounds import read_rounds
+
+        workdir = storage.resolve(_CONFIG.value.workdir)
+        taus = [row.get("on_policy_tau") for row in read_rounds(workdir / "rounds.jsonl")]
+        if taus:
+            print("on-policy tau per round: " + ", ".join(
+                f"{t:.2f}" if isinstance(t, float | int) else "?" for t in taus))
     if not summary["finished"]:
         print("stopped before the last step; run the same command again to resume")
     elif summary["hf_dir"]:

@@ -240,6 +240,28 @@ def test_opd_rounds_resume_after_kills_mid_rollout_and_mid_training(sft, monkeyp
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("opd_runs")
+def test_a_damaged_rollout_of_a_trained_round_is_rolled_out_again(sft, capsys):
+    """Restored inside round 1 whose rollout file is damaged: the run goes back to the round's
+    start checkpoint, rolls the round out again and ends as an uninterrupted run (issue 26)."""
+    if not (sft / "straight" / "hf").is_dir():
+        trainer.run(_opd_config(sft, "straight"))
+    trainer.run(_opd_config(sft, "damaged", train__stop_at=3))
+    path = sft / "damaged" / "rollouts" / "round-1.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0], "{garbled", *lines[2:]]) + "\n")
+    trainer.run(_opd_config(sft, "damaged"))
+    err = capsys.readouterr().err
+    assert f"warning: {path}:2: not a JSON line" in err
+    assert "going back to the checkpoint of step 2 to make it again" in err
+    damaged, straight = _outputs(sft / "damaged"), _outputs(sft / "straight")
+    assert damaged["files"] == straight["files"] and damaged["metrics"] == straight["metrics"]
+    jax.tree.map(np.testing.assert_array_equal, damaged["weights"], straight["weights"])
+    assert [p.name.split("-")[0] for p in (sft / "damaged" / "checkpoints-unusable").iterdir()
+            ] == ["3"]
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("opd_runs")
 def test_opd_bad_input_names_it(sft, tmp_path):
     with pytest.raises(ValueError, match="set drafter.init_from"):
         trainer.check_config(_opd_config(sft, "x", drafter__init_from=""))

@@ -109,6 +109,10 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def steps(self) -> list[int]:
+        """The committed steps in the directory, oldest first."""
+        return sorted(self._manager.all_steps(read=True))
+
     def _failed(self, step: int | None, e: Exception) -> CheckpointError:
         # read=True: from the directory (Orbax already dropped the steps it meant to delete)
         kept = sorted(s for s in self._manager.all_steps(read=True) if s != step)

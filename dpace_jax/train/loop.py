@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -81,6 +82,25 @@ def check_config(config) -> Settings:
         raise ValueError(f"workdir={s.workdir!r} is a file; name a run directory")
     check_wandb(s.logging.wandb_settings, "logging.wandb")
     return s
+
+
+def _rewind(checkpointer: ckpt_lib.Checkpointer, abstract, check, step: int, why: str, file):
+    """Restore `step` instead of the newest checkpoint, because `file` (made since `step`) is
+    damaged: the file and the newer checkpoints are moved aside (never deleted); a warning line
+    says so. Without a checkpoint at `step`, one line saying what to do."""
+    if step not in checkpointer.steps():
+        raise ValueError(f"{why}; the checkpoint it was made from (step {step}) is gone: restore "
+                         "the file, or start the run in a new workdir")
+    for newer in (n for n in checkpointer.steps() if n > step):
+        checkpointer.move_aside(newer)  # Orbax would not save a step below its newest
+    if jax.process_index() == 0:
+        aside = file.with_name(f"{file.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
+        if storage.exists(file):
+            storage.move(file, aside)
+        print(f"warning: {why}; going back to the checkpoint of step {step} to make it again "
+              f"(the file moved to {aside.name}, newer checkpoints to "
+              f"{checkpointer.directory}-unusable)", file=sys.stderr)
+    return (step, *checkpointer.restore(step, abstract, check))
 
 
 def _check_token_ids(source, vocab_size: int, s: Settings, workdir, target_dir) -> None:
@@ -173,8 +193,11 @@ def _setup(s: Settings, config, workdir) -> Run:
                                           s.loop.allow_changed,
                                           f"{checkpointer.directory} (its newest checkpoint)")
 
-    found = checkpointer.restore_latest(ckpt_lib.abstract_like(state, state_shardings),
-                                        strict=s.loop.strict_resume, check=check)
+    abstract = ckpt_lib.abstract_like(state, state_shardings)
+    found = checkpointer.restore_latest(abstract, strict=s.loop.strict_resume, check=check)
+    rewind = found and mode.rewind(s, workdir, data, found[0])
+    if rewind:
+        found = _rewind(checkpointer, abstract, check, *rewind)
     data_state = None
     if found is not None:
         _, state, meta = found

@@ -70,6 +70,12 @@ class Mode:
         """This mode's settings in the resume fingerprint."""
         return {}
 
+    def rewind(self, s, workdir, data: RunData, step: int) -> tuple[int, str, Any] | None:
+        """When the run cannot go on from the restored `step` because a file it made since an
+        earlier checkpoint is damaged: (that earlier step, why, the file), and the trainer
+        restores that step instead (the file moved aside); None: go on."""
+        return None
+
 
 def mode_of(name: str) -> Mode:
     from dpace_jax.train import sft, spd

@@ -59,5 +59,8 @@ class OnPolicy(Mode):
     def fingerprint(self, s) -> dict:
         return {"opd": dataclasses.asdict(s.opd)}
 
+    def rewind(self, s, workdir, data: RunData, step: int):
+        return rounds.damaged_round(s, workdir, data.source, step)
+
 
 MODE = OnPolicy()

@@ -57,7 +57,40 @@ def prompts_fingerprint(prompts: Sequence[Sequence[int]]) -> str:
 
 
 def read_rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The rows of a rollout file; a line that is not a JSON object is a ValueError naming the
+    file and line."""
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i}: not a JSON line ({e})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{i}: not a rollout row (a JSON {type(row).__name__})")
+        rows.append(row)
+    return rows
+
+
+def check_rows(path: Path, rows: Sequence[dict], block_size: int) -> None:
+    """Each row self-consistent (replay.blocks), a bad one named by its file and line."""
+    for i, row in enumerate(rows, 1):
+        replay.blocks(row, block_size, where=f"{path}:{i}")
+
+
+def damage(path: Path, num_prompts: int) -> str | None:
+    """Why the rollout file of a round that has been trained on cannot be read back whole (a
+    sentence naming the file), or None when it can. The file is not changed."""
+    if not path.exists():
+        return f"{path} is missing"
+    try:
+        rows = read_rows(path)
+    except (OSError, ValueError) as e:
+        return str(e)
+    if len(rows) != num_prompts or not path.read_bytes().endswith(b"\n"):
+        return f"{path} holds {len(rows)} complete rows for {num_prompts} prompts"
+    return None
 
 
 def _check_meta(path: Path, meta: dict, ignore: tuple[str, ...] = ()) -> None:

@@ -77,6 +77,7 @@ class RoundBatches:
         self.drafter_cfg, self.rollout_dtype, self.meta = drafter_cfg, rollout_dtype, meta
         self.step, self.per_round = int(start_step), steps_per_round(opd, batch_size)
         self.round, self.rows = -1, []
+        self.on_round = None  # the trainer's metrics hook: called with each round's row
 
     def state(self) -> dict:
         return {"round": self.step // self.per_round, "step": self.step}
@@ -109,12 +110,14 @@ class RoundBatches:
         self.round = r
         if not first:
             self.rows = rollout.read_finished(path, chosen, meta)
+            rollout.check_rows(path, self.rows, self.drafter_cfg.block_size)
             return
         host = jax.tree.map(lambda x: jnp.asarray(np.asarray(x), self.rollout_dtype), params)
         drafter = decode.dflash_drafter(host, self.drafter_cfg, self.gen.target_cfg)
         key = jax.random.fold_in(jax.random.PRNGKey(self.seed), r)
         self.rows = rollout.rollout(path, self.gen, drafter, chosen, key=key,
                                     meta={**meta, "drafter": rollout.params_fingerprint(host)})
+        rollout.check_rows(path, self.rows, self.drafter_cfg.block_size)
         counts = [replay.kept_blocks(row, self.drafter_cfg.block_size, self.seq_len,
                                      self.num_blocks) for row in self.rows]
         dropped = sum(lost for _, lost in counts)
@@ -131,12 +134,43 @@ class RoundBatches:
                             "blocks_dropped": dropped})
 
     def _log_round(self, r: int, row: dict) -> None:
-        """WORKDIR/rounds.jsonl: one row per round (rows of later rounds dropped on resume)."""
+        """WORKDIR/rounds.jsonl: one row per round (rows of later rounds dropped on resume, a
+        damaged row dropped with a warning naming its line); then the metrics hook."""
         path = self.workdir / "rounds.jsonl"
-        kept = [line for line in (path.read_text().splitlines() if path.exists() else [])
-                if line.strip() and json.loads(line).get("round", math.inf) < r]
+        kept = [json.dumps(old) for old in read_rounds(path) if old.get("round", math.inf) < r]
         with atomic_path(path) as tmp:
             tmp.write_text("".join(k + "\n" for k in [*kept, json.dumps(row)]))
+        if self.on_round is not None:
+            self.on_round(row)
+
+
+def damaged_round(s, workdir: Path, prompts, step: int) -> tuple[int, str, Path] | None:
+    """For a run restored at `step` inside a round: when that round's rollout file (trained on
+    already) cannot be read back whole, (the round's start step, why, the file): the round is
+    then rolled out again from its start checkpoint instead of needing a new workdir."""
+    per_round = steps_per_round(s.opd, s.loop.batch_size)
+    r, within = divmod(step, per_round)
+    if within == 0:  # its first step rolls it out (or completes it)
+        return None
+    path = workdir / "rollouts" / f"round-{r}.jsonl"
+    why = rollout.damage(path, len(round_prompts(prompts, r, s.opd.prompts_per_round)))
+    return None if why is None else (r * per_round, why, path)
+
+
+def read_rounds(path: Path) -> list[dict]:
+    """The rows of a rounds.jsonl; a damaged line (a torn write, an edit) is skipped with a
+    warning naming the file and line."""
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines() if path.exists() else [], 1):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not an object")
+            rows.append(row)
+        except ValueError:
+            if line.strip():
+                log.warning("%s:%d: damaged round row skipped (%r)", path, i, line[:60])
+    return rows
 
 
 def round_batches(s, workdir: Path, prompts, target_dir: Path, target_params, target_cfg,
