@@ -9,6 +9,8 @@ The drafter is `--config.eval.drafter` (a DFlash HF directory or a run directory
 NAME in humaneval, gsm8k, math500, mbpp, mt-bench, alpaca.
 """
 
+import os
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -31,14 +33,45 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # keep Orbax's restore chatter out of the report
 
     try:
+        _check_output(_OUTPUT.value)  # before minutes of decoding, not after
+        _hub_inputs(_CONFIG.value)
         report = evaluation.evaluate(prepare(_CONFIG.value, build=False),
                                      benchmarks=_BENCHMARKS.value,
                                      output=_OUTPUT.value, progress=_PROGRESS.value)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
     print(evaluation.format_report(report))
     if _OUTPUT.value:
         print(f"results: {_OUTPUT.value}")
+
+
+def _check_output(output: str | None) -> None:
+    """--output must name a file that can be written (its directory exists or can be made)."""
+    if not output:
+        return
+    from pathlib import Path
+
+    out = Path(output).expanduser()
+    if out.is_dir():
+        raise ValueError(f"--output={output!r} is a directory; name the results file")
+    parent = next((p for p in [out.parent, *out.parent.parents] if p.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ValueError(f"--output={output!r}: {parent or out.parent} is not a writable "
+                         "directory")
+
+
+def _hub_inputs(config) -> None:
+    """config.offline, the hub notices, and a hub id as eval.drafter (fetched through the HF
+    cache like a target: its config.json and safetensors), before anything is loaded."""
+    from dpace_jax.io import hub
+    from dpace_jax.targets import hf as convert
+
+    if config.offline:
+        hub.go_offline()
+    hub.announce([("target.path", str(config.target.path)),
+                  ("eval.drafter", str(config.eval.drafter))], offline=convert.hub_offline())
+    if hub.looks_like_hub_id(str(config.eval.drafter)):
+        config.eval.drafter = str(convert.resolve_checkpoint(str(config.eval.drafter)))
 
 
 if __name__ == "__main__":

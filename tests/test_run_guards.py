@@ -240,3 +240,65 @@ def test_a_workdir_that_is_a_file_or_a_bucket_without_its_package_is_refused(tmp
         trainer.check_config(_config(tmp_path / "file", "t", "d"))
     with pytest.raises(StorageError, match=r"needs the s3fs package for s3:// paths"):
         trainer.check_config(_config("s3://bucket/run", "t", "d"))
+
+
+def test_damaged_data_and_benchmark_files_are_one_line_naming_them(tmp_path):
+    from dpace_jax.data import chat, prompt_sets
+
+    (tmp_path / "bench.jsonl.gz").write_text('{"prompt": "x"}\n')  # not gzip
+    with pytest.raises(ValueError, match=r"bench.jsonl.gz: cannot be read as jsonl \(gzip\): "
+                                         r"BadGzipFile"):
+        prompt_sets.read_rows(tmp_path / "bench.jsonl.gz")
+    (tmp_path / "train.parquet").write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(ValueError, match=r"train.parquet: cannot be read as Parquet: "):
+        chat.load_conversations([str(tmp_path / "train.parquet")])
+    (tmp_path / "latin1.jsonl").write_bytes('{"x": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.jsonl: not UTF-8 text"):
+        chat.load_conversations([str(tmp_path / "latin1.jsonl")])
+
+
+def test_hub_ids_are_announced_and_offline_forbids_downloads(tmp_path, monkeypatch, capsys):
+    from dpace_jax.io import hub
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "mine").mkdir()
+    assert hub.looks_like_hub_id("Qwen/Qwen3-4B") and not hub.looks_like_hub_id("runs/mine")
+    assert not hub.looks_like_hub_id("data/train.jsonl") and not hub.looks_like_hub_id("/a/b")
+    hub.announce([("target.path", "Qwen/Qwen3-4B"), ("data.paths", "runs/mine")], False)
+    assert capsys.readouterr().err == (
+        "notice: target.path='Qwen/Qwen3-4B' is not a local path: fetched from the HF hub "
+        "(--config.offline=True: from the cache only)\n")
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    hub.go_offline()
+    assert convert.hub_offline() and huggingface_hub.constants.HF_HUB_OFFLINE is True
+    with pytest.raises(FileNotFoundError, match=r"'nobody-dpace/missing' is neither a local "
+                                                r"directory nor found in the HF cache"):
+        convert.resolve_checkpoint("nobody-dpace/missing", cache_dir=tmp_path / "hf-cache")
+
+
+@pytest.mark.slow
+def test_evaluate_refuses_a_directory_output_and_an_offline_hub_drafter_before_work(tmp_path):
+    import subprocess
+    import sys
+
+    def evaluate(*args):
+        return subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--config",
+                               str(ROOT / "configs" / "tiny.py"),
+                               f"--config.workdir={tmp_path}", *args], capture_output=True,
+                              text=True, timeout=300, cwd=ROOT)
+
+    out = evaluate(f"--output={tmp_path}")
+    assert out.returncode == 1 and out.stderr.strip() == (
+        f"error: --output={str(tmp_path)!r} is a directory; name the results file")
+    out = evaluate("--config.offline=True", "--config.eval.drafter=nobody-dpace/missing")
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and len(lines) == 2, out.stderr
+    assert lines[0] == ("notice: eval.drafter='nobody-dpace/missing' is not a local path: read "
+                        "from the HF cache only (offline)")
+    assert lines[1].startswith("error: 'nobody-dpace/missing' is neither a local directory nor "
+                               "found in the HF cache (HF_HUB_OFFLINE is set)")

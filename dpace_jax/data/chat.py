@@ -275,7 +275,10 @@ def json_document(text: str) -> list | None:
 
 def _json_rows(path: Path) -> Iterator[tuple[str, object]]:
     """(where, row) of a JSON / JSONL file; where is "file:line" (JSONL) or "file[i]"."""
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
     rows = json_document(text) if path.suffix == ".json" else None
     if rows is not None:
         yield from ((f"{path}[{i}]", row) for i, row in enumerate(rows))
@@ -294,7 +297,12 @@ def _source_rows(kind: str, what, name: str, split: str) -> Iterable[tuple[str, 
     import datasets  # heavy import, only when needed
 
     if kind == "file":
-        rows = datasets.load_dataset("parquet", data_files=str(what), split="train")
+        try:
+            rows = datasets.load_dataset("parquet", data_files=str(what), split="train")
+        except Exception as e:  # Arrow and datasets errors share no base class
+            cause = e.__cause__ or e  # datasets wraps Arrow's error
+            raise ValueError(f"{what}: cannot be read as Parquet: {type(cause).__name__}: "
+                             f"{' '.join(str(cause).split())[:200]}") from None
     elif kind == "hub":
         try:
             rows = datasets.load_dataset(what, split=split)

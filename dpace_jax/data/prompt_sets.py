@@ -160,14 +160,19 @@ def read_rows(path: Path) -> list:
     suffixes = [s.lower() for s in path.suffixes[-2:]]
     gz = suffixes[-1:] == [".gz"]
     kind = (suffixes[-2] if gz and len(suffixes) == 2 else suffixes[-1]) if suffixes else ""
-    if kind == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(str(path)).to_pylist()
-    if kind not in (".jsonl", ".json"):
+    if kind not in (".jsonl", ".json", ".parquet"):
         raise ValueError(f"{path}: unsupported benchmark file type (expected .jsonl, .json or "
                          ".parquet, optionally .gz for JSON)")
-    text = gzip.open(path, "rt", encoding="utf-8").read() if gz else path.read_text("utf-8")
+    try:  # a damaged file is one line naming it, not a traceback from gzip or Arrow
+        if kind == ".parquet":
+            import pyarrow.parquet as pq
+
+            return pq.read_table(str(path)).to_pylist()
+        text = gzip.open(path, "rt", encoding="utf-8").read() if gz else path.read_text("utf-8")
+    except (OSError, EOFError, ValueError) as e:  # BadGzipFile, ArrowInvalid, UnicodeDecodeError
+        what = f"{kind[1:]}{' (gzip)' if gz else ''}"
+        raise ValueError(f"{path}: cannot be read as {what}: {type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:200]}") from None
     data = json_document(text) if kind == ".json" else None
     if data is not None:
         return data

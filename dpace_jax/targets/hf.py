@@ -80,8 +80,8 @@ def resolve_checkpoint(path_or_id: str | os.PathLike, *, cache_dir: str | os.Pat
     except Exception as e:  # hub errors (not found, offline cache miss, network) share no base
         where = "the HF cache (HF_HUB_OFFLINE is set)" if offline else "the HF hub or its cache"
         raise FileNotFoundError(
-            f"{name!r} is neither a local directory nor found in {where}: {type(e).__name__}: {e}"
-        ) from e
+            f"{name!r} is neither a local directory nor found in {where}: {type(e).__name__}: "
+            f"{' '.join(str(e).split())[:300]}") from e
     return Path(found)
 
 

@@ -29,8 +29,8 @@ from dpace_jax.data import conversations as data_lib
 from dpace_jax.drafters import dflash as drafter_lib
 from dpace_jax.drafters import hf as drafter_hf
 from dpace_jax.drafters.config import DrafterConfig
+from dpace_jax.io import hub, storage
 from dpace_jax.io import lock as lock_lib
-from dpace_jax.io import storage
 from dpace_jax.targets import hf as convert
 from dpace_jax.targets import model as model_lib
 from dpace_jax.train import checkpoint as ckpt_lib
@@ -155,6 +155,11 @@ def setup(config) -> Run:
 
 def _setup(s: Settings, config, workdir) -> Run:
     mode = mode_of(s.mode)
+    if s.offline:
+        hub.go_offline()
+    if jax.process_index() == 0:  # before anything is fetched
+        hub.announce([("target.path", s.target_path), *(("data.paths", p) for p in s.data.paths)],
+                     offline=convert.hub_offline())
     target_dir = convert.resolve_checkpoint(target_path(config))
     tokenizer = convert.load_tokenizer(target_dir)
     target_cfg = convert.load_config(target_dir)
