@@ -5,6 +5,7 @@ run history's torn last line, and the settings checked before any work."""
 
 import errno
 import json
+import os
 import runpy
 from pathlib import Path
 
@@ -302,3 +303,57 @@ def test_evaluate_refuses_a_directory_output_and_an_offline_hub_drafter_before_w
                         "from the HF cache only (offline)")
     assert lines[1].startswith("error: 'nobody-dpace/missing' is neither a local directory nor "
                                "found in the HF cache (HF_HUB_OFFLINE is set)")
+
+
+def test_object_store_workdirs_on_a_local_fake(tmp_path, monkeypatch):
+    """gs:// through the same path API as production (storage.fake_object_store): bucket paths
+    stay bucket paths for Orbax, run files and the export land in the bucket (the export's
+    checksum file last), the tokenization cache stays local, and what needs local files in
+    the workdir is refused in one line."""
+    import orbax.checkpoint as ocp
+    from drafter_fixtures import CFG
+
+    from dpace_jax.drafters.dflash import init_drafter_params
+    from dpace_jax.io import storage
+    from dpace_jax.train import guards, sft
+
+    given = []
+
+    class Recorder:
+        def __init__(self, directory, options):
+            given.append((directory, options.temporary_path_class))
+
+    monkeypatch.setattr(ocp, "CheckpointManager", Recorder)
+    with storage.fake_object_store("gs") as fs, storage.fake_object_store("s3"):
+        c = _config("gs://bucket/run", "/local/target", "/local/data.jsonl")
+        s = trainer.check_config(c)
+        workdir = storage.resolve(s.workdir)
+        ckpt_lib.Checkpointer(workdir / "checkpoints")
+        ckpt_lib.Checkpointer("s3://bucket/run/checkpoints")
+        assert [(os.fspath(d), cls) for d, cls in given] == [
+            ("gs://bucket/run/checkpoints", None),
+            ("s3://bucket/run/checkpoints", ocp.path.atomicity.CommitFileTemporaryPath)]
+
+        resume.record_start(workdir, 0, {})
+        resume.record_start(workdir, 30, {})
+        assert [r["start_step"] for r in resume.read_history(workdir)] == [0, 30]
+        out = guards.export(init_drafter_params(CFG, jax.random.PRNGKey(0)), CFG, workdir, 7)
+        assert out == "gs://bucket/run/hf"
+        written = [k.rsplit("/", 1)[1] for k in fs.store if k.startswith("/bucket/run/hf/")]
+        assert written[-1] == "checksums.sha256" and sorted(written) == [
+            "checksums.sha256", "config.json", "model.safetensors"]
+        local = sft.cache_dir(s.data, workdir)
+        assert isinstance(local, Path) and local.is_relative_to(Path.home())
+
+        for field, value, what in [("train.mode", "opd", "train.mode=opd"),
+                                   ("data.regenerate", True, "data.regenerate=True")]:
+            bad = _config("gs://bucket/run", "/local/target", "/local/data.jsonl",
+                          max_steps=-1)
+            bad.drafter.init_from = "/local/sft"
+            section, name = field.split(".")
+            setattr(bad[section], name, value)
+            with pytest.raises(StorageError, match=rf"workdir='gs://bucket/run' is on an object "
+                                                   rf"store, but {what} writes local files"):
+                trainer.check_config(bad)
+        with pytest.raises(StorageError, match=r"but target.path='' \(a target built in "):
+            trainer.check_config(_config("gs://bucket/run", "", "/local/data.jsonl"))

@@ -54,6 +54,16 @@ def _missing_backend(scheme: str) -> str | None:
     return None if found else package
 
 
+_find_backend = _missing_backend  # (the test fake replaces _missing_backend: no GCS client)
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a missing parent package
+        return False
+
+
 def resolve(workdir: str | os.PathLike, field: str = "workdir") -> AnyPath:
     """The path object for `workdir` (see the module doc); `field` names the setting in errors."""
     text = os.fspath(workdir)
@@ -80,6 +90,11 @@ def resolve(workdir: str | os.PathLike, field: str = "workdir") -> AnyPath:
     if package:
         raise StorageError(f"{field}={text!r} needs the {package} package for {scheme}:// "
                            f"paths (etils.epath's filesystem): pip install {package}")
+    if scheme == "gs" and _missing_backend is _find_backend and not _importable("google.cloud"
+                                                                                ".storage"):
+        # Orbax asks the bucket whether it has a hierarchical namespace before the first save
+        raise StorageError(f"{field}={text!r} needs the google-cloud-storage package for "
+                           "Orbax's checkpoints on gs://: pip install google-cloud-storage")
     return epath.Path(f"{scheme}://{rest.rstrip('/')}")
 
 

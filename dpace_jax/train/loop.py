@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +23,6 @@ from tqdm import tqdm
 
 from dpace_jax import sharding as shard_lib
 from dpace_jax.config import parse_dtype, target_path
-from dpace_jax.data import conversations as data_lib
 from dpace_jax.drafters import dflash as drafter_lib
 from dpace_jax.drafters import hf as drafter_hf
 from dpace_jax.drafters.config import DrafterConfig
@@ -35,7 +32,7 @@ from dpace_jax.targets import hf as convert
 from dpace_jax.targets import model as model_lib
 from dpace_jax.train import checkpoint as ckpt_lib
 from dpace_jax.train import drafter as drafter_setup
-from dpace_jax.train import nonfinite, preemption, resume
+from dpace_jax.train import guards, nonfinite, preemption, resume
 from dpace_jax.train import step as step_lib
 from dpace_jax.train.metrics import MetricsLog, check_wandb
 from dpace_jax.train.modes import BatchInputs, Mode, mode_of
@@ -80,47 +77,18 @@ def check_config(config) -> Settings:
     workdir = storage.resolve(s.workdir, "workdir")  # a bucket URL, or one line why not
     if not storage.is_object_store(workdir) and workdir.exists() and not workdir.is_dir():
         raise ValueError(f"workdir={s.workdir!r} is a file; name a run directory")
+    if storage.is_object_store(workdir):
+        guards.check_object_store(s, config)
     check_wandb(s.logging.wandb_settings, "logging.wandb")
     return s
 
 
-def _rewind(checkpointer: ckpt_lib.Checkpointer, abstract, check, step: int, why: str, file):
-    """Restore `step` instead of the newest checkpoint, because `file` (made since `step`) is
-    damaged: the file and the newer checkpoints are moved aside (never deleted); a warning line
-    says so. Without a checkpoint at `step`, one line saying what to do."""
-    if step not in checkpointer.steps():
-        raise ValueError(f"{why}; the checkpoint it was made from (step {step}) is gone: restore "
-                         "the file, or start the run in a new workdir")
-    for newer in (n for n in checkpointer.steps() if n > step):
-        checkpointer.move_aside(newer)  # Orbax would not save a step below its newest
-    if jax.process_index() == 0:
-        aside = file.with_name(f"{file.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
-        if storage.exists(file):
-            storage.move(file, aside)
-        print(f"warning: {why}; going back to the checkpoint of step {step} to make it again "
-              f"(the file moved to {aside.name}, newer checkpoints to "
-              f"{checkpointer.directory}-unusable)", file=sys.stderr)
-    return (step, *checkpointer.restore(step, abstract, check))
 
 
-def _check_token_ids(source, vocab_size: int, s: Settings, workdir, target_dir) -> None:
-    """The data's token ids against the target's vocabulary, before the target is loaded."""
-    fit = f"the tokenizer of {target_dir} does not fit its config.json (vocab_size)"
-    if isinstance(source, data_lib.TokenizedDataset):
-        cache = s.data.cache_dir or workdir / "cache"
-        data_lib.check_token_ids(source.tokens, vocab_size, "the tokenized training data",
-                                 f"{fit}, or the tokenization cache in {cache} is damaged: "
-                                 "delete it to tokenize again")
-    elif isinstance(source, list) and source:  # OPD's prompts
-        data_lib.check_token_ids(np.concatenate([np.asarray(p) for p in source]), vocab_size,
-                                 "the rollout prompts", fit)
 
 
-def _broadcast(code: int) -> int:
-    """Process 0's `code` on every process."""
-    from jax.experimental import multihost_utils
 
-    return int(multihost_utils.broadcast_one_to_all(np.int32(code)))
+
 
 
 def setup(config) -> Run:
@@ -135,7 +103,7 @@ def setup(config) -> Run:
     # Before anything writes there: Orbax's start-up clean-up alone would delete the temporary
     # step directory of another live run's save in flight.
     lock = lock_lib.acquire_on_main(workdir, is_main=jax.process_index() == 0,
-                                    share=_broadcast if jax.process_count() > 1 else None)
+                                    share=guards.broadcast if jax.process_count() > 1 else None)
     watch = None
     try:
         watch = preemption.PreemptionWatch(save_every_minutes=s.loop.save_every_minutes,
@@ -166,7 +134,7 @@ def _setup(s: Settings, config, workdir) -> Run:
     dcfg, init_params = drafter_setup.build_drafter(s.drafter, target_cfg, tokenizer)
     mode.check_drafter(dcfg, target_cfg)
     data = mode.load_data(s, workdir, target_dir, tokenizer, dcfg)
-    _check_token_ids(data.source, target_cfg.vocab_size, s, workdir, target_dir)
+    guards.check_token_ids(data.source, target_cfg.vocab_size, s, workdir, target_dir)
     s = s.with_total_steps(data.steps)
     mesh = shard_lib.make_mesh(s.dist.mesh_shape)
     if s.loop.batch_size % shard_lib.num_batch_shards(mesh):
@@ -202,7 +170,7 @@ def _setup(s: Settings, config, workdir) -> Run:
     found = checkpointer.restore_latest(abstract, strict=s.loop.strict_resume, check=check)
     rewind = found and mode.rewind(s, workdir, data, found[0])
     if rewind:
-        found = _rewind(checkpointer, abstract, check, *rewind)
+        found = guards.rewind(checkpointer, abstract, check, *rewind)
     data_state = None
     if found is not None:
         _, state, meta = found
@@ -246,7 +214,7 @@ def train(r: Run) -> dict:
             # a collective: every process takes part
             params = shard_lib.gather_to_host(state.params, r.mesh)
             if is_main:
-                hf_dir = _export(params, r)
+                hf_dir = guards.export(params, r.drafter_cfg, r.workdir, r.steps)
         exit_code = 0
     except preemption.Preempted as e:
         exit_code, preempted = int(e.code), True
@@ -321,25 +289,6 @@ def _loop(r: Run, state, start_step: int, metrics_log: MetricsLog):
     return state, last
 
 
-def _export(params, r: Run) -> str:
-    """The finished drafter to WORKDIR/hf (on an object store: written locally, then copied,
-    its checksum file last). A failure (a full disk) is one line; the checkpoint of the last
-    step holds the drafter, and running the same command again exports it."""
-    out = r.workdir / "hf"
-    try:
-        if not storage.is_object_store(out):
-            drafter_hf.export_drafter(params, r.drafter_cfg, out)
-        else:
-            with tempfile.TemporaryDirectory() as tmp:
-                local = drafter_hf.export_drafter(params, r.drafter_cfg, Path(tmp) / "hf")
-                names = sorted(p.name for p in local.iterdir())
-                for name in sorted(names, key=lambda n: n == drafter_hf.CHECKSUMS_NAME):
-                    storage.copy_tree(local / name, out / name)
-    except OSError as e:
-        raise OSError(f"exporting the drafter to {out} failed ({e.strerror or e}); the "
-                      f"checkpoint of step {r.steps} is intact: run the same command again to "
-                      "export it") from e
-    return str(out)
 
 
 def run(config) -> dict:

@@ -5,12 +5,15 @@ anchors and trains on all their blocks with D-PACE, DFlash's decayed CE or an ab
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 
 import jax
 
 from dpace_jax import loss as loss_lib
 from dpace_jax.data import conversations as data_lib
+from dpace_jax.io import storage
 from dpace_jax.train import step as step_lib
 from dpace_jax.train.batches import Batches
 from dpace_jax.train.modes import BatchInputs, Mode, RunData
@@ -40,11 +43,22 @@ def load_training_data(s, workdir: Path, target_dir: Path, tokenizer, block_size
         paths = [out]
     conversations, load_stats = data_lib.load_conversations(paths, split=d.split,
                                                             strict=d.strict)
-    cache_dir = Path(d.cache_dir) if d.cache_dir else workdir / "cache"
     dataset, tok_stats = data_lib.tokenize_conversations(
         conversations, tokenizer, max_length=d.max_length, block_size=block_size,
-        cache_dir=cache_dir)
+        cache_dir=cache_dir(d, workdir))
     return dataset, {"load": load_stats, "tokenize": tok_stats}
+
+
+def cache_dir(d, workdir) -> Path:
+    """The tokenization cache: data.cache_dir, else WORKDIR/cache; a workdir on an object store
+    caches on this machine instead (~/.cache/dpace_jax/<hash of the workdir URL>: the cache is
+    memory-mapped, which a bucket cannot be)."""
+    if d.cache_dir:
+        return Path(d.cache_dir).expanduser()
+    if storage.is_object_store(workdir):
+        key = hashlib.sha256(os.fspath(workdir).encode()).hexdigest()[:16]
+        return Path("~/.cache/dpace_jax").expanduser() / f"tokenized-{key}"
+    return workdir / "cache"
 
 
 def total_steps(loop, num_samples: int) -> int:
