@@ -16,9 +16,27 @@ _CONFIG = config_flags.DEFINE_config_file(
 flags.mark_flags_as_required(["config"])
 
 
+def _quiet_closed_loop_reports(hook):
+    """After a failed asynchronous save, TensorStore's remaining write callbacks find Orbax's
+    event loop closed and report that as an unraisable exception, once per write; the failure
+    itself is said in one line by the trainer, so these reports are dropped."""
+
+    def unraisablehook(report):
+        if not (isinstance(report.exc_value, RuntimeError)
+                and str(report.exc_value) == "Event loop is closed"):
+            hook(report)
+
+    return unraisablehook
+
+
 class _QuietOrbaxErrors(std_logging.Filter):
+    """Orbax's errors of a failed background save (with tracebacks, once per thread), and the
+    other writes of that save that asyncio reports as never retrieved: the trainer raises the
+    failure again as one line naming the step."""
+
     def filter(self, record: std_logging.LogRecord) -> bool:
-        return record.levelno < std_logging.ERROR or "/orbax/" not in record.pathname
+        return record.levelno < std_logging.ERROR or not (
+            "/orbax/" in record.pathname or record.name == "asyncio")
 
 
 def main(argv):
@@ -31,9 +49,9 @@ def main(argv):
 
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-        # a failed background save is logged by Orbax with its traceback, once per thread;
-        # the trainer raises it again as one line naming the step
         logging.get_absl_logger().addFilter(_QuietOrbaxErrors())
+        std_logging.getLogger("asyncio").addFilter(_QuietOrbaxErrors())
+        sys.unraisablehook = _quiet_closed_loop_reports(sys.unraisablehook)
 
     try:
         trainer.check_config(_CONFIG.value)  # before the demo step builds anything

@@ -130,7 +130,7 @@ def test_the_tokenization_cache_is_verified_and_a_failed_write_keeps_the_data(
     monkeypatch.setattr(np, "save", full)
     ds, stats = _tokenize(convs, tokenizer, tmp_path / "full")
     np.testing.assert_array_equal(ds.tokens, fresh.tokens)
-    assert stats["cache"] == "miss" and "not written (No space left on device)" in caplog.text
+    assert stats["cache"] == "miss" and "not written (No space left on device; " in caplog.text
     assert list((tmp_path / "full").iterdir()) == []  # the staging directory is gone
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -130,9 +131,10 @@ def _save_cache(path: Path, ds: TokenizedDataset, stats: dict, key: str) -> None
             # meta.json last: a directory without it never loads as valid.
             (tmp / "meta.json").write_text(json.dumps({"key": key, "stats": stats,
                                                        "sha256": sums}))
-    except OSError as e:
-        log.warning("tokenization cache %s not written (%s); training goes on with the "
-                    "tokenized data in memory", path, e.strerror or e)
+    except OSError as e:  # numpy's short write has no errno: say how much room there was
+        free = shutil.disk_usage(path.parent).free // 1024 if path.parent.exists() else "?"
+        log.warning("tokenization cache %s not written (%s; %s KB free there); training goes "
+                    "on with the tokenized data in memory", path, e.strerror or e, free)
 
 
 def _load_cache(path: Path, key: str) -> tuple[TokenizedDataset, dict] | None:

@@ -66,12 +66,12 @@ def checksums(tree) -> dict[str, int]:
             for path, v in jax.tree_util.tree_flatten_with_path(sums)[0]}
 
 
-def _cause(e: BaseException) -> str:
-    """An OS error as its description (TensorStore's messages bury it at the end), else the
-    error's first line."""
+def os_cause(e: BaseException) -> str:
+    """An OS error as its description (TensorStore and safetensors bury it in their messages),
+    else the error's first line."""
     code = getattr(e, "errno", None)
-    found = re.search(r"os_error_code='?(\d+)", str(e))
-    code = code or (int(found.group(1)) if found else None)
+    found = re.search(r"os_error_code='?(\d+)|\(os error (\d+)\)", str(e))
+    code = code or (int(found.group(1) or found.group(2)) if found else None)
     return f"{os.strerror(code)} [errno {code}]" if code else _first_line(e)
 
 
@@ -111,13 +111,14 @@ class Checkpointer:
 
     def steps(self) -> list[int]:
         """The committed steps in the directory, oldest first."""
-        return sorted(self._manager.all_steps(read=True))
+        self._manager.reload()  # from the directory, not Orbax's memory of it
+        return sorted(self._manager.all_steps())
 
     def _failed(self, step: int | None, e: Exception) -> CheckpointError:
-        # read=True: from the directory (Orbax already dropped the steps it meant to delete)
-        kept = sorted(s for s in self._manager.all_steps(read=True) if s != step)
+        # from the directory: Orbax already forgot the steps it meant to delete after this save
+        kept = [s for s in self.steps() if s != step]
         return CheckpointError(
-            f"saving checkpoint step {step} to {self.directory} failed ({_cause(e)}); "
+            f"saving checkpoint step {step} to {self.directory} failed ({os_cause(e)}); "
             f"the steps saved before it are intact: {kept or 'none'}")
 
     def save(self, step: int, state: Any, meta: dict) -> None:

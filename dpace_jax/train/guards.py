@@ -11,6 +11,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from safetensors import SafetensorError
 
 from dpace_jax.config import DEMO_TARGET_PREFIX
 from dpace_jax.data import conversations as data_lib
@@ -88,8 +89,8 @@ def export(params, drafter_cfg, workdir, step: int) -> str:
                 names = sorted(p.name for p in local.iterdir())
                 for name in sorted(names, key=lambda n: n == drafter_hf.CHECKSUMS_NAME):
                     storage.copy_tree(local / name, out / name)
-    except OSError as e:
-        raise OSError(f"exporting the drafter to {out} failed ({e.strerror or e}); the "
+    except (OSError, SafetensorError) as e:  # safetensors wraps a full disk in its own error
+        raise OSError(f"exporting the drafter to {out} failed ({ckpt_lib.os_cause(e)}); the "
                       f"checkpoint of step {step} is intact: run the same command again to "
                       "export it") from e
     return str(out)

@@ -217,8 +217,12 @@ class _Appender:
 
     def append(self, data: bytes) -> None:
         if not self.remote:
-            with open(self.path, "ab") as f:
-                f.write(data)
+            try:
+                with open(self.path, "ab") as f:
+                    f.write(data)
+            except OSError as e:  # a full disk: name the file (the buffered write's error won't)
+                raise OSError(f"{self.path}: cannot append ({e.strerror or e}); the rows and "
+                              "checkpoints written before are intact") from e
             return
         self.buffer += data
         self.dirty = True
