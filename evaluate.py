@@ -43,6 +43,7 @@ def main(argv):
     print(evaluation.format_report(report))
     if _OUTPUT.value:
         print(f"results: {_OUTPUT.value}")
+    _log_to_run(_CONFIG.value, report)
 
 
 def _check_output(output: str | None) -> None:
@@ -58,6 +59,14 @@ def _check_output(output: str | None) -> None:
     if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK):
         raise ValueError(f"--output={output!r}: {parent or out.parent} is not a writable "
                          "directory")
+
+
+def _log_to_run(config, report: dict) -> None:
+    """A run directory's evaluation in its TensorBoard logs (dpace_jax.train.metrics)."""
+    if config.logging.tensorboard:
+        from dpace_jax.train import eval_log
+
+        eval_log.log_evaluation(str(config.eval.drafter or config.workdir), report)
 
 
 def _hub_inputs(config) -> None:

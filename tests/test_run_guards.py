@@ -357,3 +357,21 @@ def test_object_store_workdirs_on_a_local_fake(tmp_path, monkeypatch):
                 trainer.check_config(bad)
         with pytest.raises(StorageError, match=r"but target.path='' \(a target built in "):
             trainer.check_config(_config("gs://bucket/run", "", "/local/data.jsonl"))
+
+
+def test_an_evaluation_of_a_run_goes_to_its_tensorboard_at_the_checkpoints_step(tmp_path):
+    from dpace_jax.train import eval_log, metrics
+
+    assert eval_log.log_evaluation(tmp_path, {"benchmarks": {}}) is None  # not a run
+    (tmp_path / "run_config.json").write_text(json.dumps({"total_steps": 60}))
+    for drafter, tau in ((f"{tmp_path}/checkpoints step 30", 2.5), (f"{tmp_path}/hf", 3.0),
+                         (f"{tmp_path}/checkpoints step 30", 2.75)):  # 30 again: replaced
+        eval_log.log_evaluation(tmp_path, {"drafter": drafter, "benchmarks": {
+            "humaneval": {"tau": tau}}})
+    seen = []
+    for f in sorted((tmp_path / "tensorboard" / "eval").iterdir()):
+        for record in metrics.read_records(f.read_bytes())[0]:
+            fields = metrics.event_fields(record)
+            if 5 in fields:
+                seen.append(fields[2])
+    assert sorted(seen) == [30, 60]  # step 30 once: its re-evaluation replaced the first
