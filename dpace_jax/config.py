@@ -208,4 +208,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.top_p = 1.0  # 1: off
     c.eval.batch_size = 1
     c.eval.drafter = ""  # "" -> WORKDIR (latest checkpoint, else WORKDIR/hf)
+    # DFlash 2 drafters: draft by the candidate selector's walk (False: the unary argmax of the
+    # same weights, to measure what the selector adds)
+    c.eval.selector = True
     return c

@@ -135,7 +135,7 @@ MODEL_FIELDS = frozenset(f.name for f in dataclasses.fields(model.ModelConfig))
 
 def _model_config(**sizes) -> model.ModelConfig:
     """Tied embeddings and 4096 positions unless `sizes` (ModelConfig fields) say otherwise."""
-    return model.ModelConfig(**{"tie_word_embeddings": True, "max_position_embeddings": 4096,
+    return model.ModelConfig.make(**{"tie_word_embeddings": True, "max_position_embeddings": 4096,
                                 **sizes})
 
 

@@ -125,7 +125,7 @@ def evaluate(config, *, benchmarks: Sequence[str] | None = None, output: str | N
     target_dir, tokenizer, gen, loaded, spec = gen_lib.open_target(
         target_path(config), drafter_path, parse_dtype(config.target.dtype, "target.dtype"),
         max_new_tokens=int(ev.max_new_tokens), batch_size=int(ev.batch_size),
-        sampling=sampling_config(ev))
+        sampling=sampling_config(ev), selector=bool(ev.get("selector", True)))
     drafters = {"spec": spec, "ar": decode.autoregressive()}
     num = int(ev.num_samples) if int(ev.num_samples) > 0 else None
     loaded_benches = [bench_lib.load_benchmark(s, num) for s in specs]
@@ -146,7 +146,9 @@ def evaluate(config, *, benchmarks: Sequence[str] | None = None, output: str | N
     report = {
         "benchmarks": results,
         "target": str(target_dir), "drafter": loaded.source,
-        "block_size": loaded.config.block_size, "temperature": gen.sampling.temperature,
+        "block_size": loaded.config.block_size, "drafter_arch": loaded.config.arch,
+        "selector": bool(ev.get("selector", True)) if loaded.config.arch == "dflash2" else None,
+        "temperature": gen.sampling.temperature,
         "rule": gen.sampling.rule, "top_k": gen.sampling.top_k, "top_p": gen.sampling.top_p,
         "max_new_tokens": gen.max_new_tokens, "batch_size": gen.batch_size,
         "device": f"{device.platform}:{getattr(device, 'device_kind', '')}",
@@ -162,8 +164,11 @@ def evaluate(config, *, benchmarks: Sequence[str] | None = None, output: str | N
 
 def format_report(report: dict) -> str:
     """A short table per benchmark."""
-    lines = [f"target {report['target']}  drafter {report['drafter']}  "
-             f"(block {report['block_size']}, T={report['temperature']}, {report['device']})"]
+    arch = report.get("drafter_arch", "dflash")
+    if report.get("selector") is not None:
+        arch += " selector " + ("on" if report["selector"] else "off (unary argmax)")
+    lines = [f"target {report['target']}  drafter {report['drafter']}  ({arch}, "
+             f"block {report['block_size']}, T={report['temperature']}, {report['device']})"]
     for name, r in report["benchmarks"].items():
         hist = " ".join(f"{k}:{n}" for k, n in enumerate(r["histogram"]) if k and n)
         check = "" if r["mismatches"] is None else f"  spec!=AR: {r['mismatches']}"

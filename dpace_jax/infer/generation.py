@@ -180,13 +180,17 @@ def check_drafter(loaded: LoadedDrafter, target_cfg: ModelConfig, tokenizer=None
                              "tokenizer; expected its mask token or an id past the tokenizer")
 
 
-def as_decoder(loaded: LoadedDrafter, target_cfg: ModelConfig, dtype) -> decode.Drafter:
+def as_decoder(loaded: LoadedDrafter, target_cfg: ModelConfig, dtype, *,
+               selector: bool = True) -> decode.Drafter:
+    """The decoder's drafter of `loaded`, its weights in `dtype` (`selector=False`: a DFlash 2
+    drafter drafts its unary argmax instead of walking its candidate selector)."""
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype), loaded.params)
-    return decode.dflash_drafter(params, loaded.config, target_cfg, source=loaded.source)
+    return decode.dflash_drafter(params, loaded.config, target_cfg, source=loaded.source,
+                                 selector=selector)
 
 
 def open_target(target: str, drafter, dtype, *, max_new_tokens: int, batch_size: int,
-                sampling: Sampling = GREEDY):
+                sampling: Sampling = GREEDY, selector: bool = True):
     """What evaluation and regeneration decode with: the target (HF directory or hub id) in
     `dtype` behind a Generator, its tokenizer, and the drafter at `drafter` (None: none), loaded
     and checked before the target's weights are read -> (target_dir, tokenizer, generator,
@@ -198,7 +202,7 @@ def open_target(target: str, drafter, dtype, *, max_new_tokens: int, batch_size:
     if drafter:
         loaded = load_drafter(drafter)
         check_drafter(loaded, target_cfg, tokenizer, max_new_tokens=max_new_tokens)
-        spec = as_decoder(loaded, target_cfg, dtype)
+        spec = as_decoder(loaded, target_cfg, dtype, selector=selector)
     target_params, _ = convert.load_target(target_dir, dtype=dtype)
     gen = Generator(target_params, target_cfg, stop_token_ids(tokenizer),  # BUCKET read now
                     int(tokenizer.pad_token_id or 0), max_new_tokens, batch_size, sampling,

@@ -67,6 +67,9 @@ class PipelineDraft(Mode):
     default_objective = "kl"
 
     def check_drafter(self, dcfg, target_cfg) -> None:
+        if dcfg.arch != "dflash":
+            raise ValueError(f"drafter.arch={dcfg.arch!r}: the SPD draft module is a DFlash-style "
+                             "module over the stage boundaries (drafter.arch=dflash)")
         draft_lib.check(dcfg, target_cfg, source="drafter config")
 
     load_data = sft.MODE.load_data
