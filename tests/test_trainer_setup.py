@@ -128,3 +128,17 @@ def test_demo_targets_need_the_demo_step(tmp_path):
     c.target.path, c.workdir = "demo:cpu", str(tmp_path)
     with pytest.raises(ValueError, match="target.path='demo:cpu' names the embedded demo"):
         trainer.run(c)
+
+
+def test_the_resume_fingerprint_keeps_older_runs_of_the_same_masks():
+    """Runs before the optional is_causal recorded is_causal=false: a drafter without a causal
+    layer still matches them; a sliding (causal) layout does not."""
+    from dpace_jax.train import resume
+
+    plain, _ = build_drafter(_config(), TARGET, make_tiny_tokenizer())
+    assert plain.is_causal is None and "is_causal" not in drafter_hf.config_to_hf(plain)
+    assert resume.drafter_fingerprint(plain)["is_causal"] is False
+    mixed = ("sliding_attention", "full_attention")
+    sliding, _ = build_drafter(_config(sliding_window=8, layer_types=mixed), TARGET,
+                               make_tiny_tokenizer())
+    assert any(sliding.layer_causal) and "is_causal" not in resume.drafter_fingerprint(sliding)

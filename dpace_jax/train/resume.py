@@ -54,6 +54,16 @@ def target_content(target_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def drafter_fingerprint(dcfg) -> dict:
+    """The drafter's exported config.json but its dtype. A drafter without a causal layer records
+    is_causal=false, as runs did before z-lab's mask rule made it optional: the masks are the
+    same, so those runs resume."""
+    drafter = {k: v for k, v in drafter_hf.config_to_hf(dcfg).items() if k != "torch_dtype"}
+    if "is_causal" not in drafter and not any(dcfg.layer_causal):
+        drafter["is_causal"] = False
+    return drafter
+
+
 def run_fingerprint(s, mode, dcfg, data_fingerprint: str | None = None,
                     target_dir: Path | None = None) -> dict:
     """The settings a resumed run must keep (see the module doc), derived from the typed
@@ -70,8 +80,7 @@ def run_fingerprint(s, mode, dcfg, data_fingerprint: str | None = None,
                            sliding_window=dcfg.sliding_window, is_causal=dcfg.is_causal)
     if s.mode != "sft":  # absent for supervised runs: older runs resume
         fingerprint["mode"] = s.mode
-    fingerprint["drafter"] = {k: v for k, v in drafter_hf.config_to_hf(dcfg).items()
-                              if k != "torch_dtype"}
+    fingerprint["drafter"] = drafter_fingerprint(dcfg)
     fingerprint.update(mode.fingerprint(s))
     if data_fingerprint is not None:
         fingerprint["data"] = data_fingerprint
