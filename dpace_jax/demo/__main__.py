@@ -1,7 +1,7 @@
 """The whole pipeline on the embedded demo: build the target, regenerate the data, train a
 drafter with D-PACE, evaluate it on HumanEval, print a summary.
 
-    python -m dpace_jax.demo [--workdir runs/demo] [--size cpu|gpu] [--loss dpace]
+    python -m dpace_jax.demo [--workdir runs/demo] [--size cpu|gpu|cpu-dflash2|...] [--loss dpace]
 
 Every stage is cached in the work directory and an interrupted run continues where it stopped;
 the stages are train.py and evaluate.py with `--config configs/demo.py`.
@@ -17,8 +17,11 @@ from absl import logging
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m dpace_jax.demo", description=__doc__.split("\n")[0])
-    p.add_argument("--workdir", default="runs/demo", help="run directory (default runs/demo)")
-    p.add_argument("--size", default="cpu", choices=("cpu", "gpu"), help="demo target size")
+    p.add_argument("--workdir", default=None, help="run directory (default: the recipe's, "
+                   "runs/demo for cpu and gpu, runs/demo-<recipe> for the others)")
+    p.add_argument("--size", default="cpu", choices=("cpu", "gpu", "cpu-qwen3.5", "cpu-dflash2"),
+                   help="demo recipe: its target size (cpu, gpu), the Qwen3.5 hybrid target, "
+                        "or the DFlash 2 drafter")
     p.add_argument("--loss", default="dpace", help="training objective (dpace, dflash, ...)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
@@ -30,7 +33,7 @@ def main(argv=None) -> None:
 
     logging.set_verbosity(logging.WARNING)
     config = get_config(args.size)
-    config.workdir = args.workdir
+    config.workdir = args.workdir = args.workdir or config.workdir
     config.train.loss = args.loss
     config.train.progress = not args.no_progress
 
@@ -55,6 +58,10 @@ def main(argv=None) -> None:
     if final:
         print(f"training     {train['steps']} steps of {config.train.loss}: loss "
               f"{final['loss']:.3f}, token accuracy {final['accuracy']:.3f}")
+        if "topk_recall" in final:
+            print(f"selector     top-{config.drafter.selector_top_k} recall "
+                  f"{final['topk_recall']:.3f}, walk accuracy {final['selector_accuracy']:.3f}, "
+                  f"walk != unary argmax in {100 * final['walk_changed']:.1f}% of blocks")
     print(f"drafter      {train['hf_dir']} (DFlash HF format)")
     print(f"HumanEval    {len(bench['samples'])} prompts, block size {report['block_size']}, "
           f"greedy; speculative output == autoregressive: {bench['mismatches'] == 0}")

@@ -3,7 +3,8 @@
 Sized to finish (target build, data regeneration, training, HumanEval evaluation) in about ten
 minutes on a 2-core CPU. `configs/demo.py` exposes it to train.py / evaluate.py; `size="gpu"` is
 the larger target for a GPU, `size="cpu-qwen3.5"` the cpu recipe with a Qwen3.5 hybrid target
-(runs/demo-qwen3.5).
+(runs/demo-qwen3.5), `size="cpu-dflash2"` the cpu recipe with a DFlash 2 drafter on the cpu
+target (runs/demo-dflash2).
 """
 
 from dpace_jax.config import default_config
@@ -11,8 +12,14 @@ from dpace_jax.config import default_config
 
 def get_config(size: str = "cpu"):
     c = default_config()
-    c.workdir = "runs/demo-qwen3.5" if size == "cpu-qwen3.5" else "runs/demo"
-    c.target.path = f"demo:{size}"
+    c.workdir = {"cpu-qwen3.5": "runs/demo-qwen3.5",
+                 "cpu-dflash2": "runs/demo-dflash2"}.get(size, "runs/demo")
+    c.target.path = "demo:cpu" if size == "cpu-dflash2" else f"demo:{size}"
+    if size == "cpu-dflash2":
+        # DFlash 2's published settings (conv 2 / 16, top-16 candidates) with the selector's rank
+        # cut to the demo's width (the published 256 is twice the demo target's hidden size)
+        c.drafter.arch = "dflash2"
+        c.drafter.selector_rank = 64
     size = "cpu" if size.startswith("cpu") else size  # the recipe of the cpu sizes
     c.target.dtype = "float32" if size == "cpu" else "bfloat16"
 

@@ -171,6 +171,9 @@ class DFlash2(DrafterFamily):
     def config_to_hf(self, cfg, out: dict) -> None:
         f = cfg.family_cfg
         out["dflash_config"].update({n: getattr(f, n) for n in DFlash2Config.HF_FIELDS})
+        # the published checkpoints keep block_size in dflash_config too (readers look there
+        # first); the top-level copy stays for DFlash v1 readers
+        out["dflash_config"]["block_size"] = cfg.block_size
         if not f.final_logit_softcapping:
             out["dflash_config"]["final_logit_softcapping"] = None
 
