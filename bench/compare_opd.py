@@ -256,7 +256,11 @@ def main(argv=None) -> None:
         for seed in seeds:
             run = workdir / arm / f"seed{seed}"
             config = arm_config(arm, sft, run, seed, progress)
-            if not trainer.run(config)["finished"]:
+            # a run with every evaluation cached finished its training: no resume needed (which
+            # would also refuse runs whose fingerprint a later version of the code spells
+            # differently)
+            evaluated = all(eval_path(run, t).exists() for t in temps)
+            if not evaluated and not trainer.run(config)["finished"]:
                 raise SystemExit(f"error: {run}: training stopped before its last step")
             for t in temps:
                 report = evaluate(config, t, eval_path(run, t), samples[f"{t:g}"])
