@@ -41,15 +41,18 @@ ARMS = {
     "opd-softmax-first": {"opd.teacher": "softmax", "opd.rejected_stream": "first"},
     "opd-verify": {"opd.teacher": "verify", "opd.rejected_stream": "suffix"},
     # the verify teacher without the rejected stream (inert at T = 0 but in the denominator)
-    "opd-verify-norej": {"opd.teacher": "verify", "opd.rejected_weight": 0.0},
+    "opd-verify-norej": {"opd.teacher": "verify", "opd.rejected_stream": "first",
+                         "opd.rejected_weight": 0.0},
     "opd-softmax-dpace": {"opd.teacher": "softmax", "opd.rejected_stream": "suffix",
                           "opd.dpace_weights": True},
     "opd-verify-dpace": {"opd.teacher": "verify", "opd.rejected_stream": "suffix",
                          "opd.dpace_weights": True},
-    "tv-verify": {"train.loss": "tv", "opd.teacher": "verify"},
-    "tv-softmax": {"train.loss": "tv", "opd.teacher": "softmax"},
+    # TV covers the realized positions (the first rejection's included): stream "first"
+    "tv-verify": {"train.loss": "tv", "opd.teacher": "verify", "opd.rejected_stream": "first"},
+    "tv-softmax": {"train.loss": "tv", "opd.teacher": "softmax", "opd.rejected_stream": "first"},
     # the public code's TV (its Qwen3-8B script): T = 1 softmax teacher, per block
-    "tv-softmax-block": {"train.loss": "tv", "opd.teacher": "softmax", "opd.tv_reduce": "block"},
+    "tv-softmax-block": {"train.loss": "tv", "opd.teacher": "softmax",
+                         "opd.rejected_stream": "first", "opd.tv_reduce": "block"},
 }
 DEFAULT_ARMS = "sft-dpace,opd-softmax,opd-verify,tv-verify"
 BASELINE = "sft-dpace"

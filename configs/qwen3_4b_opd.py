@@ -7,7 +7,11 @@ chat data:
     python train.py --config configs/qwen3_4b_opd.py --config.workdir=runs/opd \
         --config.drafter.init_from=runs/sft --config.data.paths="('data/train.jsonl',)"
 
---config.opd.dpace_weights=True adds D-PACE weights to the realized-token stream.
+The objective is the public recipe's: the temperature-1 softmax teacher and every rejected draft
+after the first rejection (their code's defaults; docs/opd.md quotes it). On the demo no variant
+beat continued SFT; the closest (a tie) was --config.opd.teacher=verify
+--config.opd.rejected_weight=0. --config.opd.dpace_weights=True adds D-PACE weights to the
+realized-token stream.
 """
 
 from dpace_jax.config import default_config
@@ -26,4 +30,6 @@ def get_config():
     c.opd.max_prompt_length = 512
     c.opd.max_new_tokens = 4096
     c.opd.rollout_batch_size = 32
+    c.opd.teacher = "softmax"  # the public recipe (docs/opd.md)
+    c.opd.rejected_stream = "suffix"
     return c
