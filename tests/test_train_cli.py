@@ -117,3 +117,39 @@ def test_config_typo_and_missing_data_are_clear_errors(tmp_path):
     assert out.returncode != 0 and "train.attention='splash'" in out.stderr
     out = _train(tmp_path, "--config.train.target_attention=cudnn", check=False)
     assert out.returncode != 0 and "train.target_attention=cudnn needs an NVIDIA GPU" in out.stderr
+
+
+def test_a_dflash2_drafter_trains_exports_reimports_and_decodes(contract_run, tmp_path):
+    """drafter.arch=dflash2 through train.py: the selector's metrics are logged, the export is a
+    DFlash2DraftModel that re-imports to the checkpoint's weights bit for bit, and evaluate.py's
+    decoding runs it losslessly."""
+    import jax
+
+    from dpace_jax.infer import evaluation, generation
+
+    contract, _ = contract_run
+    _train(tmp_path, f"--config.target.path={contract / 'target'}", "--config.train.max_steps=4",
+           "--config.train.log_every=1", "--config.drafter.arch=dflash2",
+           "--config.drafter.selector_rank=16", "--config.drafter.selector_top_k=8",
+           "--config.train.selector_warmup_ratio=0.25")
+    hf = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert hf["architectures"] == ["DFlash2DraftModel"]
+    assert hf["dflash_config"]["selector_top_k"] == 8 and hf["dflash_config"]["block_size"] == 8
+    rows = _metrics(tmp_path)
+    assert [r["selector_alpha"] for r in rows] == [0, 1, 1, 1]  # warm-up: the first step only
+    assert all(0 <= r[k] <= 1 for r in rows for k in ("topk_recall", "selector_accuracy",
+                                                      "walk_changed"))
+    checkpoint = generation.load_drafter(tmp_path)
+    exported = generation.load_drafter(tmp_path / "hf")
+    assert checkpoint.config == exported.config and exported.config.arch == "dflash2"
+    for a, b in zip(jax.tree.leaves(checkpoint.params), jax.tree.leaves(exported.params),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    from dpace_jax.config import default_config
+
+    c = default_config()
+    c.target.path, c.target.dtype = str(contract / "target"), "float32"
+    c.eval.drafter, c.eval.num_samples, c.eval.max_new_tokens = str(tmp_path / "hf"), 2, 16
+    report = evaluation.evaluate(c, progress=False)
+    assert report["drafter_arch"] == "dflash2" and report["selector"] is True
+    assert report["benchmarks"]["humaneval"]["mismatches"] == 0

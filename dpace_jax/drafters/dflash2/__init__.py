@@ -206,25 +206,31 @@ def propose(params: DFlash2Params, cfg, target_params, cache, anchor_tokens, anc
             sampler):
     """One block's drafts per sequence by the candidate selector's walk (the decoder's
     `propose`, dpace_jax.infer.decode.Drafter): the unary scores of draft positions 1..K-1 from
-    the target's LM head, their top-Z candidates, then the greedy walk, or under the speculative
-    rule at T > 0 the sampled walk, whose per-position distribution over the vocabulary (zero
-    outside the candidates, conditional on the drafted prefix) is returned as q for the lossless
-    verification -> (block [B, K]: the anchor token then the drafts, q [B, K, V] or None)."""
-    from dpace_jax.drafters.dflash2 import selector
-
-    f = cfg.family_cfg
+    the target's LM head, then `walk_block` -> (block [B, K], q [B, K, V] or None)."""
     hidden = dflash_lib.draft_hidden(params, cfg, target_params, cache, anchor_tokens,
                                      anchors)[:, 1:]
     unary = dflash_lib.head_logits(target_params, hidden, cfg)  # [B, K-1, V]
-    cand = selector.top_candidates(unary, f.selector_top_k)
+    return walk_block(params.selector, hidden, unary, anchor_tokens,
+                      cfg.family_cfg.selector_top_k, key, sampler)
+
+
+def walk_block(sel: SelectorParams, hidden, unary, anchor_tokens, top_k: int, key, sampler):
+    """The drafts of one block from its hidden states [B, K-1, D] and unary scores [B, K-1, V]:
+    their top-Z candidates, then the greedy walk, or under the speculative rule at T > 0 the
+    sampled walk, whose per-position distribution over the vocabulary (zero outside the
+    candidates, conditional on the drafted prefix) is returned as q for the lossless
+    verification -> (block [B, K]: the anchor token then the drafts, q [B, K, V] or None). Under
+    DFlash's match rule the greedy walk drafts: that rule is lossless with any draft."""
+    from dpace_jax.drafters.dflash2 import selector
+
+    cand = selector.top_candidates(unary, top_k)
     anchor_tokens = anchor_tokens.astype(jnp.int32)
     if sampler.rule == "speculative" and not sampler.greedy:
-        walk = selector.sampled_walk(key, params.selector, hidden, anchor_tokens, cand.ids,
-                                     cand.scores, sampler.temperature, cfg.vocab_size)
+        walk = selector.sampled_walk(key, sel, hidden, anchor_tokens, cand.ids, cand.scores,
+                                     sampler.temperature, unary.shape[-1])
         q = jnp.concatenate([jnp.zeros_like(walk.q[:, :1]), walk.q], axis=1)
     else:
-        walk, q = selector.greedy_walk(params.selector, hidden, anchor_tokens, cand.ids,
-                                       cand.scores), None
+        walk, q = selector.greedy_walk(sel, hidden, anchor_tokens, cand.ids, cand.scores), None
     return jnp.concatenate([anchor_tokens[:, None], walk.tokens], axis=1), q
 
 
