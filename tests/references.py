@@ -119,10 +119,11 @@ def replay_of_a_rollout(target_params, target_cfg, drafter_params, drafter_cfg, 
                         max_new: int, seq_len: int, step_cfg, stop_ids=()):
     """Roll `prompts` out greedily with the drafter (decode(record=True)), replay the rows at
     their block boundaries with the training forward, and check that the replay drafts what the
-    cached decoder drafted: in every block with a recorded rejection, the argmax at offsets
-    1..acc are the accepted tokens and at acc + 1 the rejected draft; in every block whose drafts
-    were all accepted, the argmax at 1..K-1 are its tokens. -> (rows, batch, logits [B, N, K, V],
-    number of draft positions checked, deepest offset checked)."""
+    cached decoder drafted: in every block with a recorded rejection, the drafts (the argmax; a
+    DFlash 2 drafter's greedy walk) at offsets 1..acc are the accepted tokens and at acc + 1 the
+    rejected draft; in every block whose drafts were all accepted, the drafts at 1..K-1 are its
+    tokens. -> (rows, batch, logits [B, N, K, V] (DFlash 2: its unary scores), number of draft
+    positions checked, deepest offset checked)."""
     import jax.numpy as jnp
 
     from dpace_jax.infer import decode
@@ -138,11 +139,23 @@ def replay_of_a_rollout(target_params, target_cfg, drafter_params, drafter_cfg, 
     batch, dropped = replay.replay_batch(rows, block_size=k, seq_len=seq_len,
                                          num_blocks=max_new + 1)
     assert dropped == 0
-    hidden, head = step_lib.drafter_hidden(
+    hidden, head = jax.jit(lambda p, t, tokens, anchors: step_lib.drafter_hidden(
+        p, t, tokens, anchors, target_cfg=target_cfg, drafter_cfg=drafter_cfg, cfg=step_cfg))(
         drafter_params, target_params, jnp.asarray(batch["input_ids"]),
-        jnp.asarray(batch["anchors"]), target_cfg=target_cfg, drafter_cfg=drafter_cfg,
-        cfg=step_cfg)
+        jnp.asarray(batch["anchors"]))
     logits = np.asarray(jnp.einsum("bnkd,dv->bnkv", hidden, head))
+    drafts = logits[:, :, 1:].argmax(-1)  # [B, N, K-1]
+    if drafter_cfg.arch == "dflash2":  # its unary scores, and its drafts walk the selector
+        from dpace_jax.drafters.dflash2 import selector
+
+        transform = step_lib.logit_transform(drafter_cfg)
+        logits = np.asarray(transform(jnp.asarray(logits))) if transform else logits
+        cand = selector.top_candidates(jnp.asarray(logits[:, :, 1:]),
+                                       drafter_cfg.family_cfg.selector_top_k)
+        anchor_tokens = np.take_along_axis(batch["input_ids"], batch["anchors"], 1)
+        drafts = np.asarray(selector.greedy_walk(drafter_params.selector, hidden[:, :, 1:],
+                                                 jnp.asarray(anchor_tokens), cand.ids,
+                                                 cand.scores).tokens)
     checked = deepest = 0
     for b, row in enumerate(rows):
         for n, blk in enumerate(replay.blocks(row, k)[1:], start=1):
@@ -150,11 +163,11 @@ def replay_of_a_rollout(target_params, target_cfg, drafter_params, drafter_cfg, 
             if blk.rejected < 0 and accepted < k - 1:
                 continue  # cut by a stop token or the length limit: no draft to compare
             tokens = batch["input_ids"][b, blk.anchor + 1: blk.anchor + 1 + accepted]
-            np.testing.assert_array_equal(logits[b, n, 1: accepted + 1].argmax(-1), tokens,
+            np.testing.assert_array_equal(drafts[b, n, :accepted], tokens,
                                           err_msg=f"row {b} block {n}")
             checked += accepted
             if blk.rejected >= 0:
-                assert logits[b, n, accepted + 1].argmax() == blk.rejected, (b, n)
+                assert drafts[b, n, accepted] == blk.rejected, (b, n)
                 checked += 1
             deepest = max(deepest, accepted + (blk.rejected >= 0))
     return rows, batch, logits, checked, deepest

@@ -185,6 +185,24 @@ def test_sampled_walk_is_lossless(rule, temperature, top_k, top_p):
 # the training loss
 
 
+def np_selector_ce(h, logits, labels, m, sel, z):
+    """Per position, the selector's CE over the top-z of the unary `logits` [..., K, V] with the
+    gold predecessor (the label before; the anchor token at position 1), and whether the label is
+    among the candidates (covered), at the positions of mask m; float64 loops."""
+    wp, pred_cb, succ_cb = (np.asarray(x, np.float64) for x in sel)
+    sel_ce, covered = np.zeros(m.shape), np.zeros(m.shape, bool)
+    for idx in np.ndindex(m.shape):
+        row = np.asarray(logits[idx], np.float64)
+        top = list(np.argsort(-row, kind="stable")[:z])
+        if not m[idx] or labels[idx] not in top:
+            continue
+        covered[idx] = True
+        pred = labels[idx[:-1] + (idx[-1] - 1,)]
+        sc = row[top] + (pred_cb[pred] * (h[idx] @ wp)) @ succ_cb[top].T
+        sel_ce[idx] = np.log(np.exp(sc - sc.max()).sum()) + sc.max() - sc[top.index(labels[idx])]
+    return sel_ce, covered
+
+
 def np_step_loss(hidden, head, labels, mask, sel, loss, alpha_sel, weights_mode, *, z,
                  multiplier, softcap, alpha=0.5, gamma=4.0):
     """The DFlash 2 training loss in float64 loops from the drafter's hidden states: the base
@@ -195,23 +213,14 @@ def np_step_loss(hidden, head, labels, mask, sel, loss, alpha_sel, weights_mode,
     from test_loss import ref_weights
 
     h, head = np.asarray(hidden, np.float64), np.asarray(head, np.float64)
-    wp, pred_cb, succ_cb = (np.asarray(x, np.float64) for x in sel)
     logits = multiplier * (h @ head)
     logits = softcap * np.tanh(logits / softcap)
     m = np.asarray(mask) != 0
-    ce, sel_ce, covered = np.zeros(m.shape), np.zeros(m.shape), np.zeros(m.shape, bool)
+    ce = np.zeros(m.shape)
     for idx in np.ndindex(m.shape):
         row = logits[idx]
         ce[idx] = np.log(np.exp(row - row.max()).sum()) + row.max() - row[labels[idx]]
-        if not m[idx]:
-            continue
-        top = list(np.argsort(-row, kind="stable")[:z])
-        if labels[idx] not in top:
-            continue
-        covered[idx] = True
-        pred = labels[idx[:-1] + (idx[-1] - 1,)]
-        sc = row[top] + (pred_cb[pred] * (h[idx] @ wp)) @ succ_cb[top].T
-        sel_ce[idx] = np.log(np.exp(sc - sc.max()).sum()) + sc.max() - sc[top.index(labels[idx])]
+    sel_ce, covered = np_selector_ce(h, logits, labels, m, sel, z)
     if loss == "dflash":
         w = np.broadcast_to([np.exp(-(k - 1) / gamma) for k in range(m.shape[-1])], m.shape)
         den = (m * w).sum()
@@ -265,3 +274,64 @@ def test_step_loss_matches_numpy(setup, loss, weights_mode):
     n_loss = (np.asarray(mask) != 0).sum()
     assert 0 < covered.sum() < n_loss  # some labels fall outside the top-Z
     np.testing.assert_allclose(float(aux["topk_recall"]), covered.sum() / n_loss, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_on_policy_rollouts_replay_the_walk_and_train_the_selector():
+    """train.mode=opd with a DFlash 2 drafter: its rollouts record the walk's drafts (replayed at
+    the rollout's boundaries, the training forward's greedy walk reproduces every accepted and
+    rejected draft, and the walk differs from the unary argmax in some blocks), and the OPD
+    objective is Draft-OPD's loss on the transformed unary log-probs (dense) plus the selector's
+    CE over the realized positions (float64 loop), uniformly weighted."""
+    import references
+
+    from dpace_jax.config import default_config
+    from dpace_jax.loss import opd as opd_loss
+    from dpace_jax.train import step as step_lib
+    from dpace_jax.train.opd import objective as opd_step
+    from dpace_jax.train.settings import OpdConfig
+
+    cfg = dataclasses.replace(CFG2, family_cfg=dataclasses.replace(
+        D2, output_multiplier=0.7, final_logit_softcapping=4.0))
+    target = random_like(model.init_params, TARGET, 0, 0.3)
+    params = random_like(dflash_lib.init_drafter_params, cfg, 1, 0.3)
+    params = dataclasses.replace(params, selector=jax.tree.map(lambda x: 4 * x, params.selector))
+    rs = np.random.RandomState(0)
+    prompts = [list(rs.randint(0, 90, n)) for n in (5, 9, 3)]
+    c = default_config()
+    c.train.compute_dtype, c.train.loss, c.train.loss_chunk_size = "float32", "opd", 16
+    step_cfg = step_lib.StepConfig.from_config(c, 10)
+    _, batch, logits, checked, _ = references.replay_of_a_rollout(
+        target, TARGET, params, cfg, prompts, max_new=15, seq_len=32, step_cfg=step_cfg)
+    assert checked >= 10
+    hidden, _ = jax.jit(lambda p, t, a: step_lib.drafter_hidden(
+        p, target, t, a, target_cfg=TARGET, drafter_cfg=cfg, cfg=step_cfg))(
+        params, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["anchors"]))
+    anchor_tokens = np.take_along_axis(batch["input_ids"], batch["anchors"], 1)
+    cand = selector_lib.top_candidates(jnp.asarray(logits[:, :, 1:]), D2.selector_top_k)
+    walk = np.asarray(selector_lib.greedy_walk(params.selector, hidden[:, :, 1:],
+                                               jnp.asarray(anchor_tokens), cand.ids,
+                                               cand.scores).tokens)
+    kept = batch["keep"].astype(bool)
+    assert np.any((walk != logits[:, :, 1:].argmax(-1)).any(-1) & kept)
+    opd = OpdConfig.from_config(default_config().opd, dpace_weights=False)
+    loss, aux = jax.jit(lambda p, b: opd_step.opd_loss_fn(
+        p, target, b, None, target_cfg=TARGET, drafter_cfg=cfg, cfg=step_cfg, opd=opd))(
+        params, jax.tree.map(jnp.asarray, batch))
+    logq = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    labels = np.take_along_axis(batch["input_ids"], np.minimum(
+        batch["anchors"][..., None] + np.arange(cfg.block_size), 31).reshape(3, -1), 1)
+    labels = labels.reshape(3, 16, -1)
+    logq_real = np.take_along_axis(logq, labels[..., None], -1)[..., 0]
+    at = np.take_along_axis(logq, batch["rej_offset"][..., None, None], 2)[:, :, 0]
+    logq_rej = np.take_along_axis(at, batch["rej_token"][..., None], -1)[..., 0]
+    base, _ = opd_loss.opd_loss(logq_real, batch["logp_real"], batch["real_mask"], logq_rej,
+                                batch["logp_rej"], batch["rej_offset"], batch["rej_mask"])
+    real = batch["real_mask"] & kept[..., None]
+    sel = (params.selector.hidden_projection, params.selector.predecessor_codebook,
+           params.selector.successor_codebook)
+    sel_ce, covered = np_selector_ce(np.asarray(hidden, np.float64), logits, labels, real, sel,
+                                     D2.selector_top_k)
+    assert 0 < covered.sum() < real.sum()
+    np.testing.assert_allclose(float(loss), float(base) + sel_ce.sum() / real.sum(), rtol=1e-5)
+    np.testing.assert_allclose(float(aux["topk_recall"]), covered.sum() / real.sum(), rtol=1e-6)

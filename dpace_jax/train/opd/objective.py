@@ -9,6 +9,11 @@ the DFlash training forward on those blocks (same features and mask as supervise
 log-probs of the supervised tokens, taken from the LM head in chunks, enter
 `dpace_jax.loss.opd.opd_loss`, or its full distributions enter `teacher.tv_loss_from_hidden`.
 
+A DFlash 2 drafter's logits are its unary scores (output multiplier and softcap applied), and its
+family's own term joins the loss: the selector's cross-entropy over the unary top-Z at the
+realized positions (the rollout's own tokens are the target's, so the gold), uniformly weighted
+over them; the rejected streams do not supervise the selector.
+
 The teacher (opd.teacher, docs/opd.md): `softmax`, the target's temperature-1 distribution (the
 public Draft-OPD recipe, whatever the rollout's temperature), or `verify`, the distribution the
 rollout's verification accepted against: one-hot on the target's greedy token at opd.temperature
@@ -24,12 +29,13 @@ import jax
 import jax.numpy as jnp
 
 from dpace_jax.drafters import dflash as drafter_lib
+from dpace_jax.drafters import drafter_family
 from dpace_jax.loss import chunked as chunked_loss
 from dpace_jax.loss import opd as opd_loss
 from dpace_jax.targets import model as model_lib
 from dpace_jax.train import anchors as anchor_lib
 from dpace_jax.train.opd import teacher as teacher_lib
-from dpace_jax.train.step import StepConfig, drafter_hidden
+from dpace_jax.train.step import StepConfig, drafter_hidden, logit_transform
 
 BATCH_KEYS = ("input_ids", "anchors", "keep", "real_mask", "logp_real", "vlogp_real",
               "rej_token", "rej_offset", "logp_rej", "vlogp_rej", "rej_mask", "sfx_token",
@@ -81,10 +87,12 @@ def _forward(drafter_params, target_params, batch, *, target_cfg, drafter_cfg, c
     return hidden, head, target
 
 
-def opd_objective(hidden, head, batch: dict, *, opd, alpha: float, chunk_size: int):
+def opd_objective(hidden, head, batch: dict, *, opd, alpha: float, chunk_size: int,
+                  family_terms=None):
     """Draft-OPD's loss (dpace_jax.loss.opd.opd_loss) of a replay batch from the drafter's hidden
     states [B, N, K, D] and head [D, V], under opd.teacher / opd.rejected_stream; D-PACE weights
-    (alpha) on the realized stream with opd.dpace_weights."""
+    (alpha) on the realized stream with opd.dpace_weights. `family_terms` (see `_family_terms`)
+    adds the drafter family's own terms on the realized stream."""
     keep = batch["keep"]
     k_block = hidden.shape[2]
     labels, _ = anchor_lib.block_labels(batch["input_ids"], jnp.ones_like(batch["input_ids"]),
@@ -102,15 +110,19 @@ def opd_objective(hidden, head, batch: dict, *, opd, alpha: float, chunk_size: i
     lp_rej = jnp.where(at_first, batch["vlogp_rej" if verify else "logp_rej"][..., None],
                        batch["vlogp_sfx" if verify else "logp_sfx"])
     offsets = jnp.broadcast_to(jnp.arange(k_block, dtype=jnp.int32), rej_mask.shape)
+    transform, top_k = family_terms.transform_and_top_k if family_terms else (None, 0)
     with jax.named_scope("lm_head_loss"):
-        ce_real, correct = chunked_loss.token_stats_from_hidden(
-            hidden, head, labels, real_mask, chunk_size=chunk_size)
-        ce_rej, _ = chunked_loss.token_stats_from_hidden(
-            hidden, head, rej_token, rej_mask, chunk_size=chunk_size)
+        ce_real, correct, *top = chunked_loss.token_stats_from_hidden(
+            hidden, head, labels, real_mask, chunk_size=chunk_size, transform=transform,
+            top_k=top_k)
+        ce_rej, *_ = chunked_loss.token_stats_from_hidden(
+            hidden, head, rej_token, rej_mask, chunk_size=chunk_size, transform=transform)
         loss, aux = opd_loss.opd_loss(
             -ce_real, lp_real, real_mask, -ce_rej, lp_rej, offsets, rej_mask, decay=opd.decay,
             rej_weight=opd.rejected_weight, dpace_alpha=alpha if opd.dpace_weights else None)
     aux = dict(aux)
+    if family_terms:
+        loss, aux = family_terms.add(loss, aux, labels, real_mask, *top)
     aux["accuracy"] = _masked_mean(correct, real_mask)
     aux["q_real"] = _masked_mean(jnp.exp(-ce_real), real_mask)  # the drafter's p of them
     aux["p_real"] = _masked_mean(jnp.exp(jnp.minimum(lp_real, 0.0)), real_mask)  # the teacher's
@@ -131,7 +143,8 @@ def tv_block_loss(tv, mask):
     return _masked_mean(per_block, n > 0)
 
 
-def tv_objective(hidden, head, target_hidden, batch: dict, *, opd, chunk_size: int):
+def tv_objective(hidden, head, target_hidden, batch: dict, *, opd, chunk_size: int,
+                 family_terms=None):
     """The total variation between the teacher and the drafter at each realized position of the
     replay blocks (offsets 1..emitted: the accepted drafts' positions and the first rejection's),
     averaged per position (opd.tv_reduce=position) or per block (block). With the greedy verify
@@ -141,15 +154,18 @@ def tv_objective(hidden, head, target_hidden, batch: dict, *, opd, chunk_size: i
     labels, _ = anchor_lib.block_labels(batch["input_ids"], jnp.ones_like(batch["input_ids"]),
                                         batch["anchors"], keep, k_block)
     real_mask = batch["real_mask"] & keep[..., None]
+    transform, top_k = family_terms.transform_and_top_k if family_terms else (None, 0)
     with jax.named_scope("lm_head_loss"):
-        ce_real, correct = chunked_loss.token_stats_from_hidden(
-            hidden, head, labels, real_mask, chunk_size=chunk_size)
+        ce_real, correct, *top = chunked_loss.token_stats_from_hidden(
+            hidden, head, labels, real_mask, chunk_size=chunk_size, transform=transform,
+            top_k=top_k)
         if target_hidden is None:  # one-hot teacher on the realized (= greedy) token
             tv = jnp.where(real_mask, -jnp.expm1(-ce_real), 0.0)
         else:
             temperature = opd.temperature if opd.teacher == "verify" else 1.0
             tv, _ = teacher_lib.tv_loss_from_hidden(hidden, target_hidden, head, real_mask,
-                                                    temperature, chunk_size=chunk_size)
+                                                    temperature, chunk_size=chunk_size,
+                                                    drafter_transform=transform)
         if opd.tv_reduce == "block":
             loss = tv_block_loss(tv, real_mask)
         else:
@@ -158,7 +174,35 @@ def tv_objective(hidden, head, target_hidden, batch: dict, *, opd, chunk_size: i
            "accuracy": _masked_mean(correct, real_mask),
            "q_real": _masked_mean(jnp.exp(-ce_real), real_mask),
            "n_realized": jnp.sum(real_mask), "num_blocks": jnp.sum(keep)}
+    if family_terms:
+        loss, aux = family_terms.add(loss, aux, labels, real_mask, *top)
     return loss, aux
+
+
+class _FamilyTerms:
+    """What a drafter family adds to the on-policy objectives (DFlash 2: the transform of its
+    unary logits, and its selector term over the realized stream's top-Z, uniform weights over
+    the realized positions); None for families without (DFlash)."""
+
+    def __init__(self, drafter_params, drafter_cfg, hidden, cfg: StepConfig, step):
+        self.family = drafter_family(drafter_cfg.arch)
+        self.transform_and_top_k = (logit_transform(drafter_cfg),
+                                    self.family.train_top_k(drafter_cfg))
+        self._args = (drafter_params, drafter_cfg, hidden, cfg, step)
+
+    def add(self, loss, aux, labels, mask, top_scores, top_ids):
+        drafter_params, drafter_cfg, hidden, cfg, step = self._args
+        params = jax.tree.map(lambda x: x.astype(cfg.compute_dtype), drafter_params)
+        ones = jnp.ones(mask.shape, jnp.float32)
+        term, extra = self.family.train_terms(
+            params, drafter_cfg, hidden, labels, mask, top_scores, top_ids, ones,
+            jnp.sum((mask != 0).astype(jnp.float32)), step, cfg)
+        return loss + term, {**aux, **extra}
+
+
+def _family_terms(drafter_params, drafter_cfg, hidden, cfg: StepConfig, step):
+    terms = _FamilyTerms(drafter_params, drafter_cfg, hidden, cfg, step)
+    return terms if terms.transform_and_top_k != (None, 0) else None
 
 
 def opd_loss_fn(drafter_params, target_params, batch: dict[str, jax.Array], key: jax.Array, *,
@@ -171,7 +215,9 @@ def opd_loss_fn(drafter_params, target_params, batch: dict[str, jax.Array], key:
     hidden, head, _ = _forward(drafter_params, target_params, batch, target_cfg=target_cfg,
                                drafter_cfg=drafter_cfg, cfg=cfg, with_target=False)
     return opd_objective(hidden, head, batch, opd=opd, alpha=cfg.alpha,
-                         chunk_size=cfg.loss_chunk_size)
+                         chunk_size=cfg.loss_chunk_size,
+                         family_terms=_family_terms(drafter_params, drafter_cfg, hidden, cfg,
+                                                    step))
 
 
 def tv_loss_fn(drafter_params, target_params, batch: dict[str, jax.Array], key: jax.Array, *,
@@ -182,4 +228,6 @@ def tv_loss_fn(drafter_params, target_params, batch: dict[str, jax.Array], key: 
     hidden, head, target = _forward(drafter_params, target_params, batch, target_cfg=target_cfg,
                                     drafter_cfg=drafter_cfg, cfg=cfg,
                                     with_target=needs_target_hidden("tv", opd))
-    return tv_objective(hidden, head, target, batch, opd=opd, chunk_size=cfg.loss_chunk_size)
+    return tv_objective(hidden, head, target, batch, opd=opd, chunk_size=cfg.loss_chunk_size,
+                        family_terms=_family_terms(drafter_params, drafter_cfg, hidden, cfg,
+                                                   step))

@@ -194,7 +194,7 @@ def tv_loss(teacher_logprobs, drafter_logits, mask):
 
 def tv_loss_from_hidden(drafter_hidden, target_hidden, head, mask, temperature, top_k: int = 0,
                         top_p: float = 1.0, chunk_size: int = DEFAULT_CHUNK_SIZE, *,
-                        target_head=None):
+                        target_head=None, drafter_transform=None):
     """``tv_loss(verify_teacher_logprobs(target_hidden @ target_head, ...), drafter_hidden @ head,
     mask)`` without ``[B, N, K, V]`` logits in memory.
 
@@ -213,8 +213,9 @@ def tv_loss_from_hidden(drafter_hidden, target_hidden, head, mask, temperature, 
     logits and the per-row TV. The chunk body is rematerialized (``jax.checkpoint``), so the
     backward pass also holds one chunk of logits at a time. The teacher branch (target_hidden,
     target_head) is a constant: no gradient; the drafter branch passes gradients to
-    drafter_hidden and head. Returns ``(tv [B, N, K] float32, masked mean)``, equal to the
-    unchunked ``tv_loss`` up to float rounding.
+    drafter_hidden and head. ``drafter_transform(logits)`` maps the drafter's logits (fp32)
+    first: DFlash 2's output multiplier and softcap. Returns ``(tv [B, N, K] float32, masked
+    mean)``, equal to the unchunked ``tv_loss`` up to float rounding.
     """
     s = _check_sampling(temperature, top_k, top_p)
     chunk_size = _check_chunk_size(chunk_size)
@@ -252,6 +253,8 @@ def tv_loss_from_hidden(drafter_hidden, target_hidden, head, mask, temperature, 
         # Masked (and padding) rows get zero hidden states: finite logits, then dropped.
         z = jnp.einsum("rd,dv->rv", jnp.where(keep, h_rows, 0).astype(w.dtype), w,
                        preferred_element_type=jnp.float32)
+        if drafter_transform is not None:
+            z = drafter_transform(z)
         zt = jnp.einsum("rd,dv->rv", jnp.where(keep, g_rows, 0).astype(wt.dtype), wt,
                         preferred_element_type=jnp.float32)
         if s is None:
