@@ -12,14 +12,25 @@ whose layers all slide over a window (8) shorter than the answers (40).
 The same trained drafters check the on-policy replay: rolled out with records, their blocks
 replayed at the rollout's boundaries draft what the decoder drafted, at every offset.
 
+A DFlash 2 drafter (drafter.arch=dflash2, the published layout: sliding layers, bidirectional in
+the block; a selector of rank 16 over 8 candidates) is trained in the same scenario and its
+export decodes in z-lab's own reference (`dflash.model.DFlash2DraftModel.from_pretrained` +
+`dflash_generate` at T = 0) step by step as in evaluate.py. Its walk leaves the unary argmax on
+some of the decoded blocks (counted inside z-lab's decoder) and on some training blocks (the
+trainer's walk_changed), while the output stays the autoregressive one.
+
 Sensitivity, checked by hand: with the target features of the code before the last-layer fix
 (no final norm on the last layer's feature) the reference decodes prompts with other acceptance
 lengths and the test fails; with a reference that ignores the sliding window, all 8 prompts do.
+For DFlash 2: with our decoder drafting the unary argmax of the same weights instead of the walk
+(eval.selector=False), a prompt decodes with acceptance lengths [3, 8, 8, 8, 8, 5] against
+z-lab's [4, 7, 8, 8, 8, 5] and the test fails (the walk had 7 of 52 blocks off the argmax).
 """
 
 from __future__ import annotations
 
 import json
+import time
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +57,8 @@ TARGET = model.ModelConfig(vocab_size=272, hidden_size=64, intermediate_size=128
 DRAFTERS = {  # name -> config.drafter fields
     "full": dict(target_layer_ids=(1, 3)),
     "sliding": dict(target_layer_ids=(1, 2), sliding_window=8),
+    "dflash2": dict(target_layer_ids=(1, 2), sliding_window=8, is_causal=False, arch="dflash2",
+                    selector_rank=16, selector_top_k=8),
 }
 
 
@@ -125,6 +138,9 @@ def test_reference_decoder_agrees_step_by_step(tmp_path):
         result = report["benchmarks"]["alpaca"]
         assert result["mismatches"] == 0, name  # lossless: speculative == autoregressive
         assert result["tau"] > 3.0, (name, result["tau"])  # most of each block is accepted
+        if name == "dflash2":
+            check_in_zlab_decoder(target, report, workdir, stops)
+            continue
         drafter = Drafter(f"{workdir}/hf")
         windows = {layer.window for layer in drafter.layers}
         assert windows == ({8} if name == "sliding" else {None}), (name, windows)
@@ -144,3 +160,53 @@ def test_reference_decoder_agrees_step_by_step(tmp_path):
             max_new=report["max_new_tokens"], seq_len=128, stop_ids=stops,
             step_cfg=StepConfig.from_config(config, 1))
         assert deepest >= 5 and checked > TOPICS * ANSWER_LEN // 2, (name, checked, deepest)
+
+
+def zlab_generate(model, target, prompt, max_new_tokens, stop_token_ids):
+    """z-lab's dflash_generate at T = 0 -> (generated ids, acceptance lengths, blocks decoded,
+    blocks whose walk is not the unary argmax). Its statistics time the steps with CUDA
+    synchronisation: plain wall time here (CPU)."""
+    import dflash.model as dm
+    import torch
+
+    counts = [0, 0]
+    propose = type(model).propose
+
+    def counting(self, hidden, anchor_ids, output_head, temperature):
+        tokens, candidates, q = propose(self, hidden, anchor_ids, output_head, temperature)
+        argmax = self.compute_logits(hidden, output_head).argmax(-1)
+        counts[0] += 1
+        counts[1] += int((tokens != argmax).any())
+        return tokens, candidates, q
+
+    model.propose = counting.__get__(model)
+    cuda_time, dm._cuda_time = dm._cuda_time, time.perf_counter
+    try:
+        stats = dm.dflash_generate(model, target, torch.tensor([prompt]), max_new_tokens,
+                                   stop_token_ids, temperature=0.0, return_stats=True)
+    finally:
+        dm._cuda_time = cuda_time
+        del model.propose
+    return stats.output_ids[0, len(prompt):].tolist(), stats.acceptance_lengths, *counts
+
+
+def check_in_zlab_decoder(target, report, workdir, stops):
+    """The DFlash 2 export decodes step by step in z-lab's reference as in our evaluation."""
+    import dflash.model as dm
+
+    metrics = [json.loads(line) for line in open(f"{workdir}/metrics.jsonl")]
+    assert metrics[-1]["walk_changed"] > 0, metrics[-1]  # training blocks whose walk moved
+    model = dm.DFlash2DraftModel.from_pretrained(f"{workdir}/hf").eval()
+    blocks = changed = 0
+    for sample in report["benchmarks"]["alpaca"]["samples"]:
+        tokens, accepted, n, c = zlab_generate(model, target, sample["prompt_ids"],
+                                               report["max_new_tokens"], stops)
+        blocks, changed = blocks + n, changed + c
+        ours = sample["acceptance_lengths"]
+        assert tokens == sample["output_ids"], sample["id"]
+        # z-lab records the tokens a step emitted, cut after a stop token; ours the step's
+        # acceptance length: they differ on the last step only, by what the stop cut off
+        emitted_last = len(sample["output_ids"]) - 1 - sum(ours[:-1])
+        assert accepted == ours[:-1] + [emitted_last], (sample["id"], accepted, ours)
+        assert emitted_last <= ours[-1]
+    assert changed > 0, (changed, blocks)  # the walk decided some drafts
