@@ -170,9 +170,8 @@ def train_activations(target: Target, dcfg: DrafterConfig, mesh: dict, *, b: flo
                       chunk: int = 2048, target_attention: str = "einsum") -> dict[str, float]:
     """Bytes of activations per device (estimates; docs/moe.md states the assumptions)."""
     cfg, t, fsdp = target.cfg, mesh["tensor"], mesh["fsdp"]
-    D, H, G, E, V = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
+    D, H, G, E = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     k, M = cfg.family_cfg.num_experts_per_tok, cfg.family_cfg.moe_intermediate_size
-    K, F = dcfg.block_size, dcfg.intermediate_size
     tokens = b * seq
     out = {}
     # target forward, no gradient: one layer's transients at a time (inputs freed after it)
@@ -186,9 +185,27 @@ def train_activations(target: Target, dcfg: DrafterConfig, mesh: dict, *, b: flo
     out[f"target: MoE {dispatch} dispatch of one layer (x, gate, up, act, out; bf16)"] = \
         seen * k * (2 * D + 3 * M / t) * 2 + seen * k * 3 * 4
     out["target: the features kept (n layers, bf16)"] = dcfg.num_features * tokens * D * 2
-    # drafter: R rows of blocks; per layer what the backward pass keeps
+    out.update(drafter_activations(dcfg, t, b=b, seq=seq, anchors=anchors,
+                                   attention=attention, remat=remat, chunk=chunk))
+    return out
+
+
+def drafter_activations(dcfg: DrafterConfig, t: int, *, b: float, seq: int, anchors: int,
+                        attention: str, remat: bool, chunk: int = 2048) -> dict[str, float]:
+    """Bytes per device of the drafter's forward / backward pass and the chunked LM head, with
+    the drafter's own widths (`t`: the tensor axis; docs/moe.md states the assumptions). A
+    DFlash 2 drafter also keeps, per layer and row, its two convolutions' outputs and dynamic
+    coefficients (prepare: conv'd input [D] + coefficients [O]; finish: output [D])."""
+    D, H, G, E = dcfg.hidden_size, dcfg.num_heads, dcfg.num_kv_heads, dcfg.head_dim
+    K, F, V = dcfg.block_size, dcfg.intermediate_size, dcfg.vocab_size
+    out = {}
+    # R rows of blocks; per layer what the backward pass keeps
     R = b * anchors * K
-    per_layer = R * (5 * D + (2 * H + 2 * G) * E / t + 3 * F / t) * 2  # bf16 residuals
+    width = 5 * D + (2 * H + 2 * G) * E / t + 3 * F / t
+    if dcfg.arch == "dflash2":  # the projection's O columns have no tensor rule
+        f = dcfg.family_cfg
+        width += 2 * (2 * D + 2 * f.conv_kernel_size * D // f.conv_group_size)
+    per_layer = R * width * 2  # bf16 residuals
     ctx_kv = b * seq * 2 * G * E / t * 2
     L_d = dcfg.num_layers
     if attention == "dense":
@@ -205,7 +222,7 @@ def train_activations(target: Target, dcfg: DrafterConfig, mesh: dict, *, b: flo
     if attention == "flash":  # group 64 blocks x tile 1024 columns, ~4 fp32 buffers
         out["drafter: flash attention tile scores (transient)"] = \
             4 * b * (H / t) * 64 * K * 1024 * 4
-    out["drafter: fc input (n features -> D) and hidden (bf16)"] = tokens * D * 2 * 2
+    out["drafter: fc input (n features -> D) and hidden (bf16)"] = b * seq * D * 2 * 2
     out["LM head: one chunk of logits, probs, gradient (fp32)"] = 3 * min(chunk, R) * V / t * 4
     return out
 
