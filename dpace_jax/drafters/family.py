@@ -12,6 +12,8 @@ class DrafterFamily:
     architecture = "DFlashDraftModel"  # config.json `architectures`
     config_type: type | None = None  # the family's nested config (DrafterConfig.family_cfg)
     schema: Any = None  # dpace_jax.nn.schema.Schema
+    # tensor names other writers use -> the published name they stand for (read, never written)
+    hf_aliases: dict[str, str] = {}
 
     def check(self, cfg) -> None:
         """ValueError naming the field when cfg is not a consistent drafter of this family."""

@@ -183,7 +183,8 @@ def load_config(path) -> DrafterConfig:
 
 def import_drafter(path) -> tuple[dict, DrafterConfig]:
     """Read a DFlash HF directory -> (params, cfg). Weights keep the file's dtype; tensor names
-    may carry a "model." prefix; missing, unexpected or misshapen tensors are errors."""
+    may carry a "model." prefix, and the family's aliases (other writers' spellings) are read as
+    the names they stand for; missing, unexpected or misshapen tensors are errors."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"drafter directory {path} does not exist")
@@ -191,4 +192,11 @@ def import_drafter(path) -> tuple[dict, DrafterConfig]:
     files = sorted({file for file, _ in index_tensors(path).values()})
     tensors = {k.removeprefix("model."): v for f in files for k, v in load_file(str(f)).items()}
     source = path / WEIGHTS_NAME if (path / WEIGHTS_NAME).is_file() else path / INDEX_NAME
-    return drafter_family(cfg.arch).schema.from_hf(cfg, tensors, str(source)), cfg
+    family = drafter_family(cfg.arch)
+    for alias, name in family.hf_aliases.items():
+        if alias in tensors:
+            if name in tensors:
+                raise ValueError(f"{source}: holds both {name} and {alias} (the same tensor "
+                                 "under two names)")
+            tensors[name] = tensors.pop(alias)
+    return family.schema.from_hf(cfg, tensors, str(source)), cfg

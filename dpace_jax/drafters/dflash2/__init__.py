@@ -129,6 +129,10 @@ class DFlash2(DrafterFamily):
     architecture = ARCHITECTURE
     config_type = DFlash2Config
     schema = SCHEMA
+    # z-lab's DFlash2DraftModel.save_pretrained writes its codebooks (nn.Embedding) with
+    # ".weight"; the published checkpoints and vLLM use the bare names
+    hf_aliases = {f"candidate_selector.{n}_codebook.weight": f"candidate_selector.{n}_codebook"
+                  for n in ("predecessor", "successor")}
 
     def check(self, cfg) -> None:
         super().check(cfg)
