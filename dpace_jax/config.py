@@ -84,6 +84,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.drafter.target_layer_ids = ()  # () -> round(1 + i * (L - 4) / (n - 1))
     c.drafter.init_from = ""  # start from a DFlash HF directory or a run directory
     c.drafter.intermediate_size = 0  # 0: the target's MLP width (Qwen3.5-MoE has none: set it)
+    # the drafter's attention layout (0: the target's; its attention is its own)
+    c.drafter.num_heads = 0
+    c.drafter.num_kv_heads = 0
+    c.drafter.head_dim = 0
     # Attention per drafter layer: () -> every layer sliding_attention when sliding_window > 0,
     # else full_attention; or one "full_attention" / "sliding_attention" per layer.
     c.drafter.layer_types = ()

@@ -111,6 +111,35 @@ def test_attention_layout_options():
             build_drafter(_config(**fields), TARGET, tok)
 
 
+def test_the_drafter_attention_layout_can_differ_from_the_target():
+    """drafter.num_heads / num_kv_heads / head_dim (0: the target's); the drafter trains and
+    exports with its own layout (its attention reads only its projections of the features)."""
+    import jax.numpy as jnp
+
+    from dpace_jax.drafters.dflash import init_drafter_params, train_forward
+
+    tok = make_tiny_tokenizer()
+    dcfg, _ = build_drafter(_config(num_heads=8, num_kv_heads=4, head_dim=8), TARGET, tok)
+    assert (dcfg.num_heads, dcfg.num_kv_heads, dcfg.head_dim) == (8, 4, 8)
+    assert (TARGET.num_heads, TARGET.num_kv_heads, TARGET.head_dim) == (4, 2, 16)
+    hf = drafter_hf.config_to_hf(dcfg)
+    assert (hf["num_attention_heads"], hf["num_key_value_heads"], hf["head_dim"]) == (8, 4, 8)
+    assert drafter_hf.config_from_hf(hf) == dcfg
+    params = init_drafter_params(dcfg, jax.random.PRNGKey(0))
+    assert params.layers.q.shape == (2, 64, 8, 8)
+    hidden = train_forward(params, dcfg, model_lib.init_params(TARGET, jax.random.PRNGKey(1)),
+                           jnp.zeros((1, 12, 2 * 64)), jnp.zeros((1, 12), jnp.int32),
+                           jnp.array([[2, 5]]))
+    assert hidden.shape == (1, 2, 4, 64)
+    only_heads, _ = build_drafter(_config(num_heads=8), TARGET, tok)
+    assert (only_heads.num_heads, only_heads.num_kv_heads, only_heads.head_dim) == (8, 2, 16)
+    for fields, match in [(dict(head_dim=-8), r"drafter.head_dim=-8 must be >= 0"),
+                          (dict(num_heads=6, num_kv_heads=4),
+                           "drafter.num_heads=6 must be a multiple of drafter.num_kv_heads=4")]:
+        with pytest.raises(ValueError, match=match):
+            build_drafter(_config(**fields), TARGET, tok)
+
+
 def test_training_imports_neither_evaluation_nor_the_demo():
     import subprocess
     import sys

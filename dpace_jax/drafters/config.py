@@ -118,12 +118,14 @@ class DrafterConfig:
     def for_target(cls, target_cfg: ModelConfig, *, num_layers: int = 5, block_size: int = 16,
                    mask_token_id: int, target_layer_ids=None, layer_types=(),
                    sliding_window: int = 0, is_causal: bool | None = None,
-                   intermediate_size: int = 0, arch: str = "dflash",
-                   family_cfg=None) -> DrafterConfig:
+                   intermediate_size: int = 0, num_heads: int = 0, num_kv_heads: int = 0,
+                   head_dim: int = 0, arch: str = "dflash", family_cfg=None) -> DrafterConfig:
         """A drafter with the target's widths (as DFlash builds it) and `num_layers` layers; the
         default feature layers are `default_target_layer_ids(L, num_layers)`. `intermediate_size`
         > 0 replaces the target's MLP width (required for a target without a dense one, e.g.
-        Qwen3.5-MoE)."""
+        Qwen3.5-MoE); `num_heads`, `num_kv_heads`, `head_dim` > 0 replace its attention layout
+        (the drafter's attention is its own: published drafters of Qwen3.6-27B have 32 / 8 heads
+        of 128 against the target's 24 / 4 of 256)."""
         if target_layer_ids is None:
             target_layer_ids = default_target_layer_ids(target_cfg.num_layers, num_layers)
         shared = {f: getattr(target_cfg, f) for f in SHARED_FIELDS}
@@ -132,6 +134,10 @@ class DrafterConfig:
         elif not target_cfg.intermediate_size:
             raise ValueError(f"drafter.intermediate_size: the target ({target_cfg.arch}) has no "
                              "dense MLP width to copy; set the drafter's MLP width (> 0)")
+        for name, value in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
+                            ("head_dim", head_dim)):
+            if value:
+                shared[name] = int(value)
         return cls(**shared, num_layers=num_layers,
                    num_target_layers=target_cfg.num_layers, block_size=block_size,
                    mask_token_id=mask_token_id, target_layer_ids=tuple(target_layer_ids),

@@ -84,7 +84,8 @@ def build_drafter(d, target_cfg, tokenizer) -> tuple[drafter_lib.DrafterConfig, 
             target_cfg, num_layers=d.num_layers, block_size=d.block_size,
             mask_token_id=mask_token_id(d, tokenizer, target_cfg),
             target_layer_ids=tuple(d.target_layer_ids) or None,
-            intermediate_size=d.intermediate_size, **attention_layout(d), arch=d.arch,
+            intermediate_size=d.intermediate_size, num_heads=d.heads[0],
+            num_kv_heads=d.heads[1], head_dim=d.heads[2], **attention_layout(d), arch=d.arch,
             family_cfg=family_config(d))
     drafter_lib.check_compatible(dcfg, target_cfg, source="drafter config")
     drafter_lib.warn_if_last_layer(dcfg.target_layer_ids, target_cfg.num_layers, field)

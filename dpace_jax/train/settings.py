@@ -231,6 +231,7 @@ class DrafterSettings:
     is_causal: bool | None
     arch: str = "dflash"
     family: dict = dataclasses.field(default_factory=dict)  # the family's own drafter.* fields
+    heads: tuple[int, int, int] = (0, 0, 0)  # num_heads, num_kv_heads, head_dim (0: the target's)
 
     @classmethod
     def from_config(cls, d) -> DrafterSettings:
@@ -238,12 +239,23 @@ class DrafterSettings:
                    tuple(int(i) for i in d.target_layer_ids), str(d.init_from),
                    int(d.get("intermediate_size", 0)), tuple(str(t) for t in d.layer_types),
                    int(d.sliding_window), None if d.is_causal is None else bool(d.is_causal),
-                   str(d.get("arch", "dflash")), _family_fields(d))
+                   str(d.get("arch", "dflash")), _family_fields(d),
+                   tuple(int(d.get(n, 0)) for n in HEAD_FIELDS))
 
     def __post_init__(self):
         if self.num_layers < 1 or self.block_size < 2:
             raise ValueError(f"drafter.num_layers={self.num_layers} must be >= 1 and "
                              f"drafter.block_size={self.block_size} >= 2")
+        for name, value in zip(HEAD_FIELDS, self.heads, strict=True):
+            if value < 0:
+                raise ValueError(f"drafter.{name}={value} must be >= 0 (0: the target's)")
+        heads, kv = self.heads[0], self.heads[1]
+        if heads and kv and heads % kv:
+            raise ValueError(f"drafter.num_heads={heads} must be a multiple of "
+                             f"drafter.num_kv_heads={kv}")
+
+
+HEAD_FIELDS = ("num_heads", "num_kv_heads", "head_dim")
 
 
 @dataclasses.dataclass(frozen=True)
