@@ -78,11 +78,6 @@ def drafter_of(config, target_cfg: ModelConfig) -> DrafterConfig:
     return dcfg
 
 
-def published_heads(dcfg: DrafterConfig) -> DrafterConfig:
-    """The same drafter with the published checkpoints' attention: 32 q / 8 kv heads of 128."""
-    return dataclasses.replace(dcfg, num_heads=32, num_kv_heads=8, head_dim=128)
-
-
 def drafter_arrays(dcfg: DrafterConfig) -> list[mm.Array]:
     return mm.schema_arrays(DFLASH2_SCHEMA, dcfg)
 
@@ -261,12 +256,12 @@ def report(target: mm.Target, dcfg: DrafterConfig, budget_fraction: float, max_d
            plans=PLANS, variants=VARIANTS) -> tuple[str, list]:
     """One table per device count (the 8-GPU machines share theirs: the same meshes give the
     same bytes; only the budget differs), then the variants at the all-fsdp mesh."""
-    n, pub = sum(a.size for a in drafter_arrays(dcfg)), published_heads(dcfg)
+    n = sum(a.size for a in drafter_arrays(dcfg))
     lines = [f"Target: {target.params() / 1e9:.2f} B parameters (our schema), bf16 weights "
              f"{target.params() * 2 / GB:.1f} GB. Drafter: {n / 1e9:.3f} B parameters "
-             f"(published head layout 32 / 8 x 128: "
-             f"{sum(a.size for a in drafter_arrays(pub)) / 1e9:.3f} B), of which the selector's "
-             f"codebooks {2 * dcfg.vocab_size * dcfg.family_cfg.selector_rank / 1e6:.1f} M.", ""]
+             f"({n:,}; attention {dcfg.num_heads} / {dcfg.num_kv_heads} x {dcfg.head_dim}), "
+             f"of which the selector's codebooks "
+             f"{2 * dcfg.vocab_size * dcfg.family_cfg.selector_rank / 1e6:.1f} M.", ""]
     groups: dict[int, list[tuple[str, float]]] = {}
     for hw, (devices, memory) in HARDWARE.items():
         groups.setdefault(devices, []).append((hw, budget_fraction * memory))

@@ -19,18 +19,15 @@ qwen3.6-27b-dflash2 training YAML. Other versions differ: SpecForge's docs/conce
 shows feature layers [1, 16, 31, 46, 61], and a window of 4096 is reported for one version of
 the JSON (not found in any stored copy); change the two fields to match a drafter you fine-tune
 (drafter.init_from reads them from its config.json anyway).
-One difference remains: the published drafter's attention is 32 q / 8 kv heads of 128, while a
-drafter built from drafter.* takes the target's 24 / 4 heads of 256 (DrafterConfig.for_target;
-there is no drafter.* field for the head layout): ours has 2.03 B parameters, the published
-1.92 B. A drafter with the published layout is one started from its HF directory
-(--config.drafter.init_from=DIR).
+The attention layout is the published drafter's too: 32 q / 8 kv heads of 128 (drafter.num_heads,
+num_kv_heads, head_dim; the target has 24 / 4 of 256), 1,924,404,480 parameters as published.
 
 Memory (docs/dflash2_memory.md, bench/dflash2_memory.py; on paper, nothing measured): every
 device on fsdp, (1, -1, 1), and the flash drafter attention. The selector's codebooks (2 x
 248320 x 256 = 127 M parameters) have no axis on fsdp, so each device holds their 2.3 GB of
 optimizer state whole. Per device: ~38 GB per GPU on 8 x H100 80 GB or 8 x H200 (2 sequences
-each), ~60 GB per chip on a TPU v5p-8 (4 chips, 4 sequences each); neither remat nor a fused
-target attention is needed. Replicating the target, (8, 1, 1), fits only on the H200s (~111 GB).
+each), ~59 GB per chip on a TPU v5p-8 (4 chips, 4 sequences each); neither remat nor a fused
+target attention is needed. Replicating the target, (8, 1, 1), fits only on the H200s (~109 GB).
 Name the regenerated chat data with --config.data.paths="('data/train.jsonl',)"."""
 
 from dpace_jax.config import default_config
@@ -48,6 +45,12 @@ PUBLISHED = {  # DFlash 2's published drafter (the drafter.* fields of the same 
     "conv_group_size": 16,
     "selector_rank": 256,
     "selector_top_k": 16,
+    # the attention layout of the published checkpoint's config.json (num_attention_heads 32,
+    # num_key_value_heads 8, head_dim 128: z-lab's Qwen3.8-27B-DFlash2 as quoted in public code,
+    # and SpecForge's qwen3.6-27b-dflash2.json), not the target's 24 / 4 heads of 256
+    "num_heads": 32,
+    "num_kv_heads": 8,
+    "head_dim": 128,
 }
 
 

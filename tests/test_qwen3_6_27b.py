@@ -61,9 +61,11 @@ def test_config_passes_the_run_checks_and_builds_the_published_drafter(real, tmp
     assert dcfg.target_layer_ids == (5, 19, 33, 47, 61) and dcfg.mask_token_id == 248070
     assert dcfg.family_cfg == DFlash2Config(conv_kernel_size=2, conv_group_size=16,
                                             selector_rank=256, selector_top_k=16)
-    # the drafter takes the target's widths (the published one has 32 / 8 heads of 128)
+    # the drafter takes the target's widths and the published attention layout (drafter.num_heads
+    # etc.; the target has 24 / 4 heads of 256)
     assert (dcfg.hidden_size, dcfg.intermediate_size, dcfg.vocab_size) == (5120, 17408, 248320)
-    assert (dcfg.num_heads, dcfg.num_kv_heads, dcfg.head_dim) == (24, 4, 256)
+    assert (dcfg.num_heads, dcfg.num_kv_heads, dcfg.head_dim) == (32, 8, 128)
+    assert (target.cfg.num_heads, target.cfg.num_kv_heads, target.cfg.head_dim) == (24, 4, 256)
     # DFlash 2's checks run against these shapes: a group size not dividing 5120 is refused
     config.drafter.conv_group_size = 24
     with pytest.raises(ValueError, match="conv_group_size=24 does not divide hidden_size=5120"):
@@ -102,8 +104,12 @@ def test_counts_of_the_real_shapes(real):
     by_hand = 2 * V * D + D + L * (3 * D * F + 2 * D) + 16 * attention + 48 * linear
     assert target.params() == by_hand
     assert target.params() == pytest.approx(27e9, rel=0.01)  # the model card's "27B"
-    # the published head layout gives the published drafter's 1,924,404,480 parameters
-    assert sum(a.size for a in dm.drafter_arrays(dm.published_heads(dcfg))) == 1_924_404_480
+    # the drafter the config builds, by hand (the embedding and head are the target's), is the
+    # published drafter's 1,924,404,480 parameters
+    layer = (2 * D + D * 32 * 128 * 2 + 2 * D * 8 * 128 + 2 * 128  # norms, q+o, k+v, q/k norms
+             + 3 * D * F + 2 * (2 * 2 * D + D * 2 * 2 * D // 16))  # MLP, two convolutions
+    drafter = 5 * D * D + 2 * D + 5 * layer + D * 256 + 2 * V * 256  # fc, norms, selector
+    assert sum(a.size for a in dm.drafter_arrays(dcfg)) == drafter == 1_924_404_480
     codebooks = [a for a in dm.drafter_arrays(dcfg) if a.name.endswith("codebook")]
     assert sum(a.size for a in codebooks) == 2 * V * 256
     every = 3 * D * F + 2 * D
