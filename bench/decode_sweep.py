@@ -28,6 +28,7 @@ own by `decode.step_cost` at the context the loop starts from. Results are store
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -62,6 +63,9 @@ def parse_args(argv):
     p.add_argument("--output", default="bench/results/decode_cpu.json")
     p.add_argument("--plot", help="write a plot of every label in --output here (PNG)")
     p.add_argument("--markdown", action="store_true", help="print the label's table")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the label's stored rows, replacing those measured again (a sweep "
+                        "split over several calls)")
     a = p.parse_args(argv)
     a.batches = common.parse_int_list(a.batches, "--batches")
     a.contexts = common.parse_int_list(a.contexts, "--contexts")
@@ -133,9 +137,12 @@ def time_config(gen, drafter, prompts: np.ndarray, repeats: int) -> dict:
             times.append(time.perf_counter() - t0)
     loop_s = max(common.median(full) - common.median(pre), 1e-9)
     counts, steps = np.asarray(result.num_tokens), np.asarray(result.num_steps)
+    # the generated tokens' digest: labels that decode alike (greedy) store the same one
+    digest = hashlib.sha256(np.asarray(result.tokens, np.int32).tobytes()
+                            + counts.astype(np.int32).tobytes()).hexdigest()[:16]
     tokens = int((counts - 1).sum())
     iterations = int(steps.max())
-    return {"tokens": tokens, "iterations": iterations, "loop_s": loop_s,
+    return {"tokens": tokens, "tokens_sha256": digest, "iterations": iterations, "loop_s": loop_s,
             "tokens_per_s": tokens / loop_s,
             "ms_per_step": 1e3 * loop_s / iterations if iterations else None,
             "tau": decode.tau(result), "finished_early": int((counts < gen.max_new_tokens).sum()),
@@ -193,7 +200,7 @@ def composed_step_cost(gen, drafter, batch: int, context: int) -> dict:
             "bytes accessed": float(cost.get("bytes accessed", 0.0)), "method": "composed"}
 
 
-def run(a) -> dict:
+def run(a, save=None) -> dict:
     from dpace_jax.data import prompt_sets
     from dpace_jax.infer import decode
     from dpace_jax.infer import generation as gen_lib
@@ -205,6 +212,11 @@ def run(a) -> dict:
     history = load_history(a.data)
     drafters = {"speculative": spec, "autoregressive": decode.autoregressive()}
     rows = []
+    # Each row is stored as soon as it is measured (save), so a sweep cut short keeps its rows.
+    res = {"device": common.device_info(), "drafter": loaded.source, "target": a.target,
+           "block_size": loaded.config.block_size, "max_new_tokens": a.max_new_tokens,
+           "repeats": a.repeats, "command": "python bench/decode_sweep.py " +
+           " ".join(sys.argv[1:]), "results": rows}
     for context in a.contexts:
         for batch in a.batches:
             prompts = sweep_prompts(tokenizer, questions, history, context, batch)
@@ -214,13 +226,12 @@ def run(a) -> dict:
                      **time_config(gen, drafters[mode], prompts, a.repeats),
                      "cost": step_cost(gen, drafters[mode], batch, context)}
                 rows.append(r)
+                if save is not None:
+                    save(res)
                 print(f"B={batch:2d} ctx={context:4d} {mode:14s} {r['tokens_per_s']:8.1f} tok/s "
                       f"{r['ms_per_step']:7.2f} ms/step tau {r['tau']:.2f} "
                       f"({time.perf_counter() - t0:.0f} s)", flush=True)
-    return {"device": common.device_info(), "drafter": loaded.source, "target": a.target,
-            "block_size": loaded.config.block_size, "max_new_tokens": a.max_new_tokens,
-            "repeats": a.repeats, "command": "python bench/decode_sweep.py " +
-            " ".join(sys.argv[1:]), "results": rows}
+    return res
 
 
 def markdown(label: str, res: dict) -> str:
@@ -289,8 +300,19 @@ def main(argv=None) -> None:
     out = Path(a.output)
     store = json.loads(out.read_text()) if out.exists() else {}
     if a.label:
-        store[a.label] = run(a)
-        common.write_json(out, store)
+        old = store.get(a.label) if a.merge else None
+
+        def save(res):
+            if old is not None:  # the new rows replace the stored ones of the same configuration
+                keys = {(r["mode"], r["batch"], r["context"]) for r in res["results"]}
+                kept = [r for r in old["results"]
+                        if (r["mode"], r["batch"], r["context"]) not in keys]
+                res = {**res, "results": kept + res["results"],
+                       "commands": old.get("commands", [old["command"]]) + [res["command"]]}
+            store[a.label] = res
+            common.write_json(out, store)
+
+        run(a, save)
         if a.markdown:
             print(markdown(a.label, store[a.label]))
     if a.plot:

@@ -92,10 +92,13 @@ def check_cached_blocks(params, cfg: model.ModelConfig, blocks, *, batch: int = 
                                    atol=1e-5, rtol=0, err_msg=f"block at {start}")
 
 
-def check_greedy_speculative(params, cfg: model.ModelConfig, *, new: int = 14) -> None:
+def check_greedy_speculative(params, cfg: model.ModelConfig, *, new: int = 14,
+                             staged: bool = False) -> None:
     """Greedy speculative decoding with a random one-layer DFlash drafter (block 4, mask id 63,
     features of layers 0 and 2) on the target `cfg` equals greedy_reference, for three prompts
-    of different lengths."""
+    of different lengths. `staged`: row 0 stops half-way (a stop token), the caches are read in
+    bounds every 2 tokens and finished rows leave the batch down to one row
+    (dpace_jax.infer.loop)."""
     import jax.numpy as jnp
 
     from dpace_jax.drafters import dflash
@@ -106,10 +109,15 @@ def check_greedy_speculative(params, cfg: model.ModelConfig, *, new: int = 14) -
     dparams = dflash.init_drafter_params(dcfg, jax.random.key(0), jnp.float32, 0.02)
     lengths = [5, 9, 7]
     prompts = np.random.RandomState(0).randint(0, 63, (3, 9))
-    res = decode.decode(params, cfg, decode.dflash_drafter(dparams, dcfg, cfg), prompts, lengths,
-                        max_new_tokens=new)
     rows = [prompts[b, :lengths[b]] for b in range(3)]
     expected = greedy_reference(params, cfg, rows, new, rows=3, width=32)
+    stops, kw = (), {}
+    if staged:
+        stops = (expected[0][new // 2],)
+        expected = greedy_reference(params, cfg, rows, new, stops, rows=3, width=32)
+        kw = {"phase_tokens": 2, "min_batch": 1}
+    res = decode.decode(params, cfg, decode.dflash_drafter(dparams, dcfg, cfg), prompts, lengths,
+                        max_new_tokens=new, stop_token_ids=stops, **kw)
     got = np.asarray(res.tokens)
     assert [got[b, :int(res.num_tokens[b])].tolist() for b in range(3)] == expected
     assert int(np.sum(res.num_steps)) > 0

@@ -130,8 +130,10 @@ def test_greedy_equals_brute_force_and_oracle_accepts_whole_blocks(batch, k_bloc
         stops = mid_stop(ref[0])  # row 0 ends mid-way (EOS in the middle)
         for flip_rate in (0.0, 0.3):
             drafter = script_drafter(prompts, lengths, drafter_ref, k_block, flip_rate, seed)
+            # min_batch=batch: the scripted drafter's tables are per row, so every row stays
+            # in the batch to the end (finished rows leaving it: tests/test_decode_loop.py)
             res = decode.decode(params, CFG, drafter, prompts, lengths, max_new_tokens=NEW,
-                                stop_token_ids=stops)
+                                stop_token_ids=stops, min_batch=batch)
             check_greedy(res, ref, stops)
             assert not stops or np.asarray(res.num_tokens)[0] < NEW
             steps = decode.acceptance_lengths(res)
@@ -158,7 +160,7 @@ def test_rollout_records_match_brute_force():
     stops = mid_stop(ref[0, :NEW])
     drafter = script_drafter(prompts, lengths, ref, k_block, 0.3, seed)
     res = decode.decode(params, CFG, drafter, prompts, lengths, max_new_tokens=NEW,
-                        stop_token_ids=stops, record=True)
+                        stop_token_ids=stops, record=True, min_batch=batch)  # per-row script
     rec = jax.tree.map(np.asarray, res.records)
     drafts = np.where(np.asarray(drafter.params["flip"]), (np.asarray(drafter.params["seq"]) + 1)
                       % CFG.vocab_size, np.asarray(drafter.params["seq"]))

@@ -68,7 +68,8 @@ def test_records_of_every_draft_match_branch_forwards(sampling):
     drafter = script_drafter(prompts, lengths, ref, k_block, 0.3, seed)
     res = decode.decode(params, CFG, drafter, prompts, lengths, max_new_tokens=NEW,
                         stop_token_ids=mid_stop(ref[0, :NEW]), sampling=sampling,
-                        rng=jax.random.PRNGKey(seed), record=True)
+                        rng=jax.random.PRNGKey(seed), record=True,
+                        min_batch=batch)  # the scripted drafter's tables are per row
     rec = jax.tree.map(np.asarray, res.records)
     scripted = np.where(np.asarray(drafter.params["flip"]), (np.asarray(drafter.params["seq"]) + 1)
                         % CFG.vocab_size, np.asarray(drafter.params["seq"]))

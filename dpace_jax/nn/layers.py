@@ -6,6 +6,7 @@ on a leading L axis; `decoder_layer`). Shape letters: docs/design.md §1.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 
@@ -266,6 +267,26 @@ def sink_attention(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.A
     e = jnp.where(mask, jnp.exp(scores - peak), 0.0)
     probs = e / (jnp.sum(e, axis=-1, keepdims=True) + jnp.exp(sink - peak))
     return attention_output(probs, values)
+
+
+def parts_attention(q: jax.Array, parts, sinks: jax.Array | None = None) -> jax.Array:
+    """`sink_attention` over keys split into parts [(keys [B, S_i, G, E], values, mask
+    [B|1, 1|G, 1|R, T, S_i]), ...]: one softmax over all of them, without concatenating
+    (a cached forward's cache slots and its block). Rows with nothing visible give zeros."""
+    scores = [jnp.where(m, attention_logits(q, k), -jnp.inf) for k, _, m in parts]
+    peak = functools.reduce(jnp.maximum, [jnp.max(s, axis=-1, keepdims=True) for s in scores])
+    if sinks is not None:
+        g, r = scores[0].shape[1], scores[0].shape[2]
+        sink = sinks.astype(jnp.float32).reshape(1, g, r, 1, 1)
+        peak = jnp.maximum(peak, sink)
+    peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
+    e = [jnp.where(m, jnp.exp(s - peak), 0.0) for s, (_, _, m) in zip(scores, parts, strict=True)]
+    denom = functools.reduce(jnp.add, [jnp.sum(x, axis=-1, keepdims=True) for x in e])
+    if sinks is not None:
+        denom = denom + jnp.exp(sink - peak)
+    denom = jnp.where(denom > 0, denom, 1.0)
+    outs = [attention_output(x / denom, v) for x, (_, v, _) in zip(e, parts, strict=True)]
+    return functools.reduce(jnp.add, outs)
 
 
 def mlp(x: jax.Array, p) -> jax.Array:

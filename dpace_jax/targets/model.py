@@ -107,10 +107,15 @@ def forward(params: TargetParams, cfg: ModelConfig, tokens: jax.Array, *,
 
 def forward_cached(params: TargetParams, cfg: ModelConfig, tokens: jax.Array, cache,
                    start: jax.Array, *, feature_layers: tuple[int, ...] = (),
-                   logits: bool = True, keep: jax.Array | None = None) -> Output:
+                   logits: bool = True, keep: jax.Array | None = None,
+                   visible: int | None = None) -> Output:
     """Decoding: sequence b's tokens [B, T] sit at positions start[b]..start[b]+T-1, are written
     into the cache there, and attend to cache slots up to their own position (slots past the
     live length are stale and never seen, so writing at an earlier start rolls back).
+
+    `visible` (static): a bound on start, so that only the first `visible` cache slots are read
+    (None: all of them; 0: none, a prefill). It must be >= max(start): slots past it are not
+    seen at all.
 
     A recurrent layer (Qwen3.5) cannot roll back by position: with `keep` [B] it commits the
     first keep[b] tokens (a prefill's prompt lengths), without it it returns the block pending,
@@ -120,7 +125,7 @@ def forward_cached(params: TargetParams, cfg: ModelConfig, tokens: jax.Array, ca
     with jax.named_scope("target_cached"):
         start = start.astype(jnp.int32)
         ctx = context(fam, cfg, _positions(tokens, start), start=start, keep=keep,
-                      feature_layers=feature_layers)
+                      feature_layers=feature_layers, visible=visible)
         x = jnp.take(params.embed, tokens, axis=0)
         x, outs, cache = run_layers(fam, cfg, params.layers, x, ctx, cache,
                                     feature_layers=feature_layers)

@@ -2,11 +2,18 @@
 decoding forward and a pipeline stage of SPD), run per family (dpace_jax.targets.base.Family).
 
 `Context` is what a unit needs besides its parameters and cache slice: positions and their RoPE,
-how to attend (`attend`: causal over the block without a cache, or written into a cache at
-`start` and masked by position), what a Qwen3.5 recurrent layer commits (`keep`), and where each
-layer's output goes for the drafter's features (`record`). `run_layers` scans the units with an
-index, so each unit's weights and cache slice are read in place from the stacks, and the cache
-rides in the loop's carry (updated in place).
+how to attend (`attend`: causal over the block without a cache; with one, over the cache slots
+before `start` and the block itself), what a Qwen3.5 recurrent layer commits (`keep`), and where
+each layer's output goes for the drafter's features (`record`). `run_layers` scans the units with
+an index, so each unit's weights and cache slice are read in place from the stacks.
+
+A cache's position-indexed entries (the fields k, v [L, B, S, G, E] of every family's cache) are
+only read inside the loop: a layer attends over the first `visible` slots of its cache (the
+caller's static bound on the filled part; the slots from `start` on are masked) and over the
+block's own keys, and returns just the block's entries [B, T, G, E]; the loop's carry collects
+those ([L, B, T, G, E]) and they are written at `start` once, after the loop. So a step reads the
+filled part of the cache once and writes the block once, instead of moving every layer's whole
+cache slice through the carry (docs/performance.md, "Decode").
 """
 
 from __future__ import annotations
@@ -48,28 +55,35 @@ class Context:
     implementation: str = "einsum"  # the cache-free attention (ATTENTION)
     slots: jax.Array | None = None  # [L] feature-buffer slot per layer (the trash slot: none)
     trash: int = 2**31 - 1  # a pipeline stage's never-read cache slot (an empty slot's position)
+    visible: int | None = None  # static: cache slots a query may read (None: all; 0: none)
 
     def attend(self, q, k, v, kv=None, *, window=None, sinks=None):
         """Attention of queries q [B, T, H, E] given this layer's new keys / values
-        [B, T, G, E] -> (output [B, T, H, E], new cache slice). Without a cache: causal over
-        the block. With kv = (ck, cv) [B, S, G, E]: k, v written at `start`, a query at
-        position p sees cache slots s <= p (slots past the live length are stale and never
-        seen). `window` (traced int, 0: none): also p - s < window. `sinks` [H]: a per-head
-        logit in the softmax's denominator only (gpt-oss)."""
+        [B, T, G, E] -> (output [B, T, H, E], the block's cache entries or None). Without a
+        cache: causal over the block. With kv = (ck, cv) [B, S, G, E] (read only): a query at
+        position p = start + t sees the cache slots s < start among the first `visible` and the
+        block's keys t' <= t; the entries returned (k, v in the cache's dtype and type) are
+        written at `start` by run_layers. `window` (traced int, 0: none): also p - s < window.
+        `sinks` [H]: a per-head logit in the softmax's denominator only (gpt-oss)."""
         if kv is None:
             if sinks is None and window is None and ATTENTION[self.implementation] is not None:
                 return layers.causal_attention(q, k, v, ATTENTION[self.implementation]), None
-            keys, values, k_pos = k, v, self.positions
-        else:
-            keys, values = write_at(kv[0], k, self.start), write_at(kv[1], v, self.start)
-            k_pos = jnp.arange(keys.shape[1], dtype=jnp.int32)[None]
-            kv = (keys, values) if type(kv) is tuple else type(kv)(keys, values)
-        diff = self.positions[:, :, None] - k_pos[:, None, :]
-        visible = diff >= 0
-        if window is not None:
-            visible &= (window <= 0) | (diff < window)
-        mask = visible[:, None, None]  # [B, 1, 1, T, S]
-        return layers.sink_attention(q, keys, values, mask, sinks), kv
+            diff = self.positions[:, :, None] - self.positions[:, None, :]
+            mask = _visible(diff, diff >= 0, window)[:, None, None]  # [B, 1, 1, T, S]
+            return layers.sink_attention(q, k, v, mask, sinks), None
+        ck, cv = kv
+        k, v = k.astype(ck.dtype), v.astype(cv.dtype)
+        t = jnp.arange(k.shape[1], dtype=jnp.int32)
+        diff = t[:, None] - t[None, :]
+        parts = [(k, v, _visible(diff, diff >= 0, window)[None, None, None])]
+        n = ck.shape[1] if self.visible is None else min(self.visible, ck.shape[1])
+        if n > 0:  # the cache slots before the block, within the filled bound
+            s = jnp.arange(n, dtype=jnp.int32)
+            diff = self.positions[:, :, None] - s[None, None, :]
+            seen = _visible(diff, s[None, None, :] < self.start[:, None, None], window)
+            parts.insert(0, (ck[:, :n], cv[:, :n], seen[:, None, None]))
+        out = layers.parts_attention(q, parts, sinks)
+        return out, (k, v) if type(kv) is tuple else type(kv)(k, v)
 
     def record(self, buf, x, layer):
         """buf with layer `layer`'s output x in its feature slot (buf None: no features)."""
@@ -78,38 +92,61 @@ class Context:
         return jax.lax.dynamic_update_index_in_dim(buf, x, self.slots[layer], axis=0)
 
 
+def _visible(diff, seen, window):
+    """seen, and within the window (diff = query - key position) where there is one."""
+    return seen if window is None else seen & ((window <= 0) | (diff < window))
+
+
 def context(family, cfg, positions, *, start=None, keep=None, implementation="einsum",
-            feature_layers=(), trash: int = 2**31 - 1) -> Context:
+            feature_layers=(), trash: int = 2**31 - 1, visible: int | None = None) -> Context:
     cos, sin = family.rope(cfg, positions)
     slots = None
     if feature_layers:
         distinct = sorted(set(feature_layers))
         slots = jnp.asarray([distinct.index(i) if i in distinct else len(distinct)
                              for i in range(cfg.num_layers)], jnp.int32)
-    return Context(positions, cos, sin, start, keep, implementation, slots, trash)
+    return Context(positions, cos, sin, start, keep, implementation, slots, trash, visible)
 
 
 def run_layers(family, cfg, tree, x, ctx: Context, cache=None, *, stop: int | None = None,
                feature_layers=(), offset: Any = 0):
     """Units 0..stop-1 (default: all of `tree`'s) on x [B, T, D] -> (x, the outputs of
     `feature_layers` in order [n, B, T, D] or None, new cache or None). `offset`: the global
-    index of the first unit of `tree` (a pipeline stage's; traced allowed)."""
+    index of the first unit of `tree` (a pipeline stage's; traced allowed). The cache's k, v
+    are read in place and written once, after the loop (module doc)."""
     n = family.num_units(cfg) if stop is None else stop
     distinct = sorted(set(feature_layers))
     buf = jnp.zeros((len(distinct) + 1, *x.shape), x.dtype) if feature_layers else None
+    full_k = full_v = None
+    if cache is not None:
+        cache = family.begin(cache, cfg, x.shape[1], ctx.keep)
+        full_k, full_v = cache.k, cache.v
+        shape = (*full_k.shape[:2], x.shape[1], *full_k.shape[3:])
+        cache = cache._replace(k=jnp.zeros(shape, full_k.dtype), v=jnp.zeros(shape, full_v.dtype))
 
     def step(carry, u):
         x, buf, cache = carry
         p = family.unit_params(tree, cfg, u)
-        unit_cache = None if cache is None else family.unit_cache(cache, cfg, u)
+        unit_cache = (None if cache is None
+                      else family.unit_cache(cache._replace(k=full_k, v=full_v), cfg, u))
         x, buf, unit_cache = family.unit(x, buf, p, u + offset, ctx, unit_cache, cfg)
         if cache is not None:
             cache = family.set_unit_cache(cache, cfg, u, unit_cache)
         return (x, buf, cache), None
 
-    if cache is not None:
-        cache = family.begin(cache, cfg, x.shape[1], ctx.keep)
     (x, buf, cache), _ = jax.lax.scan(step, (x, buf, cache), jnp.arange(n, dtype=jnp.int32))
+    if cache is not None:
+        cache = cache._replace(k=_write_block(full_k, cache.k, ctx.start),
+                               v=_write_block(full_v, cache.v, ctx.start))
     features = None if buf is None else jnp.stack([buf[distinct.index(j)]
                                                    for j in feature_layers])
     return x, features, cache
+
+
+def _write_block(buf: jax.Array, block: jax.Array, start: jax.Array) -> jax.Array:
+    """buf [L, B, S, ...] with block [L, B, T, ...] written at slots start[b].. of sequence b."""
+
+    def one(b, u, s):
+        return jax.lax.dynamic_update_slice_in_dim(b, u.astype(b.dtype), s, axis=1)
+
+    return jax.vmap(one, in_axes=(1, 1, 0), out_axes=1)(buf, block, start)
