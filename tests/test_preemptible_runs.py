@@ -1,6 +1,7 @@
 """train.py on preemptible capacity (issue 26), end to end on the tiny config: SIGTERM saves at
 the next step boundary and exits 143 with one line, in one process and in a 2-process run (JAX's
-preemption notice); the resumed run ends bitwise equal to an uninterrupted one; a second start on
+preemption notice; the 2-process run, jax.distributed over gloo, trains like one process with
+the same 4 devices); the resumed run ends bitwise equal to an uninterrupted one; a second start on
 a live run's workdir is refused in one line naming the holder; a kill -9 leaves a stale lock that
 the next start takes over."""
 
@@ -146,17 +147,30 @@ def _two_processes(workdir, inputs, *args, fault=""):
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=_env(2, FAULT=fault, FAULT_PROCESS="1")) for i in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
-    return [p.returncode for p in procs], [err for _, err in outs]
+    return [p.returncode for p in procs], [err for _, err in outs], outs[0][0]
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo CPU collectives")
 def test_two_processes_agree_on_the_preemption_step_and_resume_exactly(inputs, tmp_path):
-    """SIGTERM reaches process 1 only; JAX's preemption service makes both save the same step
-    and stop; the resumed pair ends bitwise equal to an uninterrupted pair."""
+    """The uninterrupted pair (2 devices each, each process feeding its own batch shard) trains
+    like one process with the same 4 devices; SIGTERM reaches process 1 only; JAX's preemption
+    service makes both save the same step and stop; the resumed pair ends bitwise equal to the
+    uninterrupted pair."""
     steps = ["--config.train.max_steps=8"]
-    codes, errs = _two_processes(tmp_path / "straight", inputs, *steps)
+    codes, errs, out = _two_processes(tmp_path / "straight", inputs, *steps)
     assert codes == [0, 0], errs[0][-3000:]
-    codes, errs = _two_processes(tmp_path / "cut", inputs, *steps, fault="sigterm:3")
+    assert "drafter (DFlash HF format)" in out  # process 0 exported
+    single = _run(tmp_path / "single", *inputs, *steps, env=_env(4))
+    assert single.returncode == 0, single.stderr[-3000:]
+    losses = [[r["loss"] for r in _metrics(tmp_path / w)] for w in ("straight", "single")]
+    np.testing.assert_allclose(*losses, rtol=1e-5)
+    a, b = (load_file(str(tmp_path / w / "hf" / "model.safetensors")) for w in ("straight",
+                                                                                 "single"))
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+    codes, errs, _ = _two_processes(tmp_path / "cut", inputs, *steps, fault="sigterm:3")
     assert codes == [143, 143], errs[0][-3000:] + errs[1][-3000:]
     found = [PREEMPTED.fullmatch(_own_lines(e)[-1]) for e in errs]
     assert all(found) and found[0].group(1) == "preemption notice", errs[0][-2000:]
@@ -164,7 +178,7 @@ def test_two_processes_agree_on_the_preemption_step_and_resume_exactly(inputs, t
     assert int(found[1].group(2)) == step and 3 <= step < 8
     assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == [str(step)]
     assert not (tmp_path / "cut" / "run.lock").exists()
-    codes, errs = _two_processes(tmp_path / "cut", inputs, *steps)
+    codes, errs, _ = _two_processes(tmp_path / "cut", inputs, *steps)
     assert codes == [0, 0], errs[0][-3000:]
     assert _metrics(tmp_path / "cut") == _metrics(tmp_path / "straight")
     _same_drafter(tmp_path / "straight", tmp_path / "cut")
