@@ -36,11 +36,19 @@ ATTENTION = {
 
 def write_at(buf: jax.Array, update: jax.Array, start: jax.Array) -> jax.Array:
     """Per sequence b, write update [B, T, ...] into buf [B, S, ...] at rows start[b] + 0..T-1."""
+    return _write_rows(buf, update, start, 0)
 
-    def one(b, u, s):
-        return jax.lax.dynamic_update_slice_in_dim(b, u.astype(b.dtype), s, axis=0)
 
-    return jax.vmap(one)(buf, update, start)
+def _write_rows(buf: jax.Array, update: jax.Array, start: jax.Array, axis: int) -> jax.Array:
+    """write_at along batch axis `axis` (the slot axis after it): one dynamic_update_slice per
+    sequence, which XLA does in place (a vmapped one is a scatter, which the CPU backend does by
+    copying the whole buffer: a full cache copy per write)."""
+    for b in range(buf.shape[axis]):
+        row = jax.lax.slice_in_dim(update, b, b + 1, axis=axis).astype(buf.dtype)
+        at = [jnp.zeros((), jnp.int32)] * buf.ndim
+        at[axis], at[axis + 1] = jnp.asarray(b, jnp.int32), start[b].astype(jnp.int32)
+        buf = jax.lax.dynamic_update_slice(buf, row, at)
+    return buf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,17 +132,20 @@ def run_layers(family, cfg, tree, x, ctx: Context, cache=None, *, stop: int | No
         shape = (*full_k.shape[:2], x.shape[1], *full_k.shape[3:])
         cache = cache._replace(k=jnp.zeros(shape, full_k.dtype), v=jnp.zeros(shape, full_v.dtype))
 
+    # The whole k, v ride in the carry unchanged (read in place): as a loop invariant captured
+    # by the scan, XLA copies them in before the loop, since they are written after it.
     def step(carry, u):
-        x, buf, cache = carry
+        x, buf, cache, full = carry
         p = family.unit_params(tree, cfg, u)
         unit_cache = (None if cache is None
-                      else family.unit_cache(cache._replace(k=full_k, v=full_v), cfg, u))
+                      else family.unit_cache(cache._replace(k=full[0], v=full[1]), cfg, u))
         x, buf, unit_cache = family.unit(x, buf, p, u + offset, ctx, unit_cache, cfg)
         if cache is not None:
             cache = family.set_unit_cache(cache, cfg, u, unit_cache)
-        return (x, buf, cache), None
+        return (x, buf, cache, full), None
 
-    (x, buf, cache), _ = jax.lax.scan(step, (x, buf, cache), jnp.arange(n, dtype=jnp.int32))
+    (x, buf, cache, (full_k, full_v)), _ = jax.lax.scan(
+        step, (x, buf, cache, (full_k, full_v)), jnp.arange(n, dtype=jnp.int32))
     if cache is not None:
         cache = cache._replace(k=_write_block(full_k, cache.k, ctx.start),
                                v=_write_block(full_v, cache.v, ctx.start))
@@ -145,8 +156,4 @@ def run_layers(family, cfg, tree, x, ctx: Context, cache=None, *, stop: int | No
 
 def _write_block(buf: jax.Array, block: jax.Array, start: jax.Array) -> jax.Array:
     """buf [L, B, S, ...] with block [L, B, T, ...] written at slots start[b].. of sequence b."""
-
-    def one(b, u, s):
-        return jax.lax.dynamic_update_slice_in_dim(b, u.astype(b.dtype), s, axis=1)
-
-    return jax.vmap(one, in_axes=(1, 1, 0), out_axes=1)(buf, block, start)
+    return _write_rows(buf, block, start, 1)
