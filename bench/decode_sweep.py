@@ -63,6 +63,8 @@ def parse_args(argv):
     p.add_argument("--output", default="bench/results/decode_cpu.json")
     p.add_argument("--plot", help="write a plot of every label in --output here (PNG)")
     p.add_argument("--markdown", action="store_true", help="print the label's table")
+    p.add_argument("--compare", help="print the table of two stored labels A,B side by side "
+                                      "(and the goals of issue 29 for each)")
     p.add_argument("--merge", action="store_true",
                    help="keep the label's stored rows, replacing those measured again (a sweep "
                         "split over several calls)")
@@ -74,7 +76,7 @@ def parse_args(argv):
         raise ValueError(f"--modes: expected some of {MODES}, got {a.modes}")
     if a.repeats < 1 or a.max_new_tokens < 2:
         raise ValueError("--repeats must be >= 1 and --max-new-tokens >= 2")
-    if not a.label and not a.plot:
+    if not a.label and not a.plot and not a.compare:
         raise ValueError("--label: name the results (e.g. before / after), or give only --plot")
     return a
 
@@ -260,6 +262,49 @@ def markdown(label: str, res: dict) -> str:
             + common.markdown_table(head, table))
 
 
+def compare(store: dict, labels: str) -> str:
+    """Two labels side by side (tok/s and ms per step, A -> B), whether they generated the same
+    tokens, and issue 29's goals for each label."""
+    la, lb = [x.strip() for x in labels.split(",")]
+    by = {(lab, r["mode"], r["batch"], r["context"]): r for lab in (la, lb)
+          for r in store[lab]["results"]}
+    keys = sorted({k[1:] for k in by}, key=lambda k: (k[2], k[1], MODES.index(k[0])))
+    head = ["context", "batch", "mode", f"tok/s {la}", f"tok/s {lb}", f"ms/step {la}",
+            f"ms/step {lb}", "tau", "same tokens"]
+    rows = []
+    for mode, b, c in keys:
+        ra, rb = by.get((la, mode, b, c)), by.get((lb, mode, b, c))
+        same = (None if not (ra and rb and "tokens_sha256" in ra and "tokens_sha256" in rb)
+                else ("yes" if ra["tokens_sha256"] == rb["tokens_sha256"] else "NO"))
+        rows.append([c, b, mode[:4] + ".", *(r and r["tokens_per_s"] for r in (ra, rb)),
+                     *(r and r["ms_per_step"] for r in (ra, rb)), (rb or ra)["tau"], same])
+    lines = [common.markdown_table(head, rows), ""]
+    for lab in (la, lb):
+        lines.append(f"{lab}: " + "; ".join(goals(store[lab]["results"])))
+    return "\n".join(lines)
+
+
+def goals(results: list[dict]) -> list[str]:
+    """Issue 29's goals as ratios of one label's rows."""
+    by = {(r["mode"], r["batch"], r["context"]): r for r in results}
+    out = []
+    for mode in MODES:
+        for c in sorted({k[2] for k in by}):
+            b2, b8 = by.get((mode, 2, c)), by.get((mode, 8, c))
+            if b2 and b8:
+                out.append(f"{mode[:4]}. ctx {c}: tok/s B8 / B2 = "
+                           f"{b8['tokens_per_s'] / b2['tokens_per_s']:.2f} (goal >= 1)")
+        short, long = by.get((mode, 1, 128)), by.get((mode, 1, 2048))
+        if short and long:
+            out.append(f"{mode[:4]}. B1: ms/step ctx 2048 / 128 = "
+                       f"{long['ms_per_step'] / short['ms_per_step']:.2f} (goal <= 1.5)")
+    spec = by.get(("speculative", 1, 128))
+    if spec:
+        out.append(f"spec. B1 ctx 128: {spec['tokens_per_s']:.0f} tok/s = "
+                   f"{spec['tokens_per_s'] / 230:.2f} x z-lab's 230 (goal >= 2.5)")
+    return out
+
+
 def plot(store: dict, path: str) -> None:
     import matplotlib
 
@@ -270,16 +315,17 @@ def plot(store: dict, path: str) -> None:
     styles = {"before": ":", "after": "-"}
     for label, res in store.items():
         for mode, marker in zip(MODES, ("o", "s"), strict=True):
-            for c in sorted({r["context"] for r in res["results"]}):
+            for ci, c in enumerate(sorted({r["context"] for r in res["results"]})):
                 rows = sorted((r for r in res["results"] if r["mode"] == mode
                                and r["context"] == c), key=lambda r: r["batch"])
                 if not rows:
                     continue
                 x = [r["batch"] for r in rows]
-                axes[0].plot(x, [r["tokens_per_s"] for r in rows], styles.get(label, "--"),
-                             marker=marker, label=f"{label} {mode[:4]}. ctx {c}")
-                axes[1].plot(x, [r["ms_per_step"] for r in rows], styles.get(label, "--"),
-                             marker=marker, label=f"{label} {mode[:4]}. ctx {c}")
+                # colour: context, marker: mode, line: label
+                kw = {"marker": marker, "color": f"C{ci}", "label": f"{label} {mode[:4]}. ctx {c}",
+                      "fillstyle": "full" if mode == MODES[0] else "none"}
+                axes[0].plot(x, [r["tokens_per_s"] for r in rows], styles.get(label, "--"), **kw)
+                axes[1].plot(x, [r["ms_per_step"] for r in rows], styles.get(label, "--"), **kw)
     for ax, what in zip(axes, ("tokens/s", "ms per verify step"), strict=True):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -315,6 +361,8 @@ def main(argv=None) -> None:
         run(a, save)
         if a.markdown:
             print(markdown(a.label, store[a.label]))
+    if a.compare:
+        print(compare(store, a.compare))
     if a.plot:
         plot(store, a.plot)
 
