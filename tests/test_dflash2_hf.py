@@ -275,6 +275,7 @@ def test_evaluate_runs_a_zlab_directory(tmp_path):
     c.eval.num_samples, c.eval.max_new_tokens, c.eval.batch_size = 2, 12, 2
     report = evaluation.evaluate(c, progress=False)
     assert report["temperature"] == 0.0 and report["selector"] is True
+    assert report["drafter_arch"] == "dflash2"
     result = report["benchmarks"]["gsm8k"]
     assert result["mismatches"] == 0 and result["num_steps"] > 0
     for s in result["samples"]:
