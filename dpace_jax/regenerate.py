@@ -12,10 +12,13 @@ generation prompt and thinking disabled. Decoding is batched, greedy at temperat
 with a drafter the speculative decoder is used (same outputs at temperature 0), else plain
 autoregressive decoding (block size 1).
 
-Resumable: rows are appended with flush + fsync after every batch; a restart keeps the complete
-lines already written (a truncated last line from a crash is cut off) and goes on after them. The
-rows are processed in fixed batches [k*B, (k+1)*B) with the RNG key folded from the seed and k, so
-a restarted run redoes a partly written batch exactly and writes the same file as an uninterrupted
+Batches follow length: the rows are taken in fixed windows of WINDOW_BATCHES * B
+(dpace_jax.infer.generation.windows), each window sorted by its first prompt's length into
+batches of B (a batch is padded to its longest prompt), and the window's rows are appended in input
+order. Resumable: rows are appended with flush + fsync after every window; a restart keeps the
+complete lines already written (a truncated last line from a crash is cut off) and goes on after
+them. Batch j of the window at row w gets the RNG key folded from the seed and w / B + j, so a
+restarted run redoes a partly written window exactly and writes the same file as an uninterrupted
 one (same settings). The settings are kept in OUTPUT.regen.json; a restart with other settings is
 refused.
 """
@@ -79,6 +82,12 @@ def append_rows(path: Path, rows: Sequence[dict]) -> None:
         os.fsync(f.fileno())
 
 
+def _first_prompt(tokenizer, conv: list[dict]) -> list[int]:
+    """The prompt of a conversation's first assistant turn (its length sorts the batches)."""
+    first = next((j for j, m in enumerate(conv) if m["role"] == "assistant"), len(conv))
+    return ev.render_prompt(tokenizer, conv[:first])
+
+
 def regenerate_batch(gen: ev.Generator, tokenizer, drafter, convs: Sequence[list[dict]],
                      key) -> list[list[dict]]:
     """The conversations with each assistant turn replaced, answering turn by turn."""
@@ -139,11 +148,16 @@ def regenerate(target: str, inputs, output: str | Path, *, drafter: str | None =
     bar = tqdm(total=len(convs), initial=done, desc="regenerate", unit="conv",
                disable=not progress)
     written = empty = 0
-    for start in range(done - done % batch_size, len(convs), batch_size):
-        batch = convs[start: start + batch_size]
-        rows = regenerate_batch(gen, tokenizer, spec, batch,
-                                jax.random.fold_in(base_key, start // batch_size))
-        new = rows[max(done - start, 0):]
+    for window in ev.windows(len(convs), batch_size, done):
+        # Batches of similar first-prompt length (ev.windows); rows written in input order.
+        lengths = [len(_first_prompt(tokenizer, convs[i])) for i in window]
+        out = {}
+        for j, group in enumerate(ev.length_batches(lengths, batch_size)):
+            idx = [window.start + i for i in group]
+            key = jax.random.fold_in(base_key, window.start // batch_size + j)
+            out.update(zip(idx, regenerate_batch(gen, tokenizer, spec, [convs[i] for i in idx],
+                                                 key), strict=True))
+        new = [out[i] for i in window if i >= done]
         append_rows(output, [{"messages": r} for r in new])
         written += len(new)
         empty += _empty_answers(new)

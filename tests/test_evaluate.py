@@ -142,6 +142,10 @@ def test_generator_batches_match_single_rows(setup):
         assert alone[0].output_ids == g.output_ids
         assert g.output_ids == greedy_reference(params, target_cfg, p, MAX_NEW, stops)
     assert evaluation.length_batches([5, 1, 3, 1], 2) == [[1, 3], [2, 0]]
+    # regeneration and rollouts: windows of whole batches, resumed at the window holding `done`
+    assert generation.windows(11, 2, window_batches=2) == [range(0, 4), range(4, 8), range(8, 11)]
+    assert generation.windows(11, 2, done=5, window_batches=2) == [range(4, 8), range(8, 11)]
+    assert generation.windows(12, 2, done=12, window_batches=2) == []
 
 
 def test_drafter_from_run_directory(setup, tmp_path):

@@ -93,6 +93,7 @@ def test_greedy_matches_brute_force_and_loads(setup):
 def test_interrupted_run_resumes_to_the_same_file(setup, monkeypatch):
     root = setup[0]
     kw = {"sampling": Sampling(1.0), "seed": 3, "max_samples": 5}
+    monkeypatch.setattr(generation, "WINDOW_BATCHES", 1)  # windows of one batch: 3 appends
     whole = root / "whole.jsonl"
     run(setup, whole, **kw)
 

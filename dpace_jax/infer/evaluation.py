@@ -38,10 +38,7 @@ def sampling_config(ev) -> Sampling:
         raise ValueError(f"eval.{e}") from None
 
 
-def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length (sorted, stable)."""
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+length_batches = gen_lib.length_batches  # (moved; bench scripts use it from here)
 
 
 # ----------------------------------------------------------------------------- benchmarks

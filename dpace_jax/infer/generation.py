@@ -55,6 +55,27 @@ def render_prompt(tokenizer, messages: Sequence[dict]) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (sorted, stable): a batch is padded to its
+    longest prompt, so sorted batches pad little."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+WINDOW_BATCHES = 8  # regeneration and rollouts sort this many batches of prompts at a time
+
+
+def windows(num_items: int, batch_size: int, done: int = 0,
+            window_batches: int | None = None) -> list[range]:
+    """The items from the window holding item `done` on, in windows of window_batches *
+    batch_size consecutive items: regeneration and rollouts sort each window into length
+    batches (length_batches) and write its rows in the input's order, so that a file still
+    grows in order and resumes at a window's start."""
+    size = batch_size * (WINDOW_BATCHES if window_batches is None else window_batches)
+    return [range(start, min(start + size, num_items))
+            for start in range(done - done % size, num_items, size)]
+
+
 def answer_text(tokenizer, output_ids: Sequence[int], stop_ids: Sequence[int]) -> str:
     """The generated text without the final stop token and special tokens."""
     ids = list(output_ids)

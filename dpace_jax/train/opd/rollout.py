@@ -2,10 +2,12 @@
 recorded per verify step (`decode(record=True)`) into a resumable JSONL file.
 
 One row per prompt (`dpace_jax.train.opd.replay.rows_from_result`, plus `index`, the prompt's index
-in the prompt set). Prompts are decoded in fixed batches
-[k*B, (k+1)*B) with the RNG key folded from k, and each batch's rows are appended with flush +
-fsync, so a restart keeps the complete rows, cuts a torn last line, redoes the partly written
-batch exactly and appends only what is missing: the file ends equal to an uninterrupted one.
+in the prompt set). Prompts are taken in fixed windows of WINDOW_BATCHES * B
+(`dpace_jax.infer.generation.windows`), each window sorted by prompt length into batches of B (a
+batch is padded to its longest prompt), batch j of the window at w with the RNG key folded from
+w / B + j; a window's rows are appended in prompt order with flush + fsync, so a restart keeps
+the complete rows, cuts a torn last line, redoes the partly written window exactly and appends
+only what is missing: the file ends equal to an uninterrupted one.
 `FILE.meta.json` holds what the rows depend on (drafter checksum, target, settings, prompts); a
 file written by another drafter, target or setting is refused, naming it.
 """
@@ -133,16 +135,24 @@ def rollout(path: Path, gen: gen_lib.Generator, drafter: decode.Drafter, prompts
         with atomic_path(meta_path) as tmp:
             tmp.write_text(json.dumps(meta, indent=1) + "\n")
     size = gen.batch_size
-    for start in range(done - done % size, len(prompts), size):
-        batch = prompts[start: start + size]
-        rows_in = list(batch) + [batch[0]] * (size - len(batch))
-        padded, lengths = decode.pad_prompts(rows_in, bucket=gen.bucket, pad_token_id=gen.pad_id)
-        out = decode.decode(gen.target_params, gen.target_cfg, drafter, padded, lengths,
-                            max_new_tokens=gen.max_new_tokens, sampling=gen.sampling,
-                            stop_token_ids=gen.stop_ids, rng=jax.random.fold_in(key, start // size),
-                            pad_token_id=gen.pad_id, record=True)
-        rows = replay.rows_from_result(jax.tree.map(np.asarray, out), batch)
-        for i, row in enumerate(rows):
-            row["index"] = start + i
-        append_rows(path, rows[max(done - start, 0):])
+    # Batches of similar length within fixed windows, rows written in prompt order
+    # (gen_lib.windows); batch j of the window at w has the key folded with w / size + j.
+    for window in gen_lib.windows(len(prompts), size, done):
+        out_rows = {}
+        groups = gen_lib.length_batches([len(prompts[i]) for i in window], size)
+        for j, group in enumerate(groups):
+            batch = [prompts[window.start + i] for i in group]
+            rows_in = list(batch) + [batch[0]] * (size - len(batch))
+            padded, lengths = decode.pad_prompts(rows_in, bucket=gen.bucket,
+                                                 pad_token_id=gen.pad_id)
+            out = decode.decode(gen.target_params, gen.target_cfg, drafter, padded, lengths,
+                                max_new_tokens=gen.max_new_tokens, sampling=gen.sampling,
+                                stop_token_ids=gen.stop_ids,
+                                rng=jax.random.fold_in(key, window.start // size + j),
+                                pad_token_id=gen.pad_id, record=True)
+            rows = replay.rows_from_result(jax.tree.map(np.asarray, out), batch)
+            for i, row in zip(group, rows, strict=True):
+                row["index"] = window.start + i
+                out_rows[row["index"]] = row
+        append_rows(path, [out_rows[i] for i in window if i >= done])
     return read_rows(path)
