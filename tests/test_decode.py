@@ -328,7 +328,7 @@ def check_sampling(params, cfg, rule, temperature, top_k, top_p, *, n=12000, bot
     res = decode.decode(params, cfg, near_target_drafter(p1, p2, seed=3),
                         np.tile(SPROMPT, (n, 1)), [len(SPROMPT)] * n, max_new_tokens=3,
                         sampling=Sampling(temperature, rule, top_k, top_p),
-                        rng=jax.random.PRNGKey(5))
+                        rng=jax.random.PRNGKey(5), min_batch=n)  # one stage (all rows run 3 steps)
     tokens = np.asarray(res.tokens)
     assert np.all(np.asarray(res.num_tokens) == 3)
     counts = np.bincount(tokens[:, 0] * v * v + tokens[:, 1] * v + tokens[:, 2],

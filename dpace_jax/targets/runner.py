@@ -34,6 +34,9 @@ ATTENTION = {
 }
 
 
+UNROLL = 16  # _write_rows: the largest batch written by unrolled updates
+
+
 def write_at(buf: jax.Array, update: jax.Array, start: jax.Array) -> jax.Array:
     """Per sequence b, write update [B, T, ...] into buf [B, S, ...] at rows start[b] + 0..T-1."""
     return _write_rows(buf, update, start, 0)
@@ -42,13 +45,22 @@ def write_at(buf: jax.Array, update: jax.Array, start: jax.Array) -> jax.Array:
 def _write_rows(buf: jax.Array, update: jax.Array, start: jax.Array, axis: int) -> jax.Array:
     """write_at along batch axis `axis` (the slot axis after it): one dynamic_update_slice per
     sequence, which XLA does in place (a vmapped one is a scatter, which the CPU backend does by
-    copying the whole buffer: a full cache copy per write)."""
-    for b in range(buf.shape[axis]):
-        row = jax.lax.slice_in_dim(update, b, b + 1, axis=axis).astype(buf.dtype)
+    copying the whole buffer: a full cache copy per write). Up to UNROLL sequences are written
+    by unrolled updates; more by a loop, whose program does not grow with the batch (an unrolled
+    12,000-row write compiled for minutes and took 20 GB)."""
+    update = update.astype(buf.dtype)
+
+    def write(b, buf):
+        row = jax.lax.dynamic_slice_in_dim(update, b, 1, axis=axis)
         at = [jnp.zeros((), jnp.int32)] * buf.ndim
         at[axis], at[axis + 1] = jnp.asarray(b, jnp.int32), start[b].astype(jnp.int32)
-        buf = jax.lax.dynamic_update_slice(buf, row, at)
-    return buf
+        return jax.lax.dynamic_update_slice(buf, row, at)
+
+    if buf.shape[axis] <= UNROLL:
+        for b in range(buf.shape[axis]):
+            buf = write(b, buf)
+        return buf
+    return jax.lax.fori_loop(0, buf.shape[axis], write, buf)
 
 
 @dataclasses.dataclass(frozen=True)
