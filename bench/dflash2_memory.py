@@ -20,7 +20,6 @@ Everything past the parameters is an ESTIMATE under the assumptions written next
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib.util
 import json
@@ -307,14 +306,7 @@ def detail(target: mm.Target, dcfg: DrafterConfig, mesh: dict[str, int], plan: P
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--budget-fraction", type=float, default=0.9,
-                    help="share of a device's memory the plan may use (the rest: XLA workspace, "
-                         "fragmentation)")
-    ap.add_argument("--max-data", type=int, default=8,
-                    help="only meshes with at most this many data replicas")
-    ap.add_argument("--json", default="", help="also write the rows here")
-    args = ap.parse_args(argv)
+    args = mm.parse_args(__doc__, argv)
     target = qwen3_6_27b()
     dcfg = drafter_of(run_config(), target.cfg)
     text, rows = report(target, dcfg, args.budget_fraction, args.max_data)

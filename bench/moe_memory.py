@@ -360,15 +360,20 @@ PLANS = {"flash": Plan(), "flash+remat": Plan(remat=True),
          "flash+remat+EP": Plan(remat=True, dispatch="expert_parallel")}
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(doc: str, argv=None) -> argparse.Namespace:
+    """The memory plans' command line (this script's and bench/dflash2_memory.py's)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--budget-fraction", type=float, default=0.9,
                     help="share of a device's memory the plan may use (the rest: XLA workspace, "
                          "fragmentation)")
     ap.add_argument("--max-data", type=int, default=8,
                     help="only meshes with at most this many data replicas")
     ap.add_argument("--json", default="", help="also write the rows here")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(__doc__, argv)
     text, rows = report(PLANS, args.budget_fraction, args.max_data)
     print(text)
     one = {"data": 1, "fsdp": 8, "tensor": 1}
