@@ -211,6 +211,8 @@ def train(r: Run) -> dict:
         state, last = _loop(r, state, start_step, metrics_log)
         hf_dir, finished = None, int(jax.device_get(state.step)) == r.steps
         if finished:
+            # the final checkpoint committed first: an export (hf/) means a finished, saved run
+            r.checkpointer.wait()
             # a collective: every process takes part
             params = shard_lib.gather_to_host(state.params, r.mesh)
             if is_main:
