@@ -205,7 +205,7 @@ def test_rollout_records_match_brute_force():
 
 def test_compiles_once_per_bucket_and_block_size_one_is_autoregressive():
     shape = (3, 12, 1)  # batch, padded prompt length, block size: a bucket used only here
-    before = decode.TRACE_COUNTS[shape]
+    before, counts = decode.TRACE_COUNTS[shape], dict(decode.TRACE_COUNTS)
     params = random_target(7)
     rs = np.random.RandomState(7)
     for case, lengths in enumerate(([3, 12, 7], [1, 5, 9], [12, 12, 2])):
@@ -219,6 +219,10 @@ def test_compiles_once_per_bucket_and_block_size_one_is_autoregressive():
         np.testing.assert_array_equal(res.num_steps, np.asarray(res.num_tokens) - 1)
         assert decode.tau(res) == 1.0
     assert decode.TRACE_COUNTS[shape] - before == 1
+    # each loop segment (stage, phase) compiled once, when first reached
+    segments = [n - counts.get(k, 0) for k, n in decode.TRACE_COUNTS.items()
+                if k[0] == "segment" and k[2:4] == shape[1:]]
+    assert max(segments) == 1 and sum(segments) >= 2
 
 
 def test_a_new_temperature_does_not_recompile():
@@ -328,7 +332,7 @@ def check_sampling(params, cfg, rule, temperature, top_k, top_p, *, n=12000, bot
     res = decode.decode(params, cfg, near_target_drafter(p1, p2, seed=3),
                         np.tile(SPROMPT, (n, 1)), [len(SPROMPT)] * n, max_new_tokens=3,
                         sampling=Sampling(temperature, rule, top_k, top_p),
-                        rng=jax.random.PRNGKey(5), min_batch=n)  # one stage (all rows run 3 steps)
+                        rng=jax.random.PRNGKey(5))
     tokens = np.asarray(res.tokens)
     assert np.all(np.asarray(res.num_tokens) == 3)
     counts = np.bincount(tokens[:, 0] * v * v + tokens[:, 1] * v + tokens[:, 2],

@@ -170,7 +170,7 @@ def test_sampled_walk_is_lossless(rule, temperature, top_k, top_p):
     res = decode.decode(params, SCFG, walk_table_drafter(p1, p2, seed=3),
                         np.tile(SPROMPT, (n, 1)), [len(SPROMPT)] * n, max_new_tokens=3,
                         sampling=Sampling(temperature, rule, top_k, top_p),
-                        rng=jax.random.PRNGKey(5), min_batch=n)  # one stage (all rows run 3 steps)
+                        rng=jax.random.PRNGKey(5))
     tokens = np.asarray(res.tokens)
     assert np.all(np.asarray(res.num_tokens) == 3)
     counts = np.bincount(tokens[:, 0] * v * v + tokens[:, 1] * v + tokens[:, 2], minlength=v**3)

@@ -44,7 +44,8 @@ from dpace_jax.infer.records import VLOGP_FLOOR, Records  # noqa: F401  (re-expo
 from dpace_jax.infer.sampling import Sampling
 from dpace_jax.targets.model import KVCache, ModelConfig
 
-# Number of times the decode loop has been traced (= compiled), by (B, P, block size).
+# Number of times decode's programs have been traced (= compiled): the prefill by (B, P, block
+# size), each loop segment by ("segment", rows, P, block size, cache bound, next stage size).
 TRACE_COUNTS: collections.Counter = collections.Counter()
 
 
@@ -169,25 +170,69 @@ class DecodeResult(NamedTuple):
     records: Records | None = None  # decode(record=True) only
 
 
-def _decode_impl(target_params, drafter: Drafter, prompts, lengths, stop_token_ids, key,
-                 temperature, *, target_cfg, max_new_tokens, sampling_key: Sampling,
-                 pad_token_id, record: bool, phase_tokens: int, min_batch: int):
-    batch, prompt_len = prompts.shape
-    TRACE_COUNTS[(batch, prompt_len, drafter.block_size)] += 1
-    u = loop.Setup(target_params, drafter, stop_token_ids,
-                   sampling_key.with_temperature(temperature), target_cfg, prompt_len,
-                   max_new_tokens, record)
-    out = loop.run(u, loop.prefill(u, prompts, lengths, key, pad_token_id),
-                   phase_tokens=phase_tokens, min_batch=min_batch)
-    return DecodeResult(out.tokens[:, :max_new_tokens], out.num_tokens, out.acceptance,
-                        out.num_steps, out.records)
+class _Static(NamedTuple):
+    """The settings that select a decode program (hashable: jit's static argument)."""
+
+    target_cfg: ModelConfig
+    prompt_len: int
+    max_new_tokens: int
+    sampling_key: Sampling
+    record: bool
 
 
-_decode_jit = jax.jit(
-    _decode_impl,
-    static_argnames=("target_cfg", "max_new_tokens", "sampling_key", "pad_token_id",
-                     "record", "phase_tokens", "min_batch"),
-)
+def _setup(target_params, drafter: Drafter, stops, temperature, st: _Static) -> loop.Setup:
+    return loop.Setup(target_params, drafter, stops, st.sampling_key.with_temperature(temperature),
+                      st.target_cfg, st.prompt_len, st.max_new_tokens, st.record)
+
+
+@functools.partial(jax.jit, static_argnames=("st", "pad_token_id"))
+def _prefill(target_params, drafter, stops, temperature, prompts, lengths, key, *, st,
+             pad_token_id):
+    TRACE_COUNTS[(prompts.shape[0], st.prompt_len, drafter.block_size)] += 1
+    u = _setup(target_params, drafter, stops, temperature, st)
+    return loop.prefill(u, prompts, lengths, key, pad_token_id)
+
+
+@functools.partial(jax.jit, static_argnames=("st", "bound", "nxt"))
+def _segment(target_params, drafter, stops, temperature, s, *, st, bound, nxt):
+    rows = s.num_tokens.shape[0]
+    TRACE_COUNTS[("segment", rows, st.prompt_len, drafter.block_size, bound, nxt)] += 1
+    return loop.segment(_setup(target_params, drafter, stops, temperature, st), s, bound, nxt)
+
+
+@functools.partial(jax.jit, static_argnames=("st", "rows"))
+def _shrink(target_params, drafter, stops, temperature, s, *, st, rows):
+    return loop.shrink(_setup(target_params, drafter, stops, temperature, st), s, rows)
+
+
+_put = jax.jit(loop.put)
+
+
+def _run(target_params, drafter: Drafter, stops, temperature, prompts, lengths, key, st: _Static,
+         pad_token_id: int, phase_tokens: int, min_batch: int) -> loop.Output:
+    """The prefill, then per stage (batch size) and phase (cache bound) one jitted while_loop,
+    each compiled when first reached (dpace_jax.infer.loop's module doc): a segment the host
+    sees would take no step is skipped, so a batch whose rows all finish together compiles one
+    stage, and a short generation only the phases it reaches."""
+    args = (target_params, drafter, stops, temperature)
+    u = _setup(*args, st)
+    s = _prefill(*args, prompts, lengths, key, st=st, pad_token_id=pad_token_id)
+    out = loop.Output(s.tokens, s.num_tokens, s.acceptance, s.num_steps, s.records)
+    stages = loop.sizes(prompts.shape[0], min_batch)
+    shrunk = False
+    for i, rows in enumerate(stages):
+        if i:
+            if loop.finished(u, s):
+                break
+            out, s, shrunk = _put(out, s), _shrink(*args, s, st=st, rows=rows), True
+        nxt = stages[i + 1] if i + 1 < len(stages) else 0
+        for bound in loop.bounds(st.prompt_len, u.size, phase_tokens):
+            if loop.runs(u, s, bound, nxt):
+                s = _segment(*args, s, st=st, bound=bound, nxt=nxt)
+    if not shrunk:  # s holds every row in order
+        return loop.Output(s.tokens, s.num_tokens, s.acceptance, s.num_steps, s.records)
+    return _put(out, s)
+
 
 PHASE_TOKENS = 256  # decode's default: generated tokens before the first cache bound
 MIN_BATCH = 2  # decode's default: the smallest batch finished rows are dropped down to
@@ -209,7 +254,7 @@ def decode(target_params, target_cfg: ModelConfig, drafter: Drafter | None, prom
     steps read the caches only up to P + phase_tokens generated tokens (doubling, then all of
     them), and rows that finished leave the batch, halving it, down to min_batch rows (a
     min_batch >= B keeps every row to the end). Each phase and batch size compiles its own
-    loop body.
+    loop, the first time a decode reaches it.
     """
     drafter = autoregressive() if drafter is None else drafter
     drafter.check(target_cfg)
@@ -217,11 +262,12 @@ def decode(target_params, target_cfg: ModelConfig, drafter: Drafter | None, prom
                                            target_cfg.vocab_size)
     rng = jax.random.PRNGKey(0) if rng is None else rng
     temperature = jnp.asarray(0.0 if sampling.greedy else sampling.temperature, jnp.float32)
-    return _decode_jit(target_params, drafter, prompts, lengths, jnp.asarray(stops, jnp.int32),
-                       rng, temperature, target_cfg=target_cfg,
-                       max_new_tokens=int(max_new_tokens), sampling_key=sampling.compile_key(),
-                       pad_token_id=int(pad_token_id), record=bool(record),
-                       phase_tokens=int(phase_tokens), min_batch=int(min_batch))
+    st = _Static(target_cfg, prompts.shape[1], int(max_new_tokens), sampling.compile_key(),
+                 bool(record))
+    out = _run(target_params, drafter, jnp.asarray(stops, jnp.int32), temperature, prompts,
+               lengths, rng, st, int(pad_token_id), int(phase_tokens), int(min_batch))
+    return DecodeResult(out.tokens[:, :max_new_tokens], out.num_tokens, out.acceptance,
+                        out.num_steps, out.records)
 
 
 def check_inputs(prompts, lengths, max_new_tokens, stop_token_ids, vocab_size: int,

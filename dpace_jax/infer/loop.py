@@ -2,7 +2,10 @@
 `lax.while_loop`s that run the steps so that a step's work follows what is live.
 
 Two things grow or shrink while a batch decodes, and the loop is split where they change, each
-piece one `while_loop` with static shapes (one compiled body each, no per-step branch):
+piece (a segment) one `while_loop` with static shapes (one compiled body each, no per-step
+branch). decode runs each segment as its own jitted call and first asks on the host whether it
+would take a step (`runs`), so only the segments a decode reaches are compiled: a batch whose
+rows all finish at once compiles one stage, a short generation only its first phases.
 
 - the filled part of the caches. Phase j reads only the first `bounds[j]` cache slots (the
   target's attention through `model.forward_cached(visible=...)`, the drafter's context by its
@@ -27,6 +30,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dpace_jax.infer import records as records_lib
 from dpace_jax.infer import sampling as sampling_lib
@@ -224,29 +228,42 @@ class Output(NamedTuple):
     records: records_lib.Records | None
 
 
-def _put(out: Output, s: State) -> Output:
+def put(out: Output, s: State) -> Output:
     """out with the rows of s written at s.rows."""
-    put = functools.partial(jax.tree.map, lambda o, x: o.at[s.rows].set(x))
-    return Output(*put((out.tokens, out.num_tokens, out.acceptance, out.num_steps),
-                       (s.tokens, s.num_tokens, s.acceptance, s.num_steps)),
-                  None if out.records is None else put(out.records, s.records))
+    write = functools.partial(jax.tree.map, lambda o, x: o.at[s.rows].set(x))
+    return Output(*write((out.tokens, out.num_tokens, out.acceptance, out.num_steps),
+                         (s.tokens, s.num_tokens, s.acceptance, s.num_steps)),
+                  None if out.records is None else write(out.records, s.records))
 
 
-def run(u: Setup, s: State, *, phase_tokens: int, min_batch: int) -> Output:
-    """Steps until every row is done or max_new_tokens steps ran, in phases of the cache bound
-    and stages of the batch size (module doc)."""
-    batch, size = s.num_tokens.shape[0], u.size
-    out = Output(s.tokens, s.num_tokens, s.acceptance, s.num_steps, s.records)
-    stages = sizes(batch, min_batch)
-    for i, b in enumerate(stages):
-        if i:  # the unfinished rows first, in order (argsort is stable)
-            out = _put(out, s)
-            s = _take_rows(s, jnp.argsort(s.done)[:b], u, size)
-        nxt = stages[i + 1] if i + 1 < len(stages) else 0
-        for bound in bounds(u.prompt_len, size, phase_tokens):
-            s = jax.lax.while_loop(functools.partial(_cond, u, bound, size, nxt),
-                                   functools.partial(_body, u, bound, size), s)
-    return _put(out, s)
+def runs(u: Setup, s: State, bound: int, nxt: int) -> bool:
+    """Whether the segment (phase `bound`, next stage size `nxt`; 0: last stage) would take a
+    step from s: its while_loop's condition, on the host, so that a segment that would not run
+    is never compiled."""
+    if finished(u, s):
+        return False
+    if bound < u.size and int(np.max(np.asarray(s.lengths + s.num_tokens - 1))) > bound:
+        return False
+    return not nxt or int(np.sum(~np.asarray(s.done))) > nxt
+
+
+def finished(u: Setup, s: State) -> bool:
+    """No row has a step left."""
+    return int(s.step) >= u.max_new_tokens or bool(np.asarray(s.done).all())
+
+
+def segment(u: Setup, s: State, bound: int, nxt: int) -> State:
+    """The steps of one phase of one stage: while some row is live and max_new_tokens steps
+    have not run, every anchor within `bound` slots (bound < the cache size), and more rows
+    than `nxt` unfinished (nxt > 0)."""
+    return jax.lax.while_loop(functools.partial(_cond, u, bound, u.size, nxt),
+                              functools.partial(_body, u, bound, u.size), s)
+
+
+def shrink(u: Setup, s: State, rows: int) -> State:
+    """The next stage's state: the unfinished rows first, in order (argsort is stable), filled
+    up with finished ones to `rows`."""
+    return _take_rows(s, jnp.argsort(s.done)[:rows], u, u.size)
 
 
 def _cond(u: Setup, bound: int, size: int, nxt: int, s: State):
