@@ -238,25 +238,22 @@ def put(out: Output, s: State) -> Output:
 
 def runs(u: Setup, s: State, bound: int, nxt: int) -> bool:
     """Whether the segment (phase `bound`, next stage size `nxt`; 0: last stage) would take a
-    step from s: its while_loop's condition, on the host, so that a segment that would not run
-    is never compiled."""
-    if finished(u, s):
-        return False
-    if bound < u.size and int(np.max(np.asarray(s.lengths + s.num_tokens - 1))) > bound:
-        return False
-    return not nxt or int(np.sum(~np.asarray(s.done))) > nxt
+    step from s: its while_loop's condition evaluated on the host (one transfer of the counters),
+    so that a segment that would not run is never compiled."""
+    return bool(_go(np, u, bound, nxt, *jax.device_get((s.step, s.done, s.lengths,
+                                                        s.num_tokens))))
 
 
 def finished(u: Setup, s: State) -> bool:
     """No row has a step left."""
-    return int(s.step) >= u.max_new_tokens or bool(np.asarray(s.done).all())
+    return not runs(u, s, u.size, 0)
 
 
 def segment(u: Setup, s: State, bound: int, nxt: int) -> State:
     """The steps of one phase of one stage: while some row is live and max_new_tokens steps
     have not run, every anchor within `bound` slots (bound < the cache size), and more rows
     than `nxt` unfinished (nxt > 0)."""
-    return jax.lax.while_loop(functools.partial(_cond, u, bound, u.size, nxt),
+    return jax.lax.while_loop(functools.partial(_cond, u, bound, nxt),
                               functools.partial(_body, u, bound, u.size), s)
 
 
@@ -266,13 +263,18 @@ def shrink(u: Setup, s: State, rows: int) -> State:
     return _take_rows(s, jnp.argsort(s.done)[:rows], u, u.size)
 
 
-def _cond(u: Setup, bound: int, size: int, nxt: int, s: State):
-    go = (s.step < u.max_new_tokens) & ~jnp.all(s.done)
-    if bound < size:  # every anchor within the bound (anchors never move back)
-        go &= jnp.max(s.lengths + s.num_tokens - 1) <= bound
+def _go(xp, u: Setup, bound: int, nxt: int, step, done, lengths, num_tokens):
+    """The segment's loop condition, with xp = jnp (in the loop) or np (on the host)."""
+    go = (step < u.max_new_tokens) & ~xp.all(done)
+    if bound < u.size:  # every anchor within the bound (anchors never move back)
+        go &= xp.max(lengths + num_tokens - 1) <= bound
     if nxt:
-        go &= jnp.sum(~s.done) > nxt
+        go &= xp.sum(~done) > nxt
     return go
+
+
+def _cond(u: Setup, bound: int, nxt: int, s: State):
+    return _go(jnp, u, bound, nxt, s.step, s.done, s.lengths, s.num_tokens)
 
 
 def _body(u: Setup, bound: int, size: int, s: State) -> State:
