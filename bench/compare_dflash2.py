@@ -36,7 +36,7 @@ from pathlib import Path
 import stats
 import tau as tau_lib
 
-ARCHS = {"dflash": "cpu", "dflash2": "cpu-dflash2"}  # arch -> the demo recipe
+ARCHS = {"dflash": "cpu-dflash", "dflash2": "cpu-dflash2"}  # arch -> the demo recipe
 LOSSES = {"ce": "dflash", "dpace": "dpace"}  # name -> train.loss
 SELECTOR_METRICS = ("topk_recall", "selector_accuracy", "selector_ce", "walk_changed")
 

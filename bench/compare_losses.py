@@ -1,6 +1,6 @@
 """D-PACE vs DFlash on the embedded demo: same target, data, seed and step budget per loss.
 
-    python bench/compare_losses.py --size cpu --workdir runs/compare --out docs/compare_cpu
+    python bench/compare_losses.py --size cpu-dflash --workdir runs/compare --out docs/compare_cpu
     python bench/compare_losses.py --size gpu --workdir runs/compare_gpu --out docs/compare_gpu
     python bench/compare_losses.py ... --losses dflash,dpace --seed 1   # another training seed
     python bench/compare_losses.py ... --losses dflash,dpace --seeds 0,1,2   # with statistics
@@ -28,6 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/stats.py
 import stats  # noqa: E402
+
+from dpace_jax.demo.config import RECIPES  # noqa: E402
 
 LOSSES = ("dflash", "dpace", "dpace-cumulative-confidence-only", "dpace-continuation-value-only")
 
@@ -187,7 +189,9 @@ def plot(results: dict, out: Path, block_size: int) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--size", default="cpu", choices=("cpu", "gpu"))
+    p.add_argument("--size", default="cpu", choices=RECIPES,
+                   help="the demo recipe (dpace_jax/demo/config.py): cpu and gpu train DFlash 2 "
+                        "drafters, cpu-dflash DFlash drafters")
     p.add_argument("--workdir", default="runs/compare")
     p.add_argument("--out", default="docs/compare_cpu")
     p.add_argument("--losses", default=",".join(LOSSES))

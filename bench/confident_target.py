@@ -1,7 +1,7 @@
 """A confident demo target: the demo target distilled from itself at temperature 0.
 
     python bench/confident_target.py --sft runs/demo --out runs/confident/target
-    python train.py --config configs/demo.py --config.workdir=runs/confident \
+    python train.py --config configs/demo.py:cpu-dflash --config.workdir=runs/confident \
         --config.target.path=runs/confident/target            # its data and SFT drafter
 
 Why this target (docs/opd.md, issue 27): the explanation offered for on-policy training lowering

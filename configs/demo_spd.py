@@ -15,11 +15,11 @@ DEMO_TARGET_LAYERS = 4
 
 def get_config(stages: str = "4"):
     n = int(stages or 4)
-    c = _demo_config("cpu")
+    c = _demo_config("cpu-dflash")  # the draft module is DFlash-style (train.mode=spd)
     c.workdir = f"runs/demo_spd{n}"
     c.target.path = "runs/demo/target"
     c.data.demo, c.data.regenerate = False, False
-    c.data.paths = ("runs/demo/data/regenerated.jsonl",)  # the DFlash drafter's training data
+    c.data.paths = ("runs/demo/data/regenerated.jsonl",)  # the demo drafter's training data
     c.drafter.num_layers = 2
     c.drafter.block_size = n  # the draft module's window: one position per stage
     c.drafter.mask_token_id = 0  # unused by the draft module

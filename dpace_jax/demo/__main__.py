@@ -1,7 +1,7 @@
 """The whole pipeline on the embedded demo: build the target, regenerate the data, train a
-drafter with D-PACE, evaluate it on HumanEval, print a summary.
+DFlash 2 drafter with D-PACE, evaluate it on HumanEval, print a summary.
 
-    python -m dpace_jax.demo [--workdir runs/demo] [--size cpu|gpu|cpu-dflash2|...] [--loss dpace]
+    python -m dpace_jax.demo [--workdir runs/demo] [--size cpu|gpu|cpu-dflash|...] [--loss dpace]
 
 Every stage is cached in the work directory and an interrupted run continues where it stopped;
 the stages are train.py and evaluate.py with `--config configs/demo.py`.
@@ -14,14 +14,17 @@ import time
 
 from absl import logging
 
+from dpace_jax.demo.config import RECIPES
+
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m dpace_jax.demo", description=__doc__.split("\n")[0])
     p.add_argument("--workdir", default=None, help="run directory (default: the recipe's, "
                    "runs/demo for cpu and gpu, runs/demo-<recipe> for the others)")
-    p.add_argument("--size", default="cpu", choices=("cpu", "gpu", "cpu-qwen3.5", "cpu-dflash2"),
-                   help="demo recipe: its target size (cpu, gpu), the Qwen3.5 hybrid target, "
-                        "or the DFlash 2 drafter")
+    p.add_argument("--size", default="cpu", choices=RECIPES,
+                   help="demo recipe: its target size (cpu, gpu; a DFlash 2 drafter), the "
+                        "Qwen3.5 hybrid target, a DFlash drafter (cpu-dflash), or the cpu recipe "
+                        "under its own name (cpu-dflash2)")
     p.add_argument("--loss", default="dpace", help="training objective (dpace, dflash, ...)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
